@@ -1,0 +1,1 @@
+"""mlxc: a graph-IR compiler for language models that targets MLX."""

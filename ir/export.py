@@ -1,0 +1,121 @@
+"""JSON and DOT forms of a program. JSON round-trips; DOT (through networkx) is for looking at."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+import networkx as nx
+
+from .errors import MlxcError, ParseError
+from .graph import Function, Operation, Program, Value
+from .opdef import lookup
+from .parser import _Tokens, _parse_attr_value, _parse_type
+from .printer import format_attr, format_op
+
+
+def _type_from_text(text: str):
+    return _parse_type(_Tokens(text))
+
+
+def to_json(program: Program) -> str:
+    """Each attribute is stored in its text form, so JSON needs no second encoding of attribute kinds."""
+
+    def fn_dict(fn: Function) -> dict[str, Any]:
+        return {
+            "name": fn.name,
+            "inputs": [{"name": v.name, "type": str(v.type)} for v in fn.inputs],
+            "params": [{"name": v.name, "type": str(v.type)} for v in fn.params],
+            "ops": [
+                {
+                    "op": o.op,
+                    "operands": [v.name for v in o.operands],
+                    "attrs": {k: format_attr(v) for k, v in o.attrs.items()},
+                    "results": [{"name": r.name, "type": str(r.type)} for r in o.results],
+                }
+                for o in fn.ops
+            ],
+            "outputs": [v.name for v in fn.outputs],
+        }
+
+    return json.dumps({"format": "mlxc-ir", "version": 1, "functions": [fn_dict(f) for f in program.functions]}, indent=1)
+
+
+def from_json(text: str) -> Program:
+    try:
+        data = json.loads(text)
+        if data.get("format") != "mlxc-ir":
+            raise ParseError("not an mlxc IR JSON document (missing \"format\": \"mlxc-ir\")")
+        program = Program()
+        for f in data["functions"]:
+            scope: dict[str, Value] = {}
+
+            def define(d: dict[str, str]) -> Value:
+                v = Value(d["name"], _type_from_text(d["type"]))
+                scope[v.name] = v
+                return v
+
+            inputs = [define(d) for d in f["inputs"]]
+            params = [define(d) for d in f["params"]]
+            ops = []
+            for o in f["ops"]:
+                operands = [scope[n] for n in o["operands"]]
+                attrs = {k: _parse_attr_value(_Tokens(v)) for k, v in o["attrs"].items()}
+                attrs = lookup(o["op"]).normalize_attrs(attrs)
+                ops.append(Operation(o["op"], operands, attrs, [define(r) for r in o["results"]]))
+            program.add(Function(f["name"], inputs, params, ops, [scope[n] for n in f["outputs"]]))
+        return program
+    except MlxcError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ParseError(f"malformed IR JSON: {type(e).__name__}: {e}") from None
+
+
+def to_graph(fn: Function) -> nx.DiGraph:
+    """Dataflow graph of one function: a node per input, parameter and op, an edge per use."""
+    g = nx.DiGraph(name=fn.name)
+    producer: dict[Value, str] = {}
+    for v in fn.inputs:
+        g.add_node(f"in:{v.name}", label=f"%{v.name}\\n{v.type}", shape="ellipse", kind="input")
+        producer[v] = f"in:{v.name}"
+    for v in fn.params:
+        g.add_node(f"param:{v.name}", label=f"{v.name}\\n{v.type}", shape="note", kind="param")
+        producer[v] = f"param:{v.name}"
+    for i, o in enumerate(fn.ops):
+        node = f"op{i}"
+        g.add_node(node, label=_op_label(o), shape="box", kind="op", group=o.opdef.group.value)
+        for v in o.operands:
+            g.add_edge(producer[v], node, label=str(v.type))
+        for r in o.results:
+            producer[r] = node
+    for i, v in enumerate(fn.outputs):
+        g.add_node(f"out{i}", label=f"return {i}", shape="ellipse", kind="output")
+        g.add_edge(producer[v], f"out{i}", label=str(v.type))
+    return g
+
+
+def _op_label(o: Operation) -> str:
+    return format_op(o).split(" : ")[0].replace('"', "'")
+
+
+def to_dot(program: Program) -> str:
+    """One DOT cluster per function."""
+    lines = ["digraph program {", "  rankdir=TB; node [fontname=monospace fontsize=10];"]
+    for fi, fn in enumerate(program.functions):
+        g = to_graph(fn)
+        lines.append(f'  subgraph cluster_{fi} {{ label="@{fn.name}";')
+        for n, data in g.nodes(data=True):
+            lines.append(f'    "{fi}:{n}" [label="{data["label"]}" shape={data["shape"]}];')
+        for a, b in g.edges():
+            lines.append(f'    "{fi}:{a}" -> "{fi}:{b}";')
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_svg(program: Program) -> str:
+    if shutil.which("dot") is None:
+        raise MlxcError("SVG output needs Graphviz's `dot` on PATH (apt-get install graphviz); use --format dot instead")
+    return subprocess.run(["dot", "-Tsvg"], input=to_dot(program), capture_output=True, text=True, check=True).stdout

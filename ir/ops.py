@@ -1,0 +1,207 @@
+"""The op vocabulary. Each op is declared once: operands, attributes and its type rule.
+
+Attention and rotary embedding stay composite ops: kernel selection decides later how they run. Both read the
+state of the call they run in (the KV cache and the position offset of that layer), which is how one function body
+serves every layer and both prefill and decode.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+from .attrs import RopeScaling
+from .opdef import AttrDef, Ints, OpGroup, Shape, Symbol, op, require
+from .types import DType, TensorType
+
+# ---------------------------------------------------------------- data and matmul
+
+
+@op("embed", OpGroup.DATA, ("ids", "table"))
+def _embed(ids: TensorType, table: TensorType):
+    """Row lookup: `table[ids]`."""
+    require(not ids.dtype.is_float, f"ids must be integers, got {ids.dtype.value}")
+    require(table.rank == 2, f"table must be [vocab, hidden], got {table}")
+    return TensorType(table.dtype, ids.shape + (table.shape[1],))
+
+
+@op("linear", OpGroup.MATMUL, ("x", "weight", "bias?"))
+def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None):
+    """`x @ weight.T + bias`, weight laid out [out_features, in_features] as checkpoints store it."""
+    require(weight.rank == 2, f"weight must be [out, in], got {weight}")
+    require(x.shape[-1] == weight.shape[1], f"input features {x.shape[-1]} do not match weight {weight}")
+    require(x.dtype == weight.dtype, f"dtype mismatch: input {x.dtype.value}, weight {weight.dtype.value}")
+    if bias is not None:
+        require(bias.shape == (weight.shape[0],), f"bias {bias} does not match weight {weight}")
+    return x.with_shape(x.shape[:-1] + (weight.shape[0],))
+
+
+# ---------------------------------------------------------------- normalization
+
+
+@op("rms_norm", OpGroup.NORM, ("x", "weight"), (AttrDef("eps", float),))
+def _rms_norm(x: TensorType, weight: TensorType, eps: float):
+    """`x / sqrt(mean(x^2) + eps) * weight` over the last axis."""
+    require(weight.shape == (x.shape[-1],), f"weight {weight} does not match features {x.shape[-1]}")
+    return x
+
+
+@op("layer_norm", OpGroup.NORM, ("x", "weight?", "bias?"), (AttrDef("eps", float),))
+def _layer_norm(x: TensorType, weight: TensorType | None = None, bias: TensorType | None = None, *, eps: float):
+    """Mean-centred normalization over the last axis, with optional affine weight and bias."""
+    for t in (weight, bias):
+        if t is not None:
+            require(t.shape == (x.shape[-1],), f"{t} does not match features {x.shape[-1]}")
+    return x
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def _unary(name: str, doc: str) -> None:
+    def rule(x: TensorType):
+        return x
+
+    rule.__doc__ = doc
+    op(name, OpGroup.UNARY, ("x",))(rule)
+
+
+_unary("silu", "x * sigmoid(x)")
+_unary("gelu", "exact (erf) GELU")
+_unary("gelu_tanh", "tanh-approximated GELU")
+_unary("relu", "max(x, 0)")
+
+
+def _broadcast(a: TensorType, b: TensorType) -> TensorType:
+    require(a.dtype == b.dtype, f"dtype mismatch: {a.dtype.value} vs {b.dtype.value}")
+    shape = []
+    for i in range(1, max(a.rank, b.rank) + 1):
+        da = a.shape[-i] if i <= a.rank else 1
+        db = b.shape[-i] if i <= b.rank else 1
+        require(da == db or da == 1 or db == 1, f"shapes {a} and {b} do not broadcast")
+        shape.append(db if da == 1 else da)
+    return a.with_shape(reversed(shape))
+
+
+def _binary(name: str, doc: str) -> None:
+    def rule(a: TensorType, b: TensorType):
+        return _broadcast(a, b)
+
+    rule.__doc__ = doc
+    op(name, OpGroup.BINARY, ("a", "b"))(rule)
+
+
+_binary("add", "a + b, broadcasting")
+_binary("mul", "a * b, broadcasting")
+
+
+# ---------------------------------------------------------------- shape
+
+
+def _same_elements(src: tuple, dst: tuple) -> bool:
+    """Whether two shapes can hold the same elements: equal symbolic dims (as a multiset) and equal static products."""
+    sym = lambda s: sorted(d for d in s if isinstance(d, str))  # noqa: E731
+    static = lambda s: prod(d for d in s if isinstance(d, int))  # noqa: E731
+    return sym(src) == sym(dst) and static(src) == static(dst)
+
+
+@op("reshape", OpGroup.SHAPE, ("x",), (AttrDef("shape", Shape),))
+def _reshape(x: TensorType, shape: Shape):
+    """View with a new shape holding the same elements."""
+    require(_same_elements(x.shape, tuple(shape)), f"cannot reshape {x} to [{', '.join(map(str, shape))}]")
+    return x.with_shape(shape)
+
+
+@op("transpose", OpGroup.SHAPE, ("x",), (AttrDef("perm", Ints),))
+def _transpose(x: TensorType, perm: Ints):
+    """Permute axes."""
+    require(sorted(perm) == list(range(x.rank)), f"perm {list(perm)} is not a permutation of {x.rank} axes")
+    return x.with_shape(x.shape[p] for p in perm)
+
+
+def _axis(axis: int, rank: int) -> int:
+    require(-rank <= axis < rank, f"axis {axis} out of range for rank {rank}")
+    return axis % rank
+
+
+@op("split", OpGroup.SHAPE, ("x",), (AttrDef("sizes", Ints), AttrDef("axis", int, -1)))
+def _split(x: TensorType, sizes: Ints, axis: int):
+    """Consecutive slices of the given sizes along an axis; one result per slice."""
+    ax = _axis(axis, x.rank)
+    require(sum(sizes) == x.shape[ax], f"sizes {list(sizes)} do not add up to dim {x.shape[ax]} of {x}")
+    return [x.with_shape(x.shape[:ax] + (s,) + x.shape[ax + 1 :]) for s in sizes]
+
+
+@op("concat", OpGroup.SHAPE, ("*xs",), (AttrDef("axis", int, -1),))
+def _concat(*xs: TensorType, axis: int):
+    """Join along an axis (static sizes only on that axis)."""
+    first = xs[0]
+    ax = _axis(axis, first.rank)
+    for t in xs[1:]:
+        require(t.dtype == first.dtype and t.rank == first.rank, f"cannot concat {first} with {t}")
+        same = all(t.shape[i] == first.shape[i] for i in range(first.rank) if i != ax)
+        require(same, f"cannot concat {first} with {t} along axis {axis}")
+    require(all(isinstance(t.shape[ax], int) for t in xs), "concat axis must be static")
+    return first.with_shape(first.shape[:ax] + (sum(t.shape[ax] for t in xs),) + first.shape[ax + 1 :])
+
+
+@op("cast", OpGroup.UNARY, ("x",), (AttrDef("dtype", DType),))
+def _cast(x: TensorType, dtype: DType):
+    """Convert element type."""
+    return x.with_dtype(dtype)
+
+
+# ---------------------------------------------------------------- position and attention
+
+
+@op(
+    "rope",
+    OpGroup.POSITION,
+    ("x",),
+    (
+        AttrDef("dims", int),
+        AttrDef("base", float),
+        AttrDef("scaling", RopeScaling, RopeScaling()),
+        AttrDef("traditional", bool, False),
+    ),
+)
+def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, traditional: bool):
+    """Rotary embedding of x [B, heads, T, head_dim] at the call's positions, on the first `dims` features."""
+    require(x.rank == 4, f"rope expects [B, heads, T, head_dim], got {x}")
+    require(0 < dims <= x.shape[-1] and dims % 2 == 0, f"rope dims {dims} invalid for head_dim {x.shape[-1]}")
+    return x
+
+
+@op(
+    "attention",
+    OpGroup.ATTENTION,
+    ("q", "k", "v"),
+    (AttrDef("scale", float), AttrDef("window", int, None, optional=True)),
+)
+def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None):
+    """Causal softmax attention of q [B, Hq, T, D] over the call's cached keys followed by k, v [B, Hkv, T, D].
+
+    `window` limits each query to the last `window` positions (itself included), as sliding-window models do.
+    """
+    require(q.rank == k.rank == v.rank == 4, "attention expects [B, heads, T, head_dim] operands")
+    require(k.shape == v.shape[:3] + (k.shape[3],), f"k {k} and v {v} disagree")
+    require(q.shape[3] == k.shape[3], f"q {q} and k {k} head dims differ")
+    hq, hkv = q.shape[1], k.shape[1]
+    if isinstance(hq, int) and isinstance(hkv, int):
+        require(hq % hkv == 0, f"{hq} query heads are not a multiple of {hkv} kv heads")
+    require(window is None or window > 0, f"window must be positive, got {window}")
+    return q.with_shape(q.shape[:3] + (v.shape[3],))
+
+
+# ---------------------------------------------------------------- calls
+
+
+@op("call", OpGroup.CALL, ("*args",), (AttrDef("callee", Symbol), AttrDef("prefix", str, "")), needs_program=True)
+def _call(*args: TensorType, callee: Symbol, prefix: str, program):
+    """Run another function; its parameters are this program's parameters named `prefix.` + the callee's name."""
+    fn = program.get(callee) if program is not None else None
+    require(fn is not None, f"call to unknown function @{callee}")
+    want = [v.type for v in fn.inputs]
+    require(len(args) == len(want), f"@{callee} takes {len(want)} inputs, got {len(args)}")
+    for i, (got, exp) in enumerate(zip(args, want)):
+        require(got == exp, f"input {i} of @{callee} is {exp}, got {got}")
+    return [v.type for v in fn.outputs]

@@ -1,0 +1,63 @@
+"""Tensor types: a dtype and a shape whose dims are ints or symbolic names such as `B` and `T`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+Dim = Union[int, str]
+"""A dimension: a known size, or a symbol (`B` batch, `T` sequence) bound when the program runs."""
+
+
+class DType(str, enum.Enum):
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    I32 = "i32"
+    I64 = "i64"
+    U32 = "u32"
+    BOOL = "bool"
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.F32, DType.F16, DType.BF16)
+
+    @classmethod
+    def parse(cls, name: str) -> "DType":
+        aliases = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+        try:
+            return cls(aliases.get(name, name))
+        except ValueError:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {[d.value for d in cls]}") from None
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: DType
+    shape: tuple[Dim, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype.value}[{', '.join(str(d) for d in self.shape)}]"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(self.dtype, tuple(shape))
+
+    def with_dtype(self, dtype: DType) -> "TensorType":
+        return TensorType(dtype, self.shape)
+
+    def numel(self) -> int:
+        if not self.is_static:
+            raise ValueError(f"{self} has symbolic dims")
+        n = 1
+        for d in self.shape:
+            n *= d  # type: ignore[operator]
+        return n
