@@ -42,6 +42,14 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     truncate: bool = True
 
+    def __post_init__(self) -> None:
+        # Canonical field types, so printing and parsing agree (configs often give `factor: 8` as an int).
+        object.__setattr__(self, "kind", RopeKind(self.kind))
+        for name in _ROPE_FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
+
     def non_default_items(self) -> list[tuple[str, object]]:
         """(name, value) pairs that differ from the defaults, `kind` always first."""
         default = RopeScaling()
@@ -51,6 +59,11 @@ class RopeScaling:
                 items.append((f.name, getattr(self, f.name)))
         return items
 
+
+_ROPE_FLOAT_FIELDS = (
+    "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+    "attention_factor", "mscale", "mscale_all_dim",
+)
 
 # Every structured attribute type, by the tag it prints with: `#rope<kind = llama3, factor = 8.0>`.
 STRUCT_ATTRS: dict[str, type] = {"rope": RopeScaling}

@@ -28,6 +28,7 @@ def _embed(ids: TensorType, table: TensorType):
 def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None):
     """`x @ weight.T + bias`, weight laid out [out_features, in_features] as checkpoints store it."""
     require(weight.rank == 2, f"weight must be [out, in], got {weight}")
+    require(x.rank >= 1, f"input must have a feature axis, got {x}")
     require(x.shape[-1] == weight.shape[1], f"input features {x.shape[-1]} do not match weight {weight}")
     require(x.dtype == weight.dtype, f"dtype mismatch: input {x.dtype.value}, weight {weight.dtype.value}")
     if bias is not None:
@@ -41,6 +42,7 @@ def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None):
 @op("rms_norm", OpGroup.NORM, ("x", "weight"), (AttrDef("eps", float),))
 def _rms_norm(x: TensorType, weight: TensorType, eps: float):
     """`x / sqrt(mean(x^2) + eps) * weight` over the last axis."""
+    require(x.rank >= 1, f"input must have a feature axis, got {x}")
     require(weight.shape == (x.shape[-1],), f"weight {weight} does not match features {x.shape[-1]}")
     return x
 
@@ -48,6 +50,7 @@ def _rms_norm(x: TensorType, weight: TensorType, eps: float):
 @op("layer_norm", OpGroup.NORM, ("x", "weight?", "bias?"), (AttrDef("eps", float),))
 def _layer_norm(x: TensorType, weight: TensorType | None = None, bias: TensorType | None = None, *, eps: float):
     """Mean-centred normalization over the last axis, with optional affine weight and bias."""
+    require(x.rank >= 1, f"input must have a feature axis, got {x}")
     for t in (weight, bias):
         if t is not None:
             require(t.shape == (x.shape[-1],), f"{t} does not match features {x.shape[-1]}")
@@ -107,6 +110,7 @@ def _same_elements(src: tuple, dst: tuple) -> bool:
 @op("reshape", OpGroup.SHAPE, ("x",), (AttrDef("shape", Shape),))
 def _reshape(x: TensorType, shape: Shape):
     """View with a new shape holding the same elements."""
+    require(all(not isinstance(d, int) or d >= 0 for d in shape), f"negative dim in shape {list(shape)}")
     require(_same_elements(x.shape, tuple(shape)), f"cannot reshape {x} to [{', '.join(map(str, shape))}]")
     return x.with_shape(shape)
 
@@ -127,6 +131,7 @@ def _axis(axis: int, rank: int) -> int:
 def _split(x: TensorType, sizes: Ints, axis: int):
     """Consecutive slices of the given sizes along an axis; one result per slice."""
     ax = _axis(axis, x.rank)
+    require(all(s >= 0 for s in sizes), f"negative size in {list(sizes)}")
     require(sum(sizes) == x.shape[ax], f"sizes {list(sizes)} do not add up to dim {x.shape[ax]} of {x}")
     return [x.with_shape(x.shape[:ax] + (s,) + x.shape[ax + 1 :]) for s in sizes]
 
@@ -134,6 +139,7 @@ def _split(x: TensorType, sizes: Ints, axis: int):
 @op("concat", OpGroup.SHAPE, ("*xs",), (AttrDef("axis", int, -1),))
 def _concat(*xs: TensorType, axis: int):
     """Join along an axis (static sizes only on that axis)."""
+    require(len(xs) > 0, "concat needs at least one operand")
     first = xs[0]
     ax = _axis(axis, first.rank)
     for t in xs[1:]:

@@ -19,7 +19,7 @@ _TOKEN = re.compile(
   | (?P<symbol>@[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<struct>\#[A-Za-z_]+<)
   | (?P<arrow>->)
-  | (?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+|inf|nan))
+  | (?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+|inf(?![A-Za-z0-9_])|nan(?![A-Za-z0-9_])))
   | (?P<string>"(?:[^"\\]|\\.)*")
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<punct>[()\[\]{}<>,=:])
@@ -137,12 +137,12 @@ def _parse_attr_value(t: _Tokens) -> Any:
 
 
 def _make_struct(t: _Tokens, cls: type, fields: dict[str, Any]) -> Any:
-    if "kind" in fields:
-        fields["kind"] = RopeKind(fields["kind"])
     for k, v in fields.items():
         if isinstance(v, int) and not isinstance(v, bool) and isinstance(getattr(cls(), k, None), float):
             fields[k] = float(v)
     try:
+        if "kind" in fields:
+            fields["kind"] = RopeKind(fields["kind"])
         return cls(**fields)
     except (TypeError, ValueError) as e:
         raise t.error(f"bad #{cls.__name__}: {e}") from None

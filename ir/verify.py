@@ -42,7 +42,7 @@ def _verify_function(program: Program, fn: Function) -> None:
         if not p.type.is_static:
             raise VerifyError(f"{where}: parameter %{p.name} must have a static shape, got {p.type}")
     for o in fn.ops:
-        loc = f"{where}: `{format_op(o)}`"
+        loc = f"{where}: `{_describe(o)}`"
         for v in o.operands:
             if id(v) not in defined:
                 raise VerifyError(f"{loc}: operand %{v.name} is used before it is defined")
@@ -67,6 +67,14 @@ def _verify_function(program: Program, fn: Function) -> None:
             raise VerifyError(f"{where}: returns undefined value %{v.name}")
 
 
+def _describe(o) -> str:
+    """The op's text form, or its bare form when it is too malformed to print (unknown op, missing attribute)."""
+    try:
+        return format_op(o)
+    except (TypeRuleError, KeyError, TypeError):
+        return repr(o)
+
+
 def _check_acyclic_calls(program: Program) -> None:
     state: dict[str, int] = {}
 
@@ -81,7 +89,8 @@ def _check_acyclic_calls(program: Program) -> None:
                 visit(o.attrs["callee"], path + [name])
         state[name] = 2
 
-    visit(Program.ENTRY, [])
+    for fn in program.functions:
+        visit(fn.name, [])
 
 
 def _check_parameter_types(program: Program) -> None:

@@ -1,0 +1,246 @@
+"""`mlxc.load` and `mlxc.compile`: resolve a source, lower it, run the passes, generate code, bind weights.
+
+The only module that composes every layer; each step is a call into the package that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+
+from .codegen import generate_module, import_module, write_module
+from .frontends.lower import lower
+from .frontends.spec import ModelSpec
+from .ir import DType, Program
+from .ir.errors import MlxcError
+from .passes import DEFAULT_PIPELINE, run_pipeline
+from .runtime import artifact as art
+from .runtime import weights as W
+from .runtime.model import CompiledModel
+
+Progress = Optional[Callable[[str], None]]
+
+
+class SourceKind(str, Enum):
+    HF_DIR = "huggingface checkpoint"
+    ARTIFACT = "mlxc artifact"
+    PRESET = "preset"
+    SPEC_FILE = "spec file"
+    SPEC = "ModelSpec"
+    GGUF = "gguf file"
+    HUB = "hub id"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: SourceKind
+    location: str  # a path, a preset name or a hub id
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(src: str | Path | ModelSpec) -> Source:
+    """Decide what a source string names. Local paths win over preset names and hub ids."""
+    from .frontends.presets import PRESETS
+
+    if isinstance(src, ModelSpec):
+        return Source(SourceKind.SPEC, src.name)
+    text = str(src)
+    path = Path(text).expanduser()
+    if text.startswith("preset:"):
+        return Source(SourceKind.PRESET, text[len("preset:"):])
+    if path.exists():
+        if path.is_dir():
+            if art.is_artifact(path):
+                return Source(SourceKind.ARTIFACT, str(path))
+            if (path / "config.json").exists():
+                return Source(SourceKind.HF_DIR, str(path))
+            raise MlxcError(f"{path} is a directory with neither config.json (Hugging Face) nor manifest.json (mlxc artifact)")
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return Source(SourceKind.GGUF, str(path))
+        if suffix in (".yaml", ".yml", ".json"):
+            return Source(SourceKind.SPEC_FILE, str(path))
+        raise MlxcError(f"{path}: unrecognized model file (expected a .gguf, .yaml/.yml/.json spec, or a directory)")
+    if text.lower() in PRESETS:
+        return Source(SourceKind.PRESET, text)
+    if _HUB_ID.match(text):
+        return Source(SourceKind.HUB, text)
+    raise MlxcError(
+        f"cannot find model source {text!r}: it is not a local file or directory, a preset (see `mlxc inspect "
+        f"preset:NAME`; known: {', '.join(sorted(PRESETS))}), or a Hugging Face hub id (org/name)"
+    )
+
+
+def download(repo_id: str) -> Path:
+    """A hub snapshot through huggingface_hub's cache; cached files are used first, so offline works once fetched."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise MlxcError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub and it is not in the local cache "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}). "
+            "Check the id and your network, or pass a local checkpoint directory."
+        ) from None
+
+
+@dataclass
+class Frontend:
+    """What a source turns into before compilation."""
+
+    spec: ModelSpec
+    tensors: dict[str, mx.array] | None  # IR-named checkpoint tensors; None means random init
+    tokenizer_dir: Path | None
+    description: str
+
+
+def read_source(source: Source) -> Frontend:
+    from .frontends import hf, presets, spec_file
+
+    kind = source.kind
+    if kind == SourceKind.HUB:
+        return read_source(Source(SourceKind.HF_DIR, str(download(source.location))))
+    if kind == SourceKind.PRESET:
+        spec = presets.get_preset(source.location)
+        return Frontend(spec, None, None, f"preset {spec.name}")
+    if kind == SourceKind.SPEC_FILE:
+        spec = spec_file.load_spec_file(source.location)
+        return Frontend(spec, None, None, f"spec file {source.location}")
+    if kind == SourceKind.GGUF:
+        raise MlxcError(f"{source.location}: GGUF checkpoints are not supported yet (planned: GGUF frontend)")
+    if kind == SourceKind.HF_DIR:
+        path = Path(source.location)
+        config = hf.load_hf_config(path)
+        files = W.safetensors_files(path)
+        raw = W.read_safetensors(files)
+        hf.detect_architecture(config, raw.keys())
+        spec = hf.spec_from_hf_config(config, name=path.name)
+        tensors = W.rename(raw, hf.hf_to_ir_name, hf.UNMAPPED)
+        if spec.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        tok = path if (path / "tokenizer.json").exists() else None
+        return Frontend(spec, tensors, tok, f"{path} ({config.get('architectures', ['?'])[0]})")
+    raise MlxcError(f"cannot compile a {kind.value} source")
+
+
+def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[str] | None = None,
+                    dump_dir: str | Path | None = None, on_report=None) -> Program:
+    """Spec -> verified IR after the pass pipeline (the default one unless `passes` is given)."""
+    program = lower(spec, dtype)
+    return run_pipeline(program, DEFAULT_PIPELINE if passes is None else passes, dump_dir=dump_dir, on_report=on_report)
+
+
+def _stage(progress: Progress, what: str, start: float) -> float:
+    now = time.perf_counter()
+    if progress:
+        progress(f"{what} ({(now - start) * 1e3:.0f} ms)")
+    return now
+
+
+def _load_tokenizer(directory: Path | None):
+    if directory is None or not (directory / "tokenizer.json").exists():
+        return None
+    from .runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(directory)
+
+
+def _instantiate(module, weights: list[tuple[str, mx.array]]):
+    net = module.Model()
+    try:
+        net.load_weights(weights, strict=True)
+    except ValueError as e:
+        raise MlxcError(f"generated module rejected the weights: {e}") from None
+    mx.eval(net.parameters())
+    net.eval()
+    return net
+
+
+def _weights_for(front: Frontend, program: Program, seed: int, init_scale: float) -> list[tuple[str, mx.array]]:
+    tensors = front.tensors if front.tensors is not None else W.random_weights(program, seed=seed, scale=init_scale)
+    return W.bind(program, tensors)
+
+
+def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None, *,
+         passes: Sequence[str] | None = None, seed: int = 0, init_scale: float = 0.02,
+         progress: Progress = None) -> CompiledModel:
+    """Load a model from a Hugging Face directory, an mlxc artifact, a preset, a spec file or a hub id.
+
+    Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`).
+    """
+    if adapter is not None:
+        raise MlxcError("LoRA adapters are not supported yet (planned with the optimization-passes work)")
+    t = time.perf_counter()
+    source = resolve(src)
+    if source.kind == SourceKind.ARTIFACT:
+        return load_artifact(Path(source.location), progress)
+    front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
+    t = _stage(progress, f"read {front.description}", t)
+    program = compile_program(front.spec, dtype, passes)
+    t = _stage(progress, f"lowered and optimized ({len(program.functions)} functions)", t)
+    code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
+    path = write_module(code)
+    module = import_module(path)
+    t = _stage(progress, f"generated {path}", t)
+    net = _instantiate(module, _weights_for(front, program, seed, init_scale))
+    _stage(progress, "weights loaded", t)
+    return CompiledModel(module, net, program, spec=front.spec, tokenizer=_load_tokenizer(front.tokenizer_dir),
+                         source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path))
+
+
+async def load_async(src, dtype: str = "float32", adapter=None, **kwargs) -> CompiledModel:
+    """`load` on a worker thread, so an event loop keeps serving while weights are read."""
+    return await asyncio.to_thread(load, src, dtype, adapter, **kwargs)
+
+
+def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
+    t = time.perf_counter()
+    manifest = art.read_manifest(path)
+    program = art.read_program(path)
+    module = import_module(path / art.MODULE_FILE)
+    tensors = W.read_safetensors([path / art.WEIGHTS_FILE])
+    net = _instantiate(module, W.bind(program, tensors))
+    _stage(progress, f"loaded artifact {path}", t)
+    spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
+    return CompiledModel(module, net, program, spec=spec, tokenizer=_load_tokenizer(path), source=str(path),
+                         module_path=str(path / art.MODULE_FILE))
+
+
+def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "float32", *,
+            passes: Sequence[str] | None = None, seed: int = 0, init_scale: float = 0.02, overwrite: bool = False,
+            dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Path:
+    """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
+    from . import __version__
+
+    t = time.perf_counter()
+    source = resolve(src)
+    if source.kind == SourceKind.ARTIFACT:
+        raise MlxcError(f"{source.location} is already a compiled artifact")
+    front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
+    t = _stage(progress, f"read {front.description}", t)
+    names = list(DEFAULT_PIPELINE if passes is None else passes)
+    program = compile_program(front.spec, dtype, names, dump_dir=dump_dir, on_report=on_report)
+    t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
+    code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
+    weights = _weights_for(front, program, seed, init_scale)
+    manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
+                            str(DType.parse(dtype).value), names, front.spec.model_dump(mode="json"))
+    out = art.save_artifact(out_dir, module_source=code, program=program, weights=weights, manifest=manifest,
+                            tokenizer_dir=front.tokenizer_dir, overwrite=overwrite)
+    _stage(progress, f"wrote {out}", t)
+    return out

@@ -1,0 +1,268 @@
+"""IR function -> Python class source. Each op maps to one fragment; calls become submodules, runs of layer calls a loop.
+
+Cache plumbing: every attention op owns one cache slot. A function reaching exactly one slot takes a single cache
+object; one reaching several takes a list and hands each callee its share.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..ir import DType, Function, Operation, Program, Value
+from ..ir.errors import MlxcError
+from ..ir.printer import format_attr
+
+MX_DTYPES = {
+    DType.F32: "mx.float32", DType.F16: "mx.float16", DType.BF16: "mx.bfloat16",
+    DType.I32: "mx.int32", DType.I64: "mx.int64", DType.U32: "mx.uint32", DType.BOOL: "mx.bool_",
+}
+
+_RESERVED = {"self", "cache", "offset", "mx", "nn", "np", "math", "attention", "RoPE", "layer", "layer_cache"}
+
+
+class CodegenError(MlxcError):
+    pass
+
+
+def class_name(fn_name: str) -> str:
+    return "Model" if fn_name == Program.ENTRY else "".join(p.capitalize() for p in fn_name.split("_"))
+
+
+@dataclass
+class EmittedClass:
+    name: str
+    doc: str
+    init: list[str]
+    args: str
+    body: list[str]
+
+
+@dataclass
+class ModuleParts:
+    classes: list[EmittedClass] = field(default_factory=list)
+    ropes: dict[str, str] = field(default_factory=dict)  # constructor source -> constant name
+    uses_attention: bool = False
+    cache_windows: list[int | None] = field(default_factory=list)
+
+
+def _expr_list(values) -> str:
+    return ", ".join(values)
+
+
+# op -> fragment; each receives the operand expressions and the op's attributes
+Fragment = Callable[[list[str], dict], str]
+FRAGMENTS: dict[str, Fragment] = {
+    "embed": lambda a, k: f"{a[1]}[{a[0]}]",
+    "linear": lambda a, k: f"{a[0]} @ {a[1]}.T" + (f" + {a[2]}" if len(a) > 2 else ""),
+    "rms_norm": lambda a, k: f"mx.fast.rms_norm({a[0]}, {a[1]}, {k['eps']!r})",
+    "layer_norm": lambda a, k: f"mx.fast.layer_norm({a[0]}, {a[1] if len(a) > 1 else 'None'}, "
+    f"{a[2] if len(a) > 2 else 'None'}, {k['eps']!r})",
+    "silu": lambda a, k: f"nn.silu({a[0]})",
+    "gelu": lambda a, k: f"nn.gelu({a[0]})",
+    "gelu_tanh": lambda a, k: f"nn.gelu_approx({a[0]})",
+    "relu": lambda a, k: f"nn.relu({a[0]})",
+    "add": lambda a, k: f"{a[0]} + {a[1]}",
+    "mul": lambda a, k: f"{a[0]} * {a[1]}",
+    "reshape": lambda a, k: f"{a[0]}.reshape({_expr_list(map(str, k['shape']))})",
+    "transpose": lambda a, k: f"{a[0]}.transpose({_expr_list(map(str, k['perm']))})",
+    "concat": lambda a, k: f"mx.concatenate([{_expr_list(a)}], axis={k['axis']})",
+    "cast": lambda a, k: f"{a[0]}.astype({MX_DTYPES[k['dtype']]})",
+}
+
+
+class _Emitter:
+    def __init__(self, program: Program, parts: ModuleParts):
+        self.program, self.parts = program, parts
+        self.slots: dict[str, int] = {}
+
+    def slot_count(self, fn: Function) -> int:
+        if fn.name not in self.slots:
+            n = 0
+            for o in fn.ops:
+                if o.op == "attention":
+                    n += 1
+                elif o.op == "call":
+                    n += self.slot_count(self.program[o.attrs["callee"]])
+            self.slots[fn.name] = n
+        return self.slots[fn.name]
+
+    def windows(self, fn: Function) -> list[int | None]:
+        out: list[int | None] = []
+        for o in fn.ops:
+            if o.op == "attention":
+                out.append(o.attrs["window"])
+            elif o.op == "call":
+                out += self.windows(self.program[o.attrs["callee"]])
+        return out
+
+    def rope_constant(self, attrs: dict) -> str:
+        scaling = {k: v for k, v in attrs["scaling"].non_default_items()}
+        args = [f"dims={attrs['dims']}", f"base={attrs['base']!r}"]
+        if attrs["traditional"]:
+            args.append("traditional=True")
+        args += [f"{k}={format_attr(v) if k == 'kind' else repr(v)}" for k, v in scaling.items() if k != "kind"]
+        if scaling["kind"].value != "default":
+            args.insert(2, f'kind="{scaling["kind"].value}"')
+        src = f"RoPE({', '.join(args)})"
+        return self.parts.ropes.setdefault(src, f"ROPE_{len(self.parts.ropes)}")
+
+    def emit(self, fn: Function) -> EmittedClass:
+        names: dict[Value, str] = {}
+        taken = set(_RESERVED) | self._symbolic_dims(fn)
+
+        def local(v: Value) -> str:
+            base = re.sub(r"\W", "_", v.name)
+            if base[0].isdigit():
+                base = "v" + base
+            if keyword.iskeyword(base) or base in taken:
+                base += "_"
+            name, i = base, 1
+            while name in taken:
+                name, i = f"{base}{i}", i + 1
+            taken.add(name)
+            names[v] = name
+            return name
+
+        for p in fn.params:
+            path = p.name.split(".")
+            if not all(s.isidentifier() and not keyword.iskeyword(s) for s in path):
+                raise CodegenError(f"@{fn.name}: parameter name {p.name!r} is not a Python attribute path")
+            names[p] = "self." + p.name
+        inputs = [local(v) for v in fn.inputs]
+
+        slots = self.slot_count(fn)
+        init = self._declare_params(fn)
+        body: list[str] = []
+        if slots > 1:
+            body.append(f"cache = [None] * {slots} if cache is None else cache")
+        dims = self._symbolic_dims(fn)
+        for d in sorted(dims):
+            src = next(((v, i) for v in fn.inputs for i, x in enumerate(v.type.shape) if x == d), None)
+            if src is None:
+                raise CodegenError(f"@{fn.name}: symbolic dim {d} does not appear in any input shape")
+            body.append(f"{d} = {names[src[0]]}.shape[{src[1]}]")
+        if any(o.op == "rope" for o in fn.ops):
+            if slots != 1:
+                raise CodegenError(f"@{fn.name}: rope needs exactly one cache slot in its function, found {slots}")
+            body.append("offset = cache.offset if cache is not None else 0")
+
+        slot = 0
+        ops = fn.ops
+        i = 0
+        children: list[str] = []
+        while i < len(ops):
+            o = ops[i]
+            run = self._layer_run(ops, i) if o.op == "call" else None
+            if run:
+                attr, calls = run
+                children.append(f"self.{attr} = [{', '.join(class_name(c.attrs['callee']) + '()' for c in calls)}]")
+                x_in = names[calls[0].operands[0]]
+                out = local(calls[-1].result)
+                per = self.slot_count(self.program[calls[0].attrs["callee"]])
+                if out != x_in:
+                    body.append(f"{out} = {x_in}")
+                if per:
+                    body.append(f"for layer, layer_cache in zip(self.{attr}, cache[{slot}:{slot + len(calls)}]):")
+                    body.append(f"    {out} = layer({out}, layer_cache)")
+                    slot += len(calls)
+                else:
+                    body.append(f"for layer in self.{attr}:")
+                    body.append(f"    {out} = layer({out})")
+                i += len(calls)
+                continue
+            args = [names[v] for v in o.operands]
+            if o.op == "call":
+                callee = self.program[o.attrs["callee"]]
+                prefix = o.attrs["prefix"]
+                if not prefix.isidentifier():
+                    raise CodegenError(f"@{fn.name}: call prefix {prefix!r} must be an identifier or part of a layer run")
+                children.append(f"self.{prefix} = {class_name(callee.name)}()")
+                n = self.slot_count(callee)
+                if n:
+                    args.append(self._slot_expr(slots, slot, n))
+                    slot += n
+                expr = f"self.{prefix}({_expr_list(args)})"
+            elif o.op == "attention":
+                self.parts.uses_attention = True
+                cache = self._slot_expr(slots, slot, 1)
+                slot += 1
+                window = f", window={o.attrs['window']}" if o.attrs["window"] is not None else ""
+                expr = f"attention({_expr_list(args)}, {cache}, scale={o.attrs['scale']!r}{window})"
+            elif o.op == "rope":
+                expr = f"{self.rope_constant(o.attrs)}({args[0]}, offset)"
+            elif o.op == "split":
+                cuts, acc = [], 0
+                for s in o.attrs["sizes"][:-1]:
+                    acc += s
+                    cuts.append(str(acc))
+                outs = [local(r) for r in o.results]
+                body.append(f"{_expr_list(outs)} = mx.split({args[0]}, [{_expr_list(cuts)}], axis={o.attrs['axis']})")
+                i += 1
+                continue
+            else:
+                frag = FRAGMENTS.get(o.op)
+                if frag is None:
+                    raise CodegenError(f"@{fn.name}: no MLX lowering for op {o.op!r}")
+                expr = frag(args, o.attrs)
+            body.append(f"{local(o.result)} = {expr}")
+            i += 1
+        body.append("return " + _expr_list(names[v] for v in fn.outputs))
+
+        cache_arg = ", cache=None" if slots else ""
+        doc = f"IR function @{fn.name}" + (f"; {slots} cache slot{'s' if slots > 1 else ''}" if slots else "")
+        return EmittedClass(class_name(fn.name), doc, init + children, _expr_list(inputs) + cache_arg, body)
+
+    @staticmethod
+    def _slot_expr(total: int, start: int, n: int) -> str:
+        if total == 1:
+            return "cache"
+        return f"cache[{start}]" if n == 1 else f"cache[{start}:{start + n}]"
+
+    def _layer_run(self, ops: list[Operation], i: int):
+        """Consecutive calls `prefix.0 .. prefix.n-1`, each feeding the next: emitted as a list and a loop."""
+        m = re.fullmatch(r"([A-Za-z_]\w*)\.0", ops[i].attrs["prefix"])
+        if not m:
+            return None
+        attr, calls = m.group(1), []
+        prev = None
+        for o in ops[i:]:
+            if o.op != "call" or o.attrs["prefix"] != f"{attr}.{len(calls)}":
+                break
+            callee = self.program[o.attrs["callee"]]
+            if len(o.operands) != 1 or len(o.results) != 1 or (prev is not None and o.operands[0] is not prev):
+                break
+            if self.slot_count(callee) > 1:
+                break
+            calls.append(o)
+            prev = o.result
+        return (attr, calls) if calls else None
+
+    @staticmethod
+    def _symbolic_dims(fn: Function) -> set[str]:
+        """Symbols the body needs as Python ints (reshape targets); bound from input shapes at the top."""
+        return {d for o in fn.ops if o.op == "reshape" for d in o.attrs["shape"] if isinstance(d, str)}
+
+    def _declare_params(self, fn: Function) -> list[str]:
+        lines, made = [], set()
+        for p in fn.params:
+            path = p.name.split(".")
+            for depth in range(1, len(path)):
+                node = ".".join(path[:depth])
+                if node not in made:
+                    made.add(node)
+                    lines.append(f"self.{node} = nn.Module()")
+            shape = ", ".join(map(str, p.type.shape)) + ("," if len(p.type.shape) == 1 else "")
+            lines.append(f"self.{p.name} = mx.zeros(({shape}), dtype={MX_DTYPES[p.type.dtype]})")
+        return lines
+
+
+def emit_program(program: Program) -> ModuleParts:
+    parts = ModuleParts()
+    em = _Emitter(program, parts)
+    for fn in program.functions:
+        parts.classes.append(em.emit(fn))
+    parts.cache_windows = em.windows(program.main)
+    return parts

@@ -1,0 +1,68 @@
+"""Render the module template and load the result as a real file, so tracebacks point at readable lines."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import jinja2
+
+from ..ir import Program
+from .emit import MX_DTYPES, emit_program
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("mlxc.codegen", "templates"),
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=False,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def generate_module(program: Program, title: str = "A language model compiled by mlxc.", ir_file: str = "program.mlxc") -> str:
+    from .. import __version__
+
+    parts = emit_program(program)
+    dtype = program.main.params[0].type.dtype if program.main.params else None
+    src = _ENV.get_template("module.py.j2").render(
+        title=title,
+        version=__version__,
+        ir_file=ir_file,
+        dtype=MX_DTYPES[dtype] if dtype else "mx.float32",
+        cache_windows=repr(parts.cache_windows),
+        ropes=parts.ropes,
+        uses_attention=parts.uses_attention,
+        classes=parts.classes,
+    )
+    compile(src, "<generated>", "exec")  # a codegen bug should fail here, not at first use
+    return src
+
+
+def write_module(source: str, directory: str | os.PathLike | None = None) -> Path:
+    """Write generated source to a file named by its hash (default: a per-user cache directory)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    root = Path(directory) if directory else Path(os.environ.get("MLXC_CACHE", Path.home() / ".cache" / "mlxc")) / "modules"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"mlxc_model_{digest}.py"
+    if not path.exists() or path.read_text() != source:
+        fd, tmp = tempfile.mkstemp(dir=root, suffix=".py.tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    return path
+
+
+def import_module(path: str | os.PathLike) -> ModuleType:
+    path = Path(path)
+    name = f"mlxc_generated.{path.stem}_{abs(hash(str(path.resolve()))):x}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,308 @@
+"""Hugging Face checkpoints: `config.json` to ModelSpec, and checkpoint tensor names to mlxc's IR parameter names.
+
+Both transformers-4 configs (top-level `rope_theta`, `rope_scaling`) and transformers-5 configs (`rope_parameters`
+holding `rope_theta` and `rope_type`) are read. Keys a config omits take the value transformers' own config class
+would give them, so the spec describes the model transformers would build from the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Iterable, Mapping, Optional, Union
+
+from pydantic import ValidationError
+
+from ..ir.attrs import RopeKind
+from ..ir.errors import MlxcError
+from .spec import Activation, ModelSpec, RopeSpec
+from .spec_file import validation_message
+
+PathLike = Union[str, Path]
+
+_REQUIRED: Final = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+# Defaults of transformers' LlamaConfig for keys a config.json may leave out.
+_LLAMA_DEFAULTS: Final[Mapping[str, Any]] = {
+    "num_key_value_heads": None,  # None: as many as attention heads
+    "head_dim": None,  # None: hidden_size // num_attention_heads
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "sliding_window": None,
+    "rope_theta": 10000.0,
+}
+
+
+@dataclass(frozen=True)
+class HFArch:
+    """One supported family: how to recognise it and how its modeling code reads the config.
+
+    `biases` / `sliding_window` say whether the modeling code honours those keys (Mistral ignores the bias keys,
+    Llama ignores `sliding_window`). `tensor_markers` are regexes that must each match some tensor name; a family
+    whose tensors look like an earlier row's leaves them empty.
+    """
+
+    family: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    biases: bool = True
+    sliding_window: bool = False
+    tensor_markers: tuple[str, ...] = field(default=())
+
+
+ARCHITECTURES: Final[tuple[HFArch, ...]] = (
+    HFArch(
+        "llama",
+        ("LlamaForCausalLM",),
+        ("llama",),
+        _LLAMA_DEFAULTS,
+        tensor_markers=(
+            r"(model\.)?layers\.\d+\.self_attn\.q_proj\.weight",
+            r"(model\.)?layers\.\d+\.mlp\.gate_proj\.weight",
+            r"(model\.)?layers\.\d+\.input_layernorm\.weight",
+        ),
+    ),
+    HFArch(
+        "mistral",
+        ("MistralForCausalLM",),
+        ("mistral",),
+        {
+            **_LLAMA_DEFAULTS,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 4096 * 32,
+            "sliding_window": 4096,
+        },
+        biases=False,
+        sliding_window=True,
+    ),
+)
+_BY_FAMILY: Final = {a.family: a for a in ARCHITECTURES}
+
+_ACTIVATIONS: Final[Mapping[str, Activation]] = {
+    "silu": Activation.SILU,
+    "swish": Activation.SILU,
+    "gelu": Activation.GELU,
+    "gelu_pytorch_tanh": Activation.GELU_TANH,
+    "gelu_new": Activation.GELU_TANH,
+    "relu": Activation.RELU,
+}
+
+# Spec field -> the Hugging Face key it came from, so validation errors name what the user can see in the file.
+_HF_KEY: Final[Mapping[str, str]] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "sliding_window": "sliding_window",
+    "rope": "rope_parameters",
+    "bos_token_id": "bos_token_id",
+    "eos_token_ids": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+
+
+def load_hf_config(path: PathLike) -> dict[str, Any]:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise MlxcError(f"cannot read Hugging Face config {p}: {err.strerror or err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MlxcError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise MlxcError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _supported() -> str:
+    return ", ".join(f"{a.family} ({'/'.join(a.architectures)})" for a in ARCHITECTURES)
+
+
+def detect_architecture(config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> str:
+    """The family key for a checkpoint: `architectures`, then `model_type`, then tensor-name patterns."""
+    declared = config.get("architectures") or []
+    if isinstance(declared, str):
+        declared = [declared]
+    for name in declared:
+        for arch in ARCHITECTURES:
+            if name in arch.architectures:
+                return arch.family
+    model_type = config.get("model_type")
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch.family
+    if tensor_names is not None:
+        names = list(tensor_names)
+        for arch in ARCHITECTURES:
+            markers = [re.compile(m) for m in arch.tensor_markers]
+            if markers and all(any(m.fullmatch(n) for n in names) for m in markers):
+                return arch.family
+    seen = f"architectures={list(declared)}, model_type={model_type!r}"
+    raise MlxcError(f"unsupported architecture ({seen}); supported: {_supported()}")
+
+
+def _rope(config: Mapping[str, Any], max_pos: int, theta_default: float, where: str) -> RopeSpec:
+    """RopeSpec from either `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+
+    Like transformers, a non-empty `rope_scaling` wins, `rope_theta` inside the dict wins over the top-level key,
+    and llama3/yarn without `original_max_position_embeddings` measure against `max_position_embeddings`.
+    """
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    params = config.get(key) or {}
+    if not isinstance(params, Mapping):
+        raise MlxcError(f"{where}: `{key}` must be an object, got {params!r}")
+    if not {"rope_type", "type", "rope_theta"} & params.keys() and any(isinstance(v, Mapping) for v in params.values()):
+        raise MlxcError(f"{where}: per-layer-type `{key}` is not supported for this architecture")
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise MlxcError(f"{where}: partial_rotary_factor={partial} is not supported (rotary must cover head_dim)")
+    theta = params.get("rope_theta", config.get("rope_theta", theta_default))
+    kind_name = params.get("rope_type", params.get("type", "default"))
+    try:
+        kind = RopeKind(kind_name)
+    except ValueError:
+        kinds = ", ".join(k.value for k in RopeKind)
+        raise MlxcError(f"{where}: unsupported rope type {kind_name!r} in `{key}`; supported: {kinds}") from None
+
+    def need(name: str) -> Any:
+        if params.get(name) is None:
+            raise MlxcError(f"{where}: rope type {kind.value!r} needs `{key}.{name}`")
+        return params[name]
+
+    fields: dict[str, Any] = {"theta": theta, "kind": kind}
+    if kind in (RopeKind.LINEAR, RopeKind.DYNAMIC):
+        fields["factor"] = need("factor")
+    elif kind == RopeKind.LLAMA3:
+        fields.update(
+            factor=need("factor"),
+            low_freq_factor=need("low_freq_factor"),
+            high_freq_factor=need("high_freq_factor"),
+            original_max_position_embeddings=params.get("original_max_position_embeddings") or max_pos,
+        )
+    elif kind == RopeKind.YARN:
+        original = params.get("original_max_position_embeddings") or max_pos
+        fields.update(
+            # transformers: a null factor means "the context extension ratio"; null betas mean the paper's 32 / 1
+            factor=params.get("factor") or max_pos / original,
+            original_max_position_embeddings=original,
+            beta_fast=params.get("beta_fast") or 32.0,
+            beta_slow=params.get("beta_slow") or 1.0,
+            attention_factor=params.get("attention_factor"),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            truncate=params.get("truncate", True),
+        )
+    try:
+        return RopeSpec(**fields)
+    except ValidationError as err:
+        raise MlxcError(validation_message(err, f"{where} (`{key}`)")) from None
+
+
+def spec_from_hf_config(
+    config: Mapping[str, Any], name: str = "model", *, source: Optional[PathLike] = None
+) -> ModelSpec:
+    """The ModelSpec of a Hugging Face config dict; `source` (the file) only makes error messages point somewhere."""
+    where = str(source) if source is not None else "Hugging Face config"
+    arch = _BY_FAMILY[detect_architecture(config)]
+    for key in _REQUIRED:
+        if config.get(key) is None:
+            raise MlxcError(f"{where}: missing required key `{key}`")
+
+    def get(key: str) -> Any:
+        """Present keys keep their value, null included (Mistral's `sliding_window: null` means full attention)."""
+        return config[key] if key in config else arch.defaults[key]
+
+    act_name = get("hidden_act")
+    if act_name not in _ACTIVATIONS:
+        raise MlxcError(
+            f"{where}: unsupported hidden_act {act_name!r}; supported: {', '.join(sorted(_ACTIVATIONS))}"
+        )
+    max_pos = get("max_position_embeddings")
+    eos = get("eos_token_id")
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    fields: dict[str, Any] = dict(
+        name=name,
+        family=arch.family,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=get("num_key_value_heads"),
+        head_dim=get("head_dim") or None,  # transformers treats 0/null as "derive it"
+        max_position_embeddings=max_pos,
+        norm_eps=get("rms_norm_eps"),
+        activation=_ACTIVATIONS[act_name],
+        rope=_rope(config, max_pos if isinstance(max_pos, int) else 1, arch.defaults["rope_theta"], where),
+        attention_bias=bool(get("attention_bias")) if arch.biases else False,
+        mlp_bias=bool(get("mlp_bias")) if arch.biases else False,
+        sliding_window=get("sliding_window") if arch.sliding_window else None,
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        bos_token_id=get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        pad_token_id=get("pad_token_id"),
+    )
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as err:
+        raise MlxcError(validation_message(err, where, _HF_KEY)) from None
+
+
+def load_hf_spec(path: PathLike, name: Optional[str] = None) -> ModelSpec:
+    """ModelSpec of a checkpoint directory (or its config.json); the name defaults to the directory's name."""
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    return spec_from_hf_config(load_hf_config(file), name or file.resolve().parent.name, source=file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor names
+
+UNMAPPED: Final[str] = "<unmapped>"
+"""Returned by `hf_to_ir_name` for a tensor no rule knows: never a valid IR name, so the loader can report it."""
+
+# (HF name pattern, IR name template or None to ignore). The `model.` prefix is optional so that checkpoints of the
+# bare decoder (LlamaModel) load too.
+_TENSOR_RULES: Final[tuple[tuple[re.Pattern[str], Optional[str]], ...]] = tuple(
+    (re.compile(pattern), template)
+    for pattern, template in (
+        (r"(?:model\.)?embed_tokens\.weight", "embed_tokens.weight"),
+        (r"(?:model\.)?layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.input_norm.weight"),
+        (r"(?:model\.)?layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+        (r"(?:model\.)?layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.post_attention_norm.weight"),
+        (r"(?:model\.)?layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"layers.\1.mlp.\2_proj.\3"),
+        (r"(?:model\.)?norm\.weight", "norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        # Rotary tables are recomputed from the config; old checkpoints stored them.
+        (r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq", None),
+    )
+)
+
+
+def hf_to_ir_name(hf_name: str) -> Optional[str]:
+    """The IR parameter name for a checkpoint tensor; None if deliberately ignored; `UNMAPPED` if unknown."""
+    for pattern, template in _TENSOR_RULES:
+        m = pattern.fullmatch(hf_name)
+        if m:
+            return None if template is None else m.expand(template)
+    return UNMAPPED

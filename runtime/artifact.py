@@ -1,0 +1,83 @@
+"""Compiled artifacts: a directory with the generated module, transformed weights, the IR and a manifest.
+
+Written to a temporary sibling and renamed into place, so a failed compile never leaves half an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..ir import Program, parse_program, print_program, verify
+from ..ir.errors import MlxcError
+
+FORMAT = "mlxc-artifact"
+FORMAT_VERSION = 1
+MODULE_FILE, PROGRAM_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.py", "program.mlxc", "weights.safetensors", "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@dataclass
+class Manifest:
+    mlxc_version: str
+    source: str
+    dtype: str
+    passes: list[str]
+    spec: dict | None = None
+    tokenizer_files: list[str] = field(default_factory=list)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+
+def is_artifact(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_FILE).exists()
+
+
+def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Program, weights: list[tuple[str, mx.array]],
+                  manifest: Manifest, tokenizer_dir: Path | None = None, overwrite: bool = False) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise MlxcError(f"{out} already exists (pass --force to replace it)")
+    if out.exists() and not is_artifact(out) and any(out.iterdir()):
+        raise MlxcError(f"{out} exists and is not an mlxc artifact; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / MODULE_FILE).write_text(module_source)
+        (tmp / PROGRAM_FILE).write_text(print_program(program))
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), dict(weights), metadata={"format": "mlx"})
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).exists():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+                    manifest.tokenizer_files.append(name)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        data = json.loads((path / MANIFEST_FILE).read_text())
+        if data.get("format") != FORMAT:
+            raise MlxcError(f"{path / MANIFEST_FILE} is not an mlxc artifact manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise MlxcError(f"{path} has artifact format {data.get('format_version')}; this mlxc reads {FORMAT_VERSION}")
+        return Manifest(**data)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise MlxcError(f"{path / MANIFEST_FILE}: malformed manifest ({e})") from None
+
+
+def read_program(path: Path) -> Program:
+    return verify(parse_program((path / PROGRAM_FILE).read_text()))

@@ -1,0 +1,149 @@
+"""A loaded model: the generated module with its weights, plus caches, loss, generation and the tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..ir import Program
+from ..ir.errors import MlxcError
+
+
+@dataclass
+class ModelOutput:
+    logits: mx.array
+    loss: Optional[mx.array] = None
+
+
+def causal_lm_loss(logits: mx.array, labels: mx.array, ignore_index: int = -100) -> mx.array:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; `ignore_index` labels don't count."""
+    shift_logits = logits[:, :-1].astype(mx.float32)
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != ignore_index
+    safe = mx.where(keep, shift_labels, 0)
+    ce = nn.losses.cross_entropy(shift_logits, safe, reduction="none")
+    count = keep.sum()
+    return mx.where(count > 0, (ce * keep).sum() / mx.maximum(count, 1), mx.array(float("nan")))
+
+
+class CompiledModel:
+    """What `mlxc.load` returns. `model(ids)` runs a forward pass; `model.generate` decodes with a KV cache."""
+
+    def __init__(self, module: ModuleType, net: nn.Module, program: Program, *, spec=None, tokenizer=None,
+                 source: str = "", module_path: str = ""):
+        self.module = module
+        self.net = net
+        self.program = program
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.source = source
+        self.module_path = module_path
+        self.vocab_size = program.main.outputs[0].type.shape[-1]
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(source={self.source!r}, module={self.module_path!r})"
+
+    # ------------------------------------------------------------------ forward
+
+    def check_ids(self, ids) -> mx.array:
+        ids = mx.array(ids) if not isinstance(ids, mx.array) else ids
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise MlxcError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
+        if ids.size == 0:
+            raise MlxcError("token ids are empty")
+        if mx.issubdtype(ids.dtype, mx.floating):
+            raise MlxcError(f"token ids must be integers, got {ids.dtype}")
+        lo, hi = mx.min(ids).item(), mx.max(ids).item()
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise MlxcError(f"token id {bad} out of range for vocabulary of {self.vocab_size}")
+        return ids.astype(mx.int32)
+
+    def __call__(self, input_ids, labels=None, cache=None) -> ModelOutput:
+        ids = self.check_ids(input_ids)
+        logits = self.net(ids, cache)
+        loss = None
+        if labels is not None:
+            labels = mx.array(labels) if not isinstance(labels, mx.array) else labels
+            if labels.ndim == 1:
+                labels = labels[None]
+            if labels.shape != ids.shape:
+                raise MlxcError(f"labels shape {list(labels.shape)} does not match input ids {list(ids.shape)}")
+            loss = causal_lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss)
+
+    def step(self, ids: mx.array, cache) -> mx.array:
+        return self.net(ids, cache)
+
+    def make_cache(self) -> list:
+        from .cache import make_caches
+
+        return make_caches(list(self.module.CACHE_WINDOWS))
+
+    # ------------------------------------------------------------------ generation
+
+    def _sampling(self, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens):
+        from .sampling import SamplingParams
+
+        if stop_tokens is None:
+            stop_tokens = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+            if not stop_tokens and self.spec is not None:
+                stop_tokens = tuple(self.spec.eos_token_ids)
+        return SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            seed=seed, stop_tokens=tuple(stop_tokens),
+        )
+
+    def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop_tokens: Sequence[int] | None = None, cache=None) -> Iterator[mx.array]:
+        """Yield one [batch] array of new token ids per step."""
+        from .generate import generate_stream
+
+        ids = self.check_ids(input_ids)
+        params = self._sampling(temperature, top_k, top_p, repetition_penalty, seed, stop_tokens)
+        cache = self.make_cache() if cache is None else cache
+        yield from generate_stream(self.step, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size)
+
+    def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_tokens: Sequence[int] | None = None) -> mx.array:
+        """Prompt followed by up to `max_new_tokens` new ids, [batch, prompt + new]."""
+        ids = self.check_ids(input_ids)
+        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens))
+        if not new:
+            return ids
+        return mx.concatenate([ids, mx.stack(new, axis=1).astype(ids.dtype)], axis=1)
+
+    # ------------------------------------------------------------------ text
+
+    def generate_text(self, prompt: str, chat: bool = False, **kwargs) -> Iterator[str]:
+        """Stream decoded text for a prompt (rendered through the chat template when `chat`)."""
+        if self.tokenizer is None:
+            raise MlxcError("this model has no tokenizer; pass token ids instead")
+        from .tokenizer import StreamingDecoder
+
+        tok = self.tokenizer
+        if chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(prompt)
+        decoder = StreamingDecoder(tok)
+        stops = set(self._sampling(0.0, 0, 1.0, 1.0, None, kwargs.get("stop_tokens")).stop_tokens)
+        for step in self.stream(mx.array([ids]), **kwargs):
+            t = step[0].item()
+            if t in stops:
+                break
+            delta = decoder.add(t)
+            if delta:
+                yield delta
+        tail = decoder.flush()
+        if tail:
+            yield tail

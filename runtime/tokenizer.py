@@ -1,0 +1,350 @@
+"""Tokenizer for the runtime: the `tokenizers` library plus the bits of transformers' behaviour generation needs.
+
+It reproduces what transformers 5 does with a saved fast tokenizer, without importing transformers:
+- encoding and decoding go straight to `tokenizers` (the `post_processor` in tokenizer.json decides whether BOS/EOS
+  are added; transformers ignores `add_bos_token` in tokenizer_config.json when tokenizer.json exists, except that we
+  honour it when tokenizer.json has no post-processor at all);
+- the chat template comes from `chat_template.jinja` (what transformers 5 writes), else `chat_template.json`, else
+  the `chat_template` entry of tokenizer_config.json, and is rendered with the same Jinja environment settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from mlxc.ir.errors import MlxcError
+
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as plain strings or as serialized AddedToken dicts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise MlxcError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MlxcError(f"{path} should hold a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------- Jinja
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` (used by templates for assistant masks) and renders the body
+    unchanged; without it such templates would not even parse."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """Jinja's `namespace` minus underscore-prefixed attributes, so templates cannot reach Python internals."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - same signature trick as jinja's Namespace
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set namespace attribute {name!r}")
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson HTML-escapes '<', '>', '&' and '\''; chat templates expect raw JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    """Compile a chat template in a sandbox configured the way transformers configures it."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = lambda *a, **k: dict(*a, **k)
+    env.globals["namespace"] = _Namespace
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise MlxcError(f"chat template has a syntax error on line {e.lineno}: {e.message}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON-like types; anything else becomes an inert `<TypeName>` string."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return _plain(value.item())  # numpy scalars
+    return f"<{type(value).__name__}>"
+
+
+# ------------------------------------------------------------------------------------------------------ Tokenizer
+
+
+class Tokenizer:
+    """Text <-> token ids, chat templating and streaming detokenization for generation."""
+
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | Sequence[str] | None = None,
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+    ) -> None:
+        """Wrap a `tokenizers.Tokenizer`. Special tokens are given as strings and must be in its vocabulary.
+
+        `eos_token` may list several strings (the first is the one chat templates see); `extra_eos_token_ids`
+        adds more stop ids (e.g. from generation_config.json). `add_bos_token`/`add_eos_token` only apply when
+        the tokenizer has no post-processor, since one that exists already decides that.
+        """
+        self._tok = tokenizer
+        eos_list = [eos_token] if isinstance(eos_token, str) else list(eos_token or [])
+        self.bos_token = bos_token
+        self.eos_token = eos_list[0] if eos_list else None
+        self.chat_template = chat_template
+        named = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        if bos_token is not None:
+            named["bos_token"] = bos_token
+        if self.eos_token is not None:
+            named["eos_token"] = self.eos_token
+        self.special_tokens_map: dict[str, str] = named
+        self.bos_token_id = self._required_id(bos_token, "bos_token") if bos_token is not None else None
+        ids = [self._required_id(t, "eos_token") for t in eos_list] + [int(i) for i in extra_eos_token_ids]
+        self.eos_token_ids: list[int] = list(dict.fromkeys(ids))
+        has_post = tokenizer.post_processor is not None
+        self._prepend_bos = add_bos_token and not has_post and self.bos_token_id is not None
+        self._append_eos = add_eos_token and not has_post and bool(eos_list)
+
+    def _required_id(self, token: str, what: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise MlxcError(f"{what} {token!r} is not in the tokenizer's vocabulary")
+        return i
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer saved by transformers (tokenizer.json + tokenizer_config.json + chat template files)."""
+        d = Path(path)
+        tj = d / "tokenizer.json"
+        if not tj.is_file():
+            raise MlxcError(f"no tokenizer.json in {d}; mlxc needs a fast (tokenizers) tokenizer file")
+        try:
+            tok = _HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise MlxcError(f"could not load {tj}: {e}") from None
+        config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        legacy = _read_json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
+        special = {name: _token_text(config.get(name, legacy.get(name))) for name in _SPECIAL_NAMES}
+
+        extra_eos: list[int] = []
+        if (d / "generation_config.json").is_file():
+            eid = _read_json(d / "generation_config.json").get("eos_token_id")
+            extra_eos = [eid] if isinstance(eid, int) else [i for i in (eid or []) if isinstance(i, int)]
+
+        return cls(
+            tok,
+            bos_token=special.pop("bos_token"),
+            eos_token=special.pop("eos_token"),
+            chat_template=cls._find_chat_template(d, config),
+            special_tokens=special,
+            extra_eos_token_ids=extra_eos,
+            add_bos_token=bool(config.get("add_bos_token", False)),
+            add_eos_token=bool(config.get("add_eos_token", False)),
+        )
+
+    @staticmethod
+    def _find_chat_template(d: Path, config: Mapping[str, Any]) -> str | None:
+        """Same priority as transformers: the .jinja file, then chat_template.json, then the config entry."""
+        if (d / "chat_template.jinja").is_file():
+            return (d / "chat_template.jinja").read_text(encoding="utf-8")
+        template: Any = None
+        if (d / "chat_template.json").is_file():
+            template = _read_json(d / "chat_template.json").get("chat_template")
+        if template is None:
+            template = config.get("chat_template")
+        if isinstance(template, list):  # legacy multi-template format: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    # --------------------------------------------------------------------------------------------- encode/decode
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the id space, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise MlxcError(f"encode expects a string, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            if self._prepend_bos and (not ids or ids[0] != self.bos_token_id):
+                ids = [self.bos_token_id, *ids]
+            if self._append_eos:
+                ids = [*ids, self.eos_token_ids[0]]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        for i in ids:
+            if not 0 <= i < n:
+                raise MlxcError(f"token id {i} out of range for vocabulary of {n}")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamingDecoder:
+        return StreamingDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # ----------------------------------------------------------------------------------------------- chat
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render a conversation to the prompt string, as transformers' `apply_chat_template(tokenize=False)`.
+
+        Extra keyword arguments become template variables (e.g. `enable_thinking=False`). Encode the result with
+        `add_special_tokens=False`: templates usually write the BOS token themselves.
+        """
+        template = chat_template or self.chat_template
+        if template is None:
+            raise MlxcError("this tokenizer has no chat template; pass chat_template= or format the prompt yourself")
+        if not messages:
+            raise MlxcError("cannot apply a chat template to an empty conversation")
+        chat = []
+        for m in messages:
+            if not isinstance(m, Mapping):
+                raise MlxcError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+            msg = {k: v for k, v in _plain(m).items() if v is not None}
+            reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
+            if reasoning is not None:  # templates read `reasoning_content` (gpt-oss ones `thinking`)
+                msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+            chat.append(msg)
+        variables = {**self.special_tokens_map, **_plain(kwargs)}
+        try:
+            return _compile(template).render(
+                messages=chat,
+                tools=_plain(tools),
+                documents=_plain(documents),
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise MlxcError(f"chat template rejected the conversation: {e}") from None
+
+
+class StreamingDecoder:
+    """Turns tokens arriving one at a time into text deltas whose concatenation equals `decode(all_tokens)`.
+
+    A byte-level token can hold part of a UTF-8 character, and some decoders depend on neighbouring tokens (e.g. a
+    leading-space marker), so a token cannot be decoded alone. We decode a short window starting a little before the
+    new tokens and emit only the text past what the window's older part already produced, holding back while the
+    result ends in U+FFFD (an incomplete character). `flush()` emits whatever is held back at the end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.tokens: list[int] = []
+        self._prefix = 0  # window start: tokens before it have been fully emitted
+        self._read = 0  # tokens before it are accounted for in the text emitted so far
+        self.text = ""
+
+    def add(self, token: int | Iterable[int]) -> str:
+        """Add one token id (or several) and return the new text that is now certain, possibly ''."""
+        if hasattr(token, "tolist"):  # mx / numpy arrays and scalars
+            token = token.tolist()
+        if isinstance(token, Iterable):
+            self.tokens.extend(int(t) for t in token)
+        else:
+            self.tokens.append(int(token))
+        prefix_text = self._tokenizer.decode(self.tokens[self._prefix : self._read], self._skip)
+        new_text = self._tokenizer.decode(self.tokens[self._prefix :], self._skip)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Emit everything still held back (invalid trailing bytes come out as U+FFFD); call at end of stream."""
+        prefix_text = self._tokenizer.decode(self.tokens[self._prefix : self._read], self._skip)
+        new_text = self._tokenizer.decode(self.tokens[self._prefix :], self._skip)
+        delta = new_text[len(prefix_text) :]
+        self._prefix = self._read = len(self.tokens)
+        self.text += delta
+        return delta

@@ -1,0 +1,102 @@
+"""Checkpoint tensors -> the program's parameters: read safetensors (sharded or not), rename, check, cast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from ..ir import DType, Program
+from ..ir.errors import MlxcError
+
+MX_DTYPE = {DType.F32: mx.float32, DType.F16: mx.float16, DType.BF16: mx.bfloat16, DType.I32: mx.int32}
+
+
+class WeightError(MlxcError):
+    pass
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards listed by `model.safetensors.index.json`, else `*.safetensors`."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightError(f"{index}: malformed shard index ({e})") from None
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise WeightError(f"{index} lists shard {missing[0]} which is not in {directory}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise WeightError(f"no *.safetensors weights in {directory}")
+    return files
+
+
+def read_safetensors(files: Iterable[Path]) -> dict[str, mx.array]:
+    """Lazily loaded arrays (MLX reads a tensor's bytes from the file when it is first evaluated)."""
+    tensors: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            part = mx.load(str(f))
+        except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
+            raise WeightError(f"cannot read {f}: {e}") from None
+        for name, arr in part.items():
+            if name in tensors:
+                raise WeightError(f"tensor {name} appears in more than one shard ({f.name})")
+            tensors[name] = arr
+    return tensors
+
+
+def rename(tensors: Mapping[str, mx.array], to_ir: Callable[[str], str | None], unmapped: object) -> dict[str, mx.array]:
+    """Apply a frontend's name map. `None` means deliberately ignored; `unmapped` means not understood."""
+    out: dict[str, mx.array] = {}
+    for name, arr in tensors.items():
+        ir_name = to_ir(name)
+        if ir_name is None:
+            continue
+        if ir_name is unmapped:
+            raise WeightError(f"unexpected tensor {name} in checkpoint: it matches no parameter of this architecture")
+        out[ir_name] = arr
+    return out
+
+
+def bind(program: Program, tensors: Mapping[str, mx.array]) -> list[tuple[str, mx.array]]:
+    """Check names and shapes against the program's parameters and cast to their dtypes."""
+    params = dict(program.parameters())
+    missing = [n for n in params if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightError(f"missing tensor for parameter {missing[0]}{more}")
+    unexpected = [n for n in tensors if n not in params]
+    if unexpected:
+        raise WeightError(f"unexpected tensor {unexpected[0]}: the program has no such parameter")
+    out = []
+    for name, p in params.items():
+        arr = tensors[name]
+        if tuple(arr.shape) != tuple(p.type.shape):
+            raise WeightError(f"tensor {name} has shape {list(arr.shape)}, the program expects {list(p.type.shape)}")
+        want = MX_DTYPE[p.type.dtype]
+        out.append((name, arr if arr.dtype == want else arr.astype(want)))
+    return out
+
+
+def random_weights(program: Program, seed: int = 0, scale: float = 0.02) -> dict[str, mx.array]:
+    """Seeded random parameters: normal(0, scale) matrices, unit norm weights, zero biases."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, p in program.parameters():
+        shape = tuple(p.type.shape)
+        if name.endswith(".bias"):
+            a = np.zeros(shape, np.float32)
+        elif len(shape) == 1:
+            a = np.ones(shape, np.float32)
+        else:
+            a = rng.normal(0.0, scale, size=shape).astype(np.float32)
+        out[name] = mx.array(a).astype(MX_DTYPE[p.type.dtype])
+    return out
