@@ -109,12 +109,13 @@ class Frontend:
     description: str
 
 
-def read_source(source: Source) -> Frontend:
+def read_source(source: Source, weights: bool = True) -> Frontend:
+    """The spec, and unless `weights=False` the IR-named tensors, of a non-artifact source."""
     from .frontends import hf, presets, spec_file
 
     kind = source.kind
     if kind == SourceKind.HUB:
-        return read_source(Source(SourceKind.HF_DIR, str(download(source.location))))
+        return read_source(Source(SourceKind.HF_DIR, str(download(source.location))), weights)
     if kind == SourceKind.PRESET:
         spec = presets.get_preset(source.location)
         return Frontend(spec, None, None, f"preset {spec.name}")
@@ -126,6 +127,9 @@ def read_source(source: Source) -> Frontend:
     if kind == SourceKind.HF_DIR:
         path = Path(source.location)
         config = hf.load_hf_config(path)
+        if not weights:
+            hf.detect_architecture(config)
+            return Frontend(hf.spec_from_hf_config(config, name=path.name), None, None, f"{path}")
         files = W.safetensors_files(path)
         raw = W.read_safetensors(files)
         hf.detect_architecture(config, raw.keys())

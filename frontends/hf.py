@@ -219,11 +219,21 @@ def _rope(config: Mapping[str, Any], max_pos: int, theta_default: float, where: 
 
 
 def spec_from_hf_config(
-    config: Mapping[str, Any], name: str = "model", *, source: Optional[PathLike] = None
+    config: Mapping[str, Any],
+    name: str = "model",
+    *,
+    source: Optional[PathLike] = None,
+    family: Optional[str] = None,
 ) -> ModelSpec:
-    """The ModelSpec of a Hugging Face config dict; `source` (the file) only makes error messages point somewhere."""
+    """The ModelSpec of a Hugging Face config dict.
+
+    `source` (the file) makes error messages point somewhere; `family` skips detection, for callers that already
+    ran `detect_architecture` with the checkpoint's tensor names.
+    """
     where = str(source) if source is not None else "Hugging Face config"
-    arch = _BY_FAMILY[detect_architecture(config)]
+    if family is not None and family not in _BY_FAMILY:
+        raise MlxcError(f"unsupported architecture family {family!r}; supported: {_supported()}")
+    arch = _BY_FAMILY[family or detect_architecture(config)]
     for key in _REQUIRED:
         if config.get(key) is None:
             raise MlxcError(f"{where}: missing required key `{key}`")

@@ -47,8 +47,10 @@ class _Tokens:
         col = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
         return ParseError(f"line {line}, column {col}: {msg}")
 
-    def error(self, msg: str) -> ParseError:
-        pos = self.toks[self.i][2] if self.i < len(self.toks) else len(self.text)
+    def error(self, msg: str, at: int | None = None) -> ParseError:
+        """An error at token `at` (default: the next token)."""
+        i = self.i if at is None else at
+        pos = self.toks[i][2] if i < len(self.toks) else len(self.text)
         return self._error(pos, msg)
 
     def peek(self) -> tuple[str, str]:
@@ -87,7 +89,7 @@ def _parse_type(t: _Tokens) -> TensorType:
     try:
         dtype = DType.parse(name)
     except ValueError as e:
-        raise t.error(str(e)) from None
+        raise t.error(str(e), at=t.i - 1) from None
     t.expect("[")
     dims: list[int | str] = []
     while not t.accept("]"):
@@ -99,11 +101,12 @@ def _parse_type(t: _Tokens) -> TensorType:
         elif kind == "ident":
             dims.append(text)
         else:
-            raise t.error(f"bad dimension {text!r}")
+            raise t.error(f"bad dimension {text!r}", at=t.i - 1)
     return TensorType(dtype, tuple(dims))
 
 
 def _parse_attr_value(t: _Tokens) -> Any:
+    start = t.i
     kind, text = t.next()
     if kind == "number":
         return float(text) if any(c in text for c in ".ein") else int(text)
@@ -124,7 +127,7 @@ def _parse_attr_value(t: _Tokens) -> Any:
         tag = text[1:-1]
         cls = STRUCT_ATTRS.get(tag)
         if cls is None:
-            raise t.error(f"unknown attribute struct #{tag}")
+            raise t.error(f"unknown attribute struct #{tag}", at=start)
         fields: dict[str, Any] = {}
         while not t.accept(">"):
             if fields:
@@ -132,11 +135,11 @@ def _parse_attr_value(t: _Tokens) -> Any:
             key = t.expect_kind("ident")
             t.expect("=")
             fields[key] = _parse_attr_value(t)
-        return _make_struct(t, cls, fields)
-    raise t.error(f"bad attribute value {text!r}")
+        return _make_struct(t, cls, fields, start)
+    raise t.error(f"bad attribute value {text!r}", at=start)
 
 
-def _make_struct(t: _Tokens, cls: type, fields: dict[str, Any]) -> Any:
+def _make_struct(t: _Tokens, cls: type, fields: dict[str, Any], at: int | None = None) -> Any:
     for k, v in fields.items():
         if isinstance(v, int) and not isinstance(v, bool) and isinstance(getattr(cls(), k, None), float):
             fields[k] = float(v)
@@ -145,7 +148,7 @@ def _make_struct(t: _Tokens, cls: type, fields: dict[str, Any]) -> Any:
             fields["kind"] = RopeKind(fields["kind"])
         return cls(**fields)
     except (TypeError, ValueError) as e:
-        raise t.error(f"bad #{cls.__name__}: {e}") from None
+        raise t.error(f"bad #{cls.__name__}: {e}", at=at) from None
 
 
 class _FunctionParser:
@@ -153,9 +156,9 @@ class _FunctionParser:
         self.t, self.program = t, program
         self.scope: dict[str, Value] = {}
 
-    def define(self, name: str, type: TensorType) -> Value:
+    def define(self, name: str, type: TensorType, at: int | None = None) -> Value:
         if name in self.scope:
-            raise self.t.error(f"%{name} defined twice")
+            raise self.t.error(f"%{name} defined twice", at=at)
         v = Value(name, type)
         self.scope[name] = v
         return v
@@ -164,7 +167,7 @@ class _FunctionParser:
         try:
             return self.scope[ref[1:]]
         except KeyError:
-            raise self.t.error(f"use of undefined value {ref}") from None
+            raise self.t.error(f"use of undefined value {ref}", at=self.t.i - 1) from None
 
     def parse(self) -> Function:
         t = self.t
@@ -175,9 +178,10 @@ class _FunctionParser:
         while not t.accept(")"):
             if inputs:
                 t.expect(",")
+            at = t.i
             vname = t.expect_kind("value")[1:]
             t.expect(":")
-            inputs.append(self.define(vname, _parse_type(t)))
+            inputs.append(self.define(vname, _parse_type(t), at))
         t.expect("->")
         if t.accept("("):
             out_types = [_parse_type(t)]
@@ -189,30 +193,37 @@ class _FunctionParser:
         t.expect("{")
         params, ops = [], []
         while t.accept("param"):
+            at = t.i
             pname = t.expect_kind("value")[1:]
             t.expect(":")
-            params.append(self.define(pname, _parse_type(t)))
+            params.append(self.define(pname, _parse_type(t), at))
         while not t.accept("return"):
             ops.append(self.parse_op())
+        ret_at = t.i - 1
         outputs = [self.use(t.expect_kind("value"))]
         while t.accept(","):
             outputs.append(self.use(t.expect_kind("value")))
         t.expect("}")
         if [v.type for v in outputs] != out_types:
-            raise t.error(f"@{name} returns {[str(v.type) for v in outputs]} but declares {[str(x) for x in out_types]}")
+            raise t.error(
+                f"@{name} returns {[str(v.type) for v in outputs]} but declares {[str(x) for x in out_types]}", at=ret_at
+            )
         return Function(name, inputs, params, ops, outputs)
 
     def parse_op(self) -> Operation:
         t = self.t
+        name_at = [t.i]
         names = [t.expect_kind("value")[1:]]
         while t.accept(","):
+            name_at.append(t.i)
             names.append(t.expect_kind("value")[1:])
         t.expect("=")
+        op_at = t.i
         opname = t.expect_kind("ident")
         try:
             d = lookup(opname)
         except TypeRuleError as e:
-            raise t.error(str(e)) from None
+            raise t.error(str(e), at=op_at) from None
         t.expect("(")
         operands = []
         while not t.accept(")"):
@@ -232,13 +243,13 @@ class _FunctionParser:
         while t.accept(","):
             types.append(_parse_type(t))
         if len(types) != len(names):
-            raise t.error(f"{opname} defines {len(names)} values but lists {len(types)} types")
+            raise t.error(f"{opname} defines {len(names)} values but lists {len(types)} types", at=op_at)
         try:
             d.check_arity(len(operands))
             attrs = d.normalize_attrs(raw)
         except TypeRuleError as e:
-            raise t.error(f"{opname}: {e}") from None
-        results = [self.define(n, ty) for n, ty in zip(names, types)]
+            raise t.error(f"{opname}: {e}", at=op_at) from None
+        results = [self.define(n, ty, at) for n, ty, at in zip(names, types, name_at)]
         return Operation(opname, operands, attrs, results)
 
 

@@ -167,6 +167,16 @@ def test_detect_from_tensor_names() -> None:
         detect_architecture({}, ["transformer.h.0.attn.c_attn.weight"])
 
 
+def test_family_from_tensor_names_feeds_spec() -> None:
+    """A config without metadata still loads when the caller detected the family from the tensors."""
+    raw = dict(SMALL)
+    with pytest.raises(MlxcError, match="supported"):
+        spec_from_hf_config(raw)
+    assert spec_from_hf_config(raw, family="llama").family == "llama"
+    with pytest.raises(MlxcError, match="unsupported architecture family 'gpt2'"):
+        spec_from_hf_config(raw, family="gpt2")
+
+
 def test_unknown_architecture_lists_supported() -> None:
     with pytest.raises(MlxcError) as exc:
         detect_architecture({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})

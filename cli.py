@@ -1,0 +1,322 @@
+"""The `mlxc` command: compile | dump | run | inspect | bench | kernels.
+
+Every user-facing failure is an MlxcError printed as one line on stderr with a non-zero exit; set MLXC_DEBUG=1 to
+see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .ir.errors import MlxcError
+
+err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False)
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _progress(msg: str) -> None:
+    err_console.print(Text(f"· {msg}", style="dim"))
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="HF checkpoint dir, mlxc artifact dir, preset:NAME, spec .yaml/.json, or hub id org/name")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and activation dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (presets and spec files)")
+    p.add_argument("--init-scale", type=float, default=0.02, help="std of random weights (presets and spec files)")
+
+
+def _add_passes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passes", help="comma-separated pass pipeline (default: the standard pipeline)")
+    p.add_argument("--no-opt", action="store_true", help="run no passes")
+
+
+def _pipeline(args) -> list[str] | None:
+    from .passes import parse_pipeline
+
+    if args.no_opt:
+        return []
+    return parse_pipeline(args.passes) if args.passes else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxc", description="A graph-IR compiler for language models that targets MLX.")
+    parser.add_argument("--version", action="store_true", help="print versions and the active BLAS")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile a model into a self-contained artifact directory")
+    _add_source(p)
+    _add_passes(p)
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--dump-dir", help="write the IR after each pass here (NN-pass.mlxc)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+
+    p = sub.add_parser("dump", help="print the IR of a model")
+    _add_source(p)
+    _add_passes(p)
+    p.add_argument("--format", choices=("text", "json", "dot", "svg"), default="text")
+    p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
+    p.add_argument("-o", "--output", help="write to a file instead of stdout")
+
+    p = sub.add_parser("run", help="generate from a prompt or token ids")
+    _add_source(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="text prompt (needs a tokenizer)")
+    g.add_argument("--tokens", type=_int_list, help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--sample-seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", type=_int_list, default=None, help="comma-separated stop token ids (default: eos)")
+
+    p = sub.add_parser("inspect", help="parameters, memory per dtype, per-layer table, active BLAS")
+    _add_source(p)
+
+    p = sub.add_parser("bench", help="prefill and decode tokens/s")
+    _add_source(p)
+    _add_passes(p)
+    p.add_argument("--prompt-len", type=_positive_int, default=128)
+    p.add_argument("--gen-len", type=_positive_int, default=32)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--repeats", type=_positive_int, default=3)
+
+    sub.add_parser("kernels", help="list custom kernels and which one each target would use")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_version() -> int:
+    import mlx.core as mx
+
+    from .blas import active_blas
+
+    console.print(f"mlxc {__version__}, mlx {mx.__version__}, device {mx.default_device()}")
+    console.print(f"BLAS: {active_blas()}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .api import compile as compile_artifact
+
+    reports = []
+    out = compile_artifact(
+        args.src, args.output, args.dtype, passes=_pipeline(args), seed=args.seed, init_scale=args.init_scale,
+        overwrite=args.force, dump_dir=args.dump_dir, progress=_progress, on_report=reports.append,
+    )
+    for r in reports:
+        err_console.print(f"  pass {r}")
+    console.print(f"compiled {args.src} -> {out}")
+    return 0
+
+
+def cmd_dump(args) -> int:
+    from .api import read_source, resolve
+    from .frontends.lower import lower
+    from .ir import to_dot, to_json, to_svg
+    from .api import SourceKind
+    from .passes import DEFAULT_PIPELINE, run_pipeline
+
+    source = resolve(args.src)
+    if source.kind == SourceKind.ARTIFACT:
+        from .runtime.artifact import read_program
+
+        program = read_program(Path(source.location))
+    else:
+        program = lower(read_source(source, weights=False).spec, args.dtype)
+        names = _pipeline(args)
+        names = list(DEFAULT_PIPELINE) if names is None else names
+        program = run_pipeline(program, names, stop_after=args.after)
+    render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
+    text = render(program)
+    if args.output:
+        Path(args.output).write_text(text)
+        err_console.print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import mlx.core as mx
+
+    from .api import load
+
+    model = load(args.src, args.dtype, seed=args.seed, init_scale=args.init_scale, progress=_progress)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,
+    )
+    start = time.perf_counter()
+    count = 0
+    if args.prompt is not None:
+        for piece in model.generate_text(args.prompt, chat=args.chat, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            count += 1
+        sys.stdout.write("\n")
+    else:
+        if args.chat:
+            raise MlxcError("--chat needs --prompt text, not --tokens")
+        ids = mx.array([args.tokens])
+        first = True
+        for step in model.stream(ids, **sampling):
+            sys.stdout.write(("" if first else ",") + str(step[0].item()))
+            sys.stdout.flush()
+            first = False
+            count += 1
+        sys.stdout.write("\n")
+    dt = time.perf_counter() - start
+    err_console.print(f"[dim]{count} pieces in {dt:.2f} s[/dim]")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .api import SourceKind, read_source, resolve
+    from .blas import active_blas
+    from .runtime.artifact import read_manifest
+    from .frontends.spec import ModelSpec
+
+    source = resolve(args.src)
+    if source.kind == SourceKind.ARTIFACT:
+        manifest = read_manifest(Path(source.location))
+        if not manifest.spec:
+            raise MlxcError(f"{source.location}: the manifest has no spec to inspect")
+        spec, what = ModelSpec.model_validate(manifest.spec), f"artifact ({manifest.source}, {manifest.dtype})"
+    else:
+        front = read_source(source, weights=False)
+        spec, what = front.spec, front.description
+    n = spec.num_parameters()
+    t = Table(title=f"{spec.name} — {what}")
+    t.add_column("property")
+    t.add_column("value")
+    rows = [
+        ("family", spec.family),
+        ("parameters", f"{n:,} ({n / 1e9:.2f} B)" if n > 1e9 else f"{n:,} ({n / 1e6:.1f} M)"),
+        ("layers", str(spec.num_layers)),
+        ("hidden / intermediate", f"{spec.hidden_size} / {spec.intermediate_size}"),
+        ("heads / kv heads / head_dim", f"{spec.num_heads} / {spec.kv_heads} / {spec.dim_per_head} ({spec.attention_kind})"),
+        ("vocabulary", str(spec.vocab_size)),
+        ("rope", f"theta {spec.rope.theta:g}, {spec.rope.kind.value}" + (f" x{spec.rope.factor:g}" if spec.rope.factor != 1 else "")),
+        ("sliding window", str(spec.sliding_window) if spec.sliding_window else "none"),
+        ("tied embeddings", str(spec.tie_word_embeddings)),
+        ("BLAS", f"{active_blas().name} ({active_blas().path or 'bundled'})"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+    mem = Table(title="memory for weights")
+    mem.add_column("dtype")
+    mem.add_column("bytes/param", justify="right")
+    mem.add_column("size", justify="right")
+    for name, bpp in (("float32", 4), ("float16 / bfloat16", 2), ("8-bit (group 64)", 1 + 4 / 64), ("4-bit (group 64)", 0.5 + 4 / 64)):
+        mem.add_row(name, f"{bpp:g}", _human(n * bpp))
+    console.print(mem)
+
+    layers = Table(title="layers")
+    for c in ("layer", "block", "attention", "window", "params"):
+        layers.add_column(c, justify="right" if c in ("layer", "params") else "left")
+    per_layer = (spec.num_parameters() - _non_layer_params(spec)) // spec.num_layers
+    for i, l in enumerate(spec.layers):
+        layers.add_row(str(i), l.block.value, spec.attention_kind, str(spec.window_of(i) or "-"), f"{per_layer:,}")
+    console.print(layers)
+    return 0
+
+
+def _non_layer_params(spec) -> int:
+    h = spec.hidden_size
+    norm = h if spec.norm.value == "rms" else 2 * h
+    return spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2) + norm
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_bench(args) -> int:
+    from .api import load
+    from .blas import active_blas
+    from .runtime.bench import bench_model
+
+    model = load(args.src, args.dtype, passes=_pipeline(args), seed=args.seed, init_scale=args.init_scale, progress=_progress)
+    result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch, repeats=args.repeats,
+                         progress=_progress)
+    t = Table(title=f"{args.src} ({args.dtype}, BLAS: {active_blas().name})")
+    for c in ("phase", "tokens", "tokens/s", "ms/token"):
+        t.add_column(c, justify="right" if c != "phase" else "left")
+    for phase, tokens, tps in (("prefill", result.prompt_tokens, result.prefill_tps), ("decode", result.gen_tokens, result.decode_tps)):
+        t.add_row(phase, str(tokens), f"{tps:,.1f}", f"{1e3 / tps:.2f}")
+    console.print(t)
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    raise MlxcError("no custom kernels are available yet: every op runs through MLX's built-in ops on all targets")
+
+
+COMMANDS = {"compile": cmd_compile, "dump": cmd_dump, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
+            "kernels": cmd_kernels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.version:
+            return cmd_version()
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except MlxcError as e:
+        err_console.print(Text("error: ", style="bold red") + Text(str(e)))
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as e:  # a bug in mlxc, not in the input: still one line unless debugging
+        if os.environ.get("MLXC_DEBUG"):
+            raise
+        msg = f"{type(e).__name__}: {e} (set MLXC_DEBUG=1 for a traceback)"
+        err_console.print(Text("internal error: ", style="bold red") + Text(msg))
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
