@@ -128,12 +128,13 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         path = Path(source.location)
         config = hf.load_hf_config(path)
         if not weights:
-            hf.detect_architecture(config)
-            return Frontend(hf.spec_from_hf_config(config, name=path.name), None, None, f"{path}")
+            family = hf.detect_architecture(config)
+            spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
+            return Frontend(spec, None, None, f"{path} ({family})")
         files = W.safetensors_files(path)
         raw = W.read_safetensors(files)
-        hf.detect_architecture(config, raw.keys())
-        spec = hf.spec_from_hf_config(config, name=path.name)
+        family = hf.detect_architecture(config, raw.keys())
+        spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
         tensors = W.rename(raw, hf.hf_to_ir_name, hf.UNMAPPED)
         if spec.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)

@@ -138,6 +138,8 @@ class FunctionBuilder:
         self._counter = 0
 
     def _fresh(self, hint: str | None) -> str:
+        if hint is not None and hint.isdigit() and hint in self._names:
+            hint = None  # `0_1` is not a valid name: a taken number gives way to the next free one
         if hint is None:
             while str(self._counter) in self._names:
                 self._counter += 1
@@ -173,7 +175,7 @@ class FunctionBuilder:
             raise VerifyError(f"@{self.name}: {opname}({', '.join('%' + v.name for v in ops)}): {e}") from None
         hints = name if isinstance(name, list) else [name] * len(types)
         if len(types) > 1 and not isinstance(name, list):
-            hints = [f"{name}_{i}" if name else None for i in range(len(types))]
+            hints = [f"{name}_{i}" if name and not name.isdigit() else None for i in range(len(types))]
         results = [Value(self._fresh(h), t) for h, t in zip(hints, types)]
         self._ops.append(Operation(opname, ops, norm, results))
         return results[0] if len(results) == 1 else tuple(results)

@@ -28,9 +28,12 @@ def _as_prompt(prompt: mx.array | Sequence[int] | Sequence[Sequence[int]]) -> mx
         p = prompt
     else:
         try:
-            p = mx.array(np.asarray(prompt, dtype=np.int64))
+            a = np.asarray(prompt)
         except ValueError as e:
             raise MlxcError(f"prompt must be a rectangular array of token ids ({e})") from None
+        if a.size and a.dtype.kind not in "iu":
+            raise MlxcError(f"prompt token ids must be integers, got {a.dtype} values")
+        p = mx.array(a.astype(np.int64))
     if p.ndim == 1:
         p = p[None]
     if p.ndim != 2:

@@ -191,3 +191,12 @@ def test_bad_special_token() -> None:
     tok = HFTokenizer(models.BPE(vocab={"a": 0}, merges=[]))
     with pytest.raises(MlxcError, match="not in the tokenizer's vocabulary"):
         Tokenizer(tok, eos_token="</s>")
+
+
+def test_add_bos_token_only_without_post_processor() -> None:
+    tok = HFTokenizer(models.BPE(vocab={"a": 0, "<s>": 1, "</s>": 2}, merges=[]))
+    assert Tokenizer(tok, bos_token="<s>", add_bos_token=True).encode("aa") == [1, 0, 0]
+    assert Tokenizer(tok, bos_token="<s>", eos_token="</s>", add_eos_token=True).encode("a") == [0, 2]
+    assert Tokenizer(tok, bos_token="<s>", add_bos_token=True).encode("a", add_special_tokens=False) == [0]
+    tok.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert Tokenizer(tok, bos_token="<s>", add_bos_token=True).encode("a") == [0]  # post-processor decides
