@@ -143,10 +143,21 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
     raise MlxcError(f"cannot compile a {kind.value} source")
 
 
+def _float_dtype(dtype: DType | str) -> DType:
+    """The parameter dtype, or an MlxcError naming the accepted ones (not a ValueError from deep in lowering)."""
+    try:
+        parsed = dtype if isinstance(dtype, DType) else DType.parse(str(dtype))
+    except ValueError:
+        parsed = None
+    if parsed is None or not parsed.is_float:
+        raise MlxcError(f"unsupported dtype {str(getattr(dtype, 'value', dtype))!r}; expected float32, float16 or bfloat16")
+    return parsed
+
+
 def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[str] | None = None,
                     dump_dir: str | Path | None = None, on_report=None) -> Program:
     """Spec -> verified IR after the pass pipeline (the default one unless `passes` is given)."""
-    program = lower(spec, dtype)
+    program = lower(spec, _float_dtype(dtype))
     return run_pipeline(program, DEFAULT_PIPELINE if passes is None else passes, dump_dir=dump_dir, on_report=on_report)
 
 
@@ -176,17 +187,21 @@ def _instantiate(module, weights: list[tuple[str, mx.array]]):
     return net
 
 
-def _weights_for(front: Frontend, program: Program, seed: int, init_scale: float) -> list[tuple[str, mx.array]]:
-    tensors = front.tensors if front.tensors is not None else W.random_weights(program, seed=seed, scale=init_scale)
-    return W.bind(program, tensors)
+def _weights_for(front: Frontend, program: Program, seed: int, init_scale: float,
+                 random_init: bool = False) -> list[tuple[str, mx.array]]:
+    """Checkpoint tensors, or seeded random ones when asked for (or when the source has none)."""
+    if front.tensors is None or random_init:
+        return W.bind(program, W.random_weights(program, seed=seed, scale=init_scale))
+    return W.bind(program, front.tensors)
 
 
 def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None, *,
-         passes: Sequence[str] | None = None, seed: int = 0, init_scale: float = 0.02,
+         passes: Sequence[str] | None = None, random_init: bool = False, seed: int = 0, init_scale: float = 0.02,
          progress: Progress = None) -> CompiledModel:
     """Load a model from a Hugging Face directory, an mlxc artifact, a preset, a spec file or a hub id.
 
-    Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`).
+    Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`); `random_init`
+    does the same for a checkpoint, keeping only its architecture.
     """
     if adapter is not None:
         raise MlxcError("LoRA adapters are not supported yet (planned with the optimization-passes work)")
@@ -202,7 +217,7 @@ def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Pat
     path = write_module(code)
     module = import_module(path)
     t = _stage(progress, f"generated {path}", t)
-    net = _instantiate(module, _weights_for(front, program, seed, init_scale))
+    net = _instantiate(module, _weights_for(front, program, seed, init_scale, random_init))
     _stage(progress, "weights loaded", t)
     return CompiledModel(module, net, program, spec=front.spec, tokenizer=_load_tokenizer(front.tokenizer_dir),
                          source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path))
@@ -227,7 +242,8 @@ def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
 
 
 def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "float32", *,
-            passes: Sequence[str] | None = None, seed: int = 0, init_scale: float = 0.02, overwrite: bool = False,
+            passes: Sequence[str] | None = None, random_init: bool = False, seed: int = 0, init_scale: float = 0.02,
+            overwrite: bool = False,
             dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Path:
     """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
     from . import __version__
@@ -242,7 +258,7 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "floa
     program = compile_program(front.spec, dtype, names, dump_dir=dump_dir, on_report=on_report)
     t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
-    weights = _weights_for(front, program, seed, init_scale)
+    weights = _weights_for(front, program, seed, init_scale, random_init)
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
                             str(DType.parse(dtype).value), names, front.spec.model_dump(mode="json"))
     out = art.save_artifact(out_dir, module_source=code, program=program, weights=weights, manifest=manifest,

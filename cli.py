@@ -49,7 +49,9 @@ def _positive_int(text: str) -> int:
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="HF checkpoint dir, mlxc artifact dir, preset:NAME, spec .yaml/.json, or hub id org/name")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and activation dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights (presets and spec files)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights instead of the checkpoint's (presets and spec files always use them)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
     p.add_argument("--init-scale", type=float, default=0.02, help="std of random weights (presets and spec files)")
 
 
@@ -133,7 +135,8 @@ def cmd_compile(args) -> int:
     reports = []
     out = compile_artifact(
         args.src, args.output, args.dtype, passes=_pipeline(args), seed=args.seed, init_scale=args.init_scale,
-        overwrite=args.force, dump_dir=args.dump_dir, progress=_progress, on_report=reports.append,
+        overwrite=args.force, dump_dir=args.dump_dir, random_init=args.random_init, progress=_progress,
+        on_report=reports.append,
     )
     for r in reports:
         err_console.print(f"  pass {r}")
@@ -173,7 +176,8 @@ def cmd_run(args) -> int:
 
     from .api import load
 
-    model = load(args.src, args.dtype, seed=args.seed, init_scale=args.init_scale, progress=_progress)
+    model = load(args.src, args.dtype, random_init=args.random_init, seed=args.seed, init_scale=args.init_scale,
+                 progress=_progress)
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,
@@ -274,7 +278,8 @@ def cmd_bench(args) -> int:
     from .blas import active_blas
     from .runtime.bench import bench_model
 
-    model = load(args.src, args.dtype, passes=_pipeline(args), seed=args.seed, init_scale=args.init_scale, progress=_progress)
+    model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
+                 init_scale=args.init_scale, progress=_progress)
     result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch, repeats=args.repeats,
                          progress=_progress)
     t = Table(title=f"{args.src} ({args.dtype}, BLAS: {active_blas().name})")
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return COMMANDS[args.command](args)
     except MlxcError as e:
-        err_console.print(Text("error: ", style="bold red") + Text(str(e)))
+        err_console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)  # no re-wrapping: one line
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")

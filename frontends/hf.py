@@ -151,7 +151,9 @@ def detect_architecture(config: Mapping[str, Any], tensor_names: Optional[Iterab
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
             return arch.family
-    if tensor_names is not None:
+    # Tensor names only stand in for missing metadata: a config that declares an unsupported architecture (Gemma,
+    # Qwen2, ... share Llama's tensor names but not its math) must not load as Llama.
+    if tensor_names is not None and not declared and model_type is None:
         names = list(tensor_names)
         for arch in ARCHITECTURES:
             markers = [re.compile(m) for m in arch.tensor_markers]

@@ -161,13 +161,26 @@ def test_config_missing_required_key(ckpt):
     assert "hidden_size" in _error(str(ckpt))
 
 
-def test_unknown_architecture_lists_supported(ckpt):
+@pytest.mark.parametrize("arch,model_type", [("GPT2LMHeadModel", "gpt2"), ("GemmaForCausalLM", "gemma")])
+def test_unknown_architecture_lists_supported(ckpt, arch, model_type):
+    """A declared unsupported architecture is an error even though the tensors have Llama's names (Gemma's do, and
+    its math differs): the tensor-name fallback is only for configs that declare nothing."""
     config = json.loads((ckpt / "config.json").read_text())
-    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    config.update(architectures=[arch], model_type=model_type)
     (ckpt / "config.json").write_text(json.dumps(config))
     msg = _error(str(ckpt))
-    assert "unsupported architecture" in msg and "GPT2LMHeadModel" in msg
+    assert "unsupported architecture" in msg and arch in msg
     assert "LlamaForCausalLM" in msg and "MistralForCausalLM" in msg
+
+
+def test_config_without_metadata_is_detected_from_tensor_names(ckpt, good_dir):
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["architectures"], config["model_type"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    ids = [[1, 2, 3, 4]]
+    assert mlxc.load(str(ckpt)).spec.family == "llama"
+    np.testing.assert_array_equal(np.array(mlxc.load(str(ckpt))(ids).logits),
+                                  np.array(mlxc.load(str(good_dir))(ids).logits))
 
 
 def test_directory_with_neither_config_nor_manifest(tmp_path):
