@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MLXC_DEBUG"):
             raise
         msg = f"{type(e).__name__}: {e} (set MLXC_DEBUG=1 for a traceback)"
-        err_console.print(Text("internal error: ", style="bold red") + Text(msg))
+        err_console.print(Text("internal error: ", style="bold red") + Text(msg), soft_wrap=True)
         return 3
 
 

@@ -158,7 +158,11 @@ class _Emitter:
             run = self._layer_run(ops, i) if o.op == "call" else None
             if run:
                 attr, calls = run
-                children.append(f"self.{attr} = [{', '.join(class_name(c.attrs['callee']) + '()' for c in calls)}]")
+                kinds = [class_name(c.attrs["callee"]) for c in calls]
+                if len(set(kinds)) == 1:
+                    children.append(f"self.{attr} = [{kinds[0]}() for _ in range({len(calls)})]")
+                else:
+                    children.append(f"self.{attr} = [{', '.join(k + '()' for k in kinds)}]")
                 x_in = names[calls[0].operands[0]]
                 out = local(calls[-1].result)
                 per = self.slot_count(self.program[calls[0].attrs["callee"]])

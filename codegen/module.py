@@ -29,18 +29,29 @@ def generate_module(program: Program, title: str = "A language model compiled by
 
     parts = emit_program(program)
     dtype = program.main.params[0].type.dtype if program.main.params else None
-    src = _ENV.get_template("module.py.j2").render(
+    header = _ENV.get_template("module.py.j2").render(
         title=title,
         version=__version__,
         ir_file=ir_file,
         dtype=MX_DTYPES[dtype] if dtype else "mx.float32",
-        cache_windows=repr(parts.cache_windows),
-        ropes=parts.ropes,
-        uses_attention=parts.uses_attention,
-        classes=parts.classes,
+        cache_windows=_compact_list(parts.cache_windows),
     )
+    blocks = [header.rstrip("\n")]
+    if parts.ropes:
+        blocks.append(_ENV.get_template("rope.py.j2").render().rstrip("\n"))
+        blocks.append("\n".join(f"{name} = {src}" for src, name in parts.ropes.items()))
+    if parts.uses_attention:
+        blocks.append(_ENV.get_template("attention.py.j2").render().rstrip("\n"))
+    blocks += [_ENV.get_template("class.py.j2").render(cls=c).rstrip("\n") for c in parts.classes]
+    src = "\n\n\n".join(blocks) + "\n"
     compile(src, "<generated>", "exec")  # a codegen bug should fail here, not at first use
     return src
+
+
+def _compact_list(items: list) -> str:
+    if len(items) > 1 and len(set(items)) == 1:
+        return f"[{items[0]!r}] * {len(items)}"
+    return repr(items)
 
 
 def write_module(source: str, directory: str | os.PathLike | None = None) -> Path:
