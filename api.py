@@ -20,7 +20,8 @@ from .frontends.lower import lower
 from .frontends.spec import ModelSpec
 from .ir import DType, Program
 from .ir.errors import MlxcError
-from .passes import DEFAULT_PIPELINE, run_pipeline
+from .passes import DEFAULT_PIPELINE, Quantize, pass_name, run_pipeline
+from .passes.pipeline import PassLike
 from .runtime import artifact as art
 from .runtime import weights as W
 from .runtime.model import CompiledModel
@@ -154,7 +155,20 @@ def _float_dtype(dtype: DType | str) -> DType:
     return parsed
 
 
-def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[str] | None = None,
+def pipeline(passes: Sequence[PassLike] | None = None, quantize: int | None = None,
+             group_size: int = 64) -> list[PassLike]:
+    """The pass list for a compile: the default (or given) passes, then quantization when asked for."""
+    items = list(DEFAULT_PIPELINE if passes is None else passes)
+    if quantize is not None:
+        if quantize not in (2, 3, 4, 6, 8):
+            raise MlxcError(f"cannot quantize to {quantize} bits; choose 2, 3, 4, 6 or 8")
+        if group_size not in (32, 64, 128):
+            raise MlxcError(f"group size must be 32, 64 or 128, got {group_size}")
+        items.append(Quantize(bits=quantize, group_size=group_size))
+    return items
+
+
+def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[PassLike] | None = None,
                     dump_dir: str | Path | None = None, on_report=None) -> Program:
     """Spec -> verified IR after the pass pipeline (the default one unless `passes` is given)."""
     program = lower(spec, _float_dtype(dtype))
@@ -196,8 +210,8 @@ def _weights_for(front: Frontend, program: Program, seed: int, init_scale: float
 
 
 def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None, *,
-         passes: Sequence[str] | None = None, random_init: bool = False, seed: int = 0, init_scale: float = 0.02,
-         progress: Progress = None) -> CompiledModel:
+         passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int = 64,
+         random_init: bool = False, seed: int = 0, init_scale: float = 0.02, progress: Progress = None) -> CompiledModel:
     """Load a model from a Hugging Face directory, an mlxc artifact, a preset, a spec file or a hub id.
 
     Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`); `random_init`
@@ -211,7 +225,7 @@ def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Pat
         return load_artifact(Path(source.location), progress)
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    program = compile_program(front.spec, dtype, passes)
+    program = compile_program(front.spec, dtype, pipeline(passes, quantize, group_size))
     t = _stage(progress, f"lowered and optimized ({len(program.functions)} functions)", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
     path = write_module(code)
@@ -242,8 +256,8 @@ def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
 
 
 def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "float32", *,
-            passes: Sequence[str] | None = None, random_init: bool = False, seed: int = 0, init_scale: float = 0.02,
-            overwrite: bool = False,
+            passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int = 64,
+            random_init: bool = False, seed: int = 0, init_scale: float = 0.02, overwrite: bool = False,
             dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Path:
     """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
     from . import __version__
@@ -254,8 +268,9 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "floa
         raise MlxcError(f"{source.location} is already a compiled artifact")
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    names = list(DEFAULT_PIPELINE if passes is None else passes)
-    program = compile_program(front.spec, dtype, names, dump_dir=dump_dir, on_report=on_report)
+    items = pipeline(passes, quantize, group_size)
+    names = [pass_name(p) for p in items]
+    program = compile_program(front.spec, dtype, items, dump_dir=dump_dir, on_report=on_report)
     t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
     weights = _weights_for(front, program, seed, init_scale, random_init)

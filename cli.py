@@ -58,14 +58,17 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 def _add_passes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", help="comma-separated pass pipeline (default: the standard pipeline)")
     p.add_argument("--no-opt", action="store_true", help="run no passes")
+    p.add_argument("--quantize", type=int, choices=(4, 8), help="store matmul and embedding weights in 4 or 8 bits")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="quantization group size")
 
 
-def _pipeline(args) -> list[str] | None:
+def _pipeline(args) -> list:
+    """The pass list the flags ask for: --passes or the default, none with --no-opt, then --quantize."""
+    from .api import pipeline
     from .passes import parse_pipeline
 
-    if args.no_opt:
-        return []
-    return parse_pipeline(args.passes) if args.passes else None
+    base = [] if args.no_opt else (parse_pipeline(args.passes) if args.passes else None)
+    return pipeline(base, args.quantize, args.group_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate from a prompt or token ids")
     _add_source(p)
+    _add_passes(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="text prompt (needs a tokenizer)")
     g.add_argument("--tokens", type=_int_list, help="comma-separated token ids, e.g. 1,2,3")
@@ -149,7 +153,7 @@ def cmd_dump(args) -> int:
     from .frontends.lower import lower
     from .ir import to_dot, to_json, to_svg
     from .api import SourceKind
-    from .passes import DEFAULT_PIPELINE, run_pipeline
+    from .passes import run_pipeline
 
     source = resolve(args.src)
     if source.kind == SourceKind.ARTIFACT:
@@ -158,9 +162,7 @@ def cmd_dump(args) -> int:
         program = read_program(Path(source.location))
     else:
         program = lower(read_source(source, weights=False).spec, args.dtype)
-        names = _pipeline(args)
-        names = list(DEFAULT_PIPELINE) if names is None else names
-        program = run_pipeline(program, names, stop_after=args.after)
+        program = run_pipeline(program, _pipeline(args), stop_after=args.after)
     render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
     text = render(program)
     if args.output:
@@ -176,8 +178,8 @@ def cmd_run(args) -> int:
 
     from .api import load
 
-    model = load(args.src, args.dtype, random_init=args.random_init, seed=args.seed, init_scale=args.init_scale,
-                 progress=_progress)
+    model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
+                 init_scale=args.init_scale, progress=_progress)
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..ir import DType, Function, Operation, Program, Value
+from ..ir import DType, Function, Operation, Program, Quant, Value
 from ..ir.errors import MlxcError
 from ..ir.printer import format_attr
 
@@ -206,6 +206,8 @@ class _Emitter:
                 body.append(f"{_expr_list(outs)} = mx.split({args[0]}, [{_expr_list(cuts)}], axis={o.attrs['axis']})")
                 i += 1
                 continue
+            elif (quantized := _quantized(o, args)) is not None:
+                expr = quantized
             else:
                 frag = FRAGMENTS.get(o.op)
                 if frag is None:
@@ -258,9 +260,37 @@ class _Emitter:
                 if node not in made:
                     made.add(node)
                     lines.append(f"self.{node} = nn.Module()")
-            shape = ", ".join(map(str, p.type.shape)) + ("," if len(p.type.shape) == 1 else "")
-            lines.append(f"self.{p.name} = mx.zeros(({shape}), dtype={MX_DTYPES[p.type.dtype]})")
+            q = p.type.quant
+            if q is None:
+                lines.append(f"self.{p.name} = {_zeros(p.type.shape, MX_DTYPES[p.type.dtype])}")
+                continue
+            # packed codes (uint32) plus per-group scales and biases, as mx.quantize returns them
+            *lead, cols = p.type.shape
+            codes, scales, biases = Quant.storage_names(p.name)
+            groups = (*lead, cols // q.group_size)
+            lines.append(f"self.{codes} = {_zeros((*lead, cols * q.bits // 32), 'mx.uint32')}")
+            lines.append(f"self.{scales} = {_zeros(groups, MX_DTYPES[p.type.dtype])}")
+            lines.append(f"self.{biases} = {_zeros(groups, MX_DTYPES[p.type.dtype])}")
         return lines
+
+
+def _zeros(shape, dtype: str) -> str:
+    dims = ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "")
+    return f"mx.zeros(({dims}), dtype={dtype})"
+
+
+def _quantized(op: Operation, args: list[str]) -> str | None:
+    """MLX's quantized kernels for a matmul or lookup whose weight operand is stored quantized."""
+    if op.op not in ("linear", "embed") or op.operands[1].type.quant is None:
+        return None
+    q = op.operands[1].type.quant
+    codes, scales, biases = Quant.storage_names(args[1])
+    kw = f"group_size={q.group_size}, bits={q.bits}"
+    if op.op == "embed":
+        ids = args[0]
+        return f"mx.dequantize({codes}[{ids}], {scales}[{ids}], {biases}[{ids}], {kw})"
+    expr = f"mx.quantized_matmul({args[0]}, {codes}, {scales}, {biases}, transpose=True, {kw})"
+    return expr + (f" + {args[2]}" if len(args) > 2 else "")
 
 
 def emit_program(program: Program) -> ModuleParts:

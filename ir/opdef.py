@@ -109,6 +109,14 @@ class OpDef:
     infer: Callable[..., Any]
     doc: str
     needs_program: bool = False  # the type rule also receives `program=` (calls look up their callee)
+    quantized_operands: tuple[str, ...] = ()  # operands that may hold a quantized weight
+
+    def operand_names(self, n: int) -> list[str]:
+        """The declared name of each of n operands (a variadic name repeats)."""
+        names = [o.strip("*?") for o in self.operands]
+        if self.variadic:
+            return names[:-1] + [names[-1]] * (n - len(names) + 1)
+        return names[:n]
 
     @property
     def variadic(self) -> bool:
@@ -143,6 +151,9 @@ class OpDef:
 
     def result_types(self, operand_types: list[TensorType], attrs: dict[str, Any], program=None) -> list[TensorType]:
         self.check_arity(len(operand_types))
+        for name, t in zip(self.operand_names(len(operand_types)), operand_types):
+            if t.quant is not None and name not in self.quantized_operands:
+                raise TypeRuleError(f"{self.name} cannot take the quantized operand {name} ({t})")
         kwargs = dict(attrs)
         if self.needs_program:
             kwargs["program"] = program
@@ -153,13 +164,14 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def op(name: str, group: OpGroup, operands: tuple[str, ...], attrs: tuple[AttrDef, ...] = (), needs_program=False):
+def op(name: str, group: OpGroup, operands: tuple[str, ...], attrs: tuple[AttrDef, ...] = (), needs_program=False,
+       quantized: tuple[str, ...] = ()):
     """Declare an op; the decorated function is its type rule (operand types, attrs) -> result type(s)."""
 
     def register(rule: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
             raise ValueError(f"op {name!r} declared twice")
-        OPS[name] = OpDef(name, group, operands, attrs, rule, (rule.__doc__ or "").strip(), needs_program)
+        OPS[name] = OpDef(name, group, operands, attrs, rule, (rule.__doc__ or "").strip(), needs_program, quantized)
         return rule
 
     return register

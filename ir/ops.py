@@ -16,21 +16,30 @@ from .types import DType, TensorType
 # ---------------------------------------------------------------- data and matmul
 
 
-@op("embed", OpGroup.DATA, ("ids", "table"))
+@op("embed", OpGroup.DATA, ("ids", "table"), quantized=("table",))
 def _embed(ids: TensorType, table: TensorType):
     """Row lookup: `table[ids]`."""
     require(not ids.dtype.is_float, f"ids must be integers, got {ids.dtype.value}")
     require(table.rank == 2, f"table must be [vocab, hidden], got {table}")
+    _check_groups(table)
     return TensorType(table.dtype, ids.shape + (table.shape[1],))
 
 
-@op("linear", OpGroup.MATMUL, ("x", "weight", "bias?"))
+def _check_groups(w: TensorType) -> None:
+    q = w.quant
+    if q is not None:
+        require(q.bits in (2, 3, 4, 5, 6, 8), f"{q.bits}-bit quantization is not supported")
+        require(w.shape[-1] % q.group_size == 0, f"{w}: last dim is not a multiple of the group size {q.group_size}")
+
+
+@op("linear", OpGroup.MATMUL, ("x", "weight", "bias?"), quantized=("weight",))
 def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None):
     """`x @ weight.T + bias`, weight laid out [out_features, in_features] as checkpoints store it."""
     require(weight.rank == 2, f"weight must be [out, in], got {weight}")
     require(x.rank >= 1, f"input must have a feature axis, got {x}")
     require(x.shape[-1] == weight.shape[1], f"input features {x.shape[-1]} do not match weight {weight}")
     require(x.dtype == weight.dtype, f"dtype mismatch: input {x.dtype.value}, weight {weight.dtype.value}")
+    _check_groups(weight)
     if bias is not None:
         require(bias.shape == (weight.shape[0],), f"bias {bias} does not match weight {weight}")
     return x.with_shape(x.shape[:-1] + (weight.shape[0],))

@@ -10,7 +10,7 @@ from .attrs import STRUCT_ATTRS, RopeKind
 from .errors import ParseError, TypeRuleError
 from .graph import Function, Operation, Program, Value
 from .opdef import Symbol, lookup
-from .types import DType, TensorType
+from .types import DType, Quant, TensorType
 
 _TOKEN = re.compile(
     r"""
@@ -102,7 +102,12 @@ def _parse_type(t: _Tokens) -> TensorType:
             dims.append(text)
         else:
             raise t.error(f"bad dimension {text!r}", at=t.i - 1)
-    return TensorType(dtype, tuple(dims))
+    quant = None
+    kind, text = t.peek()
+    if kind == "ident" and re.fullmatch(r"q\d+g\d+", text):
+        t.next()
+        quant = Quant.parse(text)
+    return TensorType(dtype, tuple(dims), quant)
 
 
 def _parse_attr_value(t: _Tokens) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -33,12 +34,40 @@ class DType(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class TensorType:
-    dtype: DType
-    shape: tuple[Dim, ...]
+class Quant:
+    """Affine group quantization of a weight, MLX's layout: `w = scale * q + bias` per group along the last axis."""
+
+    bits: int
+    group_size: int
 
     def __str__(self) -> str:
-        return f"{self.dtype.value}[{', '.join(str(d) for d in self.shape)}]"
+        return f"q{self.bits}g{self.group_size}"
+
+    @staticmethod
+    def storage_names(name: str) -> tuple[str, str, str]:
+        """A quantized parameter is stored as three arrays: packed codes, per-group scales, per-group biases."""
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        return name, base + ".scales", base + ".biases"
+
+    @classmethod
+    def parse(cls, text: str) -> "Quant":
+        m = re.fullmatch(r"q(\d+)g(\d+)", text)
+        if m is None:
+            raise ValueError(f"bad quantization {text!r}; expected e.g. q4g32")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A tensor's element type and shape; `quant` marks a weight stored quantized (dtype is then its scales')."""
+
+    dtype: DType
+    shape: tuple[Dim, ...]
+    quant: Quant | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.dtype.value}[{', '.join(str(d) for d in self.shape)}]"
+        return f"{text} {self.quant}" if self.quant else text
 
     @property
     def rank(self) -> int:
@@ -49,10 +78,13 @@ class TensorType:
         return all(isinstance(d, int) for d in self.shape)
 
     def with_shape(self, shape) -> "TensorType":
-        return TensorType(self.dtype, tuple(shape))
+        return TensorType(self.dtype, tuple(shape), self.quant)
 
     def with_dtype(self, dtype: DType) -> "TensorType":
-        return TensorType(dtype, self.shape)
+        return TensorType(dtype, self.shape, self.quant)
+
+    def with_quant(self, quant: Quant | None) -> "TensorType":
+        return TensorType(self.dtype, self.shape, quant)
 
     def numel(self) -> int:
         if not self.is_static:

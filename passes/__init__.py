@@ -1,6 +1,9 @@
 """IR -> IR rewrites. Passes import only `mlxc.ir`."""
 
 from .base import Pass, PassReport
-from .pipeline import DEFAULT_PIPELINE, PASSES, parse_pipeline, run_pipeline
+from .pipeline import DEFAULT_PIPELINE, PASSES, parse_pipeline, pass_name, run_pipeline
+from .quantize import Quantize
 
-__all__ = ["DEFAULT_PIPELINE", "PASSES", "Pass", "PassReport", "parse_pipeline", "run_pipeline"]
+__all__ = [
+    "DEFAULT_PIPELINE", "PASSES", "Pass", "PassReport", "Quantize", "parse_pipeline", "pass_name", "run_pipeline",
+]

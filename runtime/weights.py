@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Union
 
 import mlx.core as mx
 import numpy as np
 
-from ..ir import DType, Program
+from ..ir import DType, Program, Quant, TensorType
 from ..ir.errors import MlxcError
 
 MX_DTYPE = {DType.F32: mx.float32, DType.F16: mx.float16, DType.BF16: mx.bfloat16, DType.I32: mx.int32}
@@ -66,8 +67,45 @@ def rename(tensors: Mapping[str, mx.array], to_ir: Callable[[str], str | None], 
     return out
 
 
-def bind(program: Program, tensors: Mapping[str, mx.array]) -> list[tuple[str, mx.array]]:
-    """Check names and shapes against the program's parameters and cast to their dtypes."""
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A checkpoint tensor already in MLX's affine layout (e.g. a GGUF Q4_1 block read by `mx.load`)."""
+
+    codes: mx.array
+    scales: mx.array
+    biases: mx.array
+    quant: Quant
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:-1], self.codes.shape[-1] * 32 // self.quant.bits)
+
+    def dequantize(self) -> mx.array:
+        q = self.quant
+        return mx.dequantize(self.codes, self.scales, self.biases, group_size=q.group_size, bits=q.bits)
+
+
+Tensor = Union[mx.array, QuantizedTensor]
+
+
+def _storage(name: str, arr: Tensor, t: TensorType) -> list[tuple[str, mx.array]]:
+    """The arrays a parameter of type `t` is stored as: one float array, or codes/scales/biases when quantized."""
+    dtype = MX_DTYPE[t.dtype]
+    if t.quant is None:
+        if isinstance(arr, QuantizedTensor):
+            arr = arr.dequantize()
+        return [(name, arr if arr.dtype == dtype else arr.astype(dtype))]
+    if isinstance(arr, QuantizedTensor) and arr.quant == t.quant:
+        codes, scales, biases = arr.codes, arr.scales.astype(dtype), arr.biases.astype(dtype)
+    else:
+        if isinstance(arr, QuantizedTensor):  # another layout: through float, then MLX's quantizer
+            arr = arr.dequantize()
+        codes, scales, biases = mx.quantize(arr.astype(dtype), group_size=t.quant.group_size, bits=t.quant.bits)
+    return list(zip(Quant.storage_names(name), (codes, scales, biases)))
+
+
+def bind(program: Program, tensors: Mapping[str, Tensor]) -> list[tuple[str, mx.array]]:
+    """Check names and shapes against the program's parameters; cast, quantize or dequantize to their types."""
     params = dict(program.parameters())
     missing = [n for n in params if n not in tensors]
     if missing:
@@ -81,8 +119,7 @@ def bind(program: Program, tensors: Mapping[str, mx.array]) -> list[tuple[str, m
         arr = tensors[name]
         if tuple(arr.shape) != tuple(p.type.shape):
             raise WeightError(f"tensor {name} has shape {list(arr.shape)}, the program expects {list(p.type.shape)}")
-        want = MX_DTYPE[p.type.dtype]
-        out.append((name, arr if arr.dtype == want else arr.astype(want)))
+        out += _storage(name, arr, p.type)
     return out
 
 
@@ -98,5 +135,5 @@ def random_weights(program: Program, seed: int = 0, scale: float = 0.02) -> dict
             a = np.ones(shape, np.float32)
         else:
             a = rng.normal(0.0, scale, size=shape).astype(np.float32)
-        out[name] = mx.array(a).astype(MX_DTYPE[p.type.dtype])
+        out[name] = mx.array(a)
     return out
