@@ -20,7 +20,7 @@ from .frontends.lower import lower
 from .frontends.spec import ModelSpec
 from .ir import DType, Program
 from .ir.errors import MlxcError
-from .passes import DEFAULT_PIPELINE, Quantize, pass_name, run_pipeline
+from .passes import DEFAULT_PIPELINE, Quantize, SelectKernels, pass_name, run_pipeline
 from .passes.pipeline import PassLike
 from .runtime import artifact as art
 from .runtime import weights as W
@@ -155,10 +155,16 @@ def _float_dtype(dtype: DType | str) -> DType:
     return parsed
 
 
+def target() -> str:
+    """Where the generated code will run: MLX's default device."""
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+
+
 def pipeline(passes: Sequence[PassLike] | None = None, quantize: int | None = None,
              group_size: int = 64) -> list[PassLike]:
     """The pass list for a compile: the default (or given) passes, then quantization when asked for."""
-    items = list(DEFAULT_PIPELINE if passes is None else passes)
+    items = [SelectKernels(target=target()) if p == SelectKernels.name else p
+             for p in (DEFAULT_PIPELINE if passes is None else passes)]
     if quantize is not None:
         if quantize not in (2, 3, 4, 6, 8):
             raise MlxcError(f"cannot quantize to {quantize} bits; choose 2, 3, 4, 6 or 8")
@@ -172,7 +178,7 @@ def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Seq
                     dump_dir: str | Path | None = None, on_report=None) -> Program:
     """Spec -> verified IR after the pass pipeline (the default one unless `passes` is given)."""
     program = lower(spec, _float_dtype(dtype))
-    return run_pipeline(program, DEFAULT_PIPELINE if passes is None else passes, dump_dir=dump_dir, on_report=on_report)
+    return run_pipeline(program, pipeline(passes) if passes is None else passes, dump_dir=dump_dir, on_report=on_report)
 
 
 def _stage(progress: Progress, what: str, start: float) -> float:

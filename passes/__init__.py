@@ -3,7 +3,9 @@
 from .base import Pass, PassReport
 from .pipeline import DEFAULT_PIPELINE, PASSES, parse_pipeline, pass_name, run_pipeline
 from .quantize import Quantize
+from .select_kernels import SelectKernels
 
 __all__ = [
-    "DEFAULT_PIPELINE", "PASSES", "Pass", "PassReport", "Quantize", "parse_pipeline", "pass_name", "run_pipeline",
+    "DEFAULT_PIPELINE", "PASSES", "Pass", "PassReport", "Quantize", "SelectKernels", "parse_pipeline", "pass_name",
+    "run_pipeline",
 ]

@@ -11,11 +11,16 @@ from ..ir.errors import MlxcError
 from .base import Pass, PassReport
 from .dce import DeadCodeElimination
 from .quantize import Quantize
+from .select_kernels import SelectKernels
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (DeadCodeElimination, Quantize)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (DeadCodeElimination, Quantize, SelectKernels)}
 
-# Phase 1: clean-up. (Fusion and kernel selection phases join here as they land.)
-DEFAULT_PIPELINE: tuple[str, ...] = ("dce",)
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    # Phase 1: clean-up
+    "dce",
+    # Phase 2: target lowering (the target comes from the caller; see mlxc.api.pipeline)
+    "select-kernels",
+)
 
 
 PassLike = Union[str, Pass]

@@ -352,6 +352,40 @@ def test_tiny_tokenizer_adds_bos(tmp_path):
     assert tok.decode([0, 5, 7], skip_special_tokens=True) == "ab ab"
 
 
+def test_sentencepiece_vocab_matches_transformers(tmp_path):
+    """`tokenizer.ggml.model == "llama"`: scored pieces, byte fallback, BOS added by default."""
+    transformers = pytest.importorskip("transformers")
+    p = tmp_path / "sp.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    words = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "t", "\u2581h", "he", "ll", "lo", "\u2581he", "\u2581hel",
+             "\u2581hell", "\u2581hello", "\u2581w", "or", "\u2581wor", "\u2581worl", "\u2581world", "ld", "\u2581t",
+             "\u2581th", "th"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=p.name)
+    ours = gguf_tokenizer(read_gguf(p))
+    for text in ["hello world", " hello  world", "hello\nworld!", "th\u00e9 \u65e5", "ddd hell", ""]:
+        ids = ref(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
