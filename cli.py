@@ -1,4 +1,4 @@
-"""The `mlxc` command: compile | dump | run | inspect | bench | kernels.
+"""The `mlxc` command: compile | dump | run | chat | inspect | bench | kernels.
 
 Every user-facing failure is an MlxcError printed as one line on stderr with a non-zero exit; set MLXC_DEBUG=1 to
 see tracebacks.
@@ -71,6 +71,23 @@ def _pipeline(args) -> list:
     return pipeline(base, args.quantize, args.group_size)
 
 
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--sample-seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", type=_int_list, default=None, help="comma-separated stop token ids (default: eos)")
+
+
+def _sampling(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxc", description="A graph-IR compiler for language models that targets MLX.")
     parser.add_argument("--version", action="store_true", help="print versions and the active BLAS")
@@ -97,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="text prompt (needs a tokenizer)")
     g.add_argument("--tokens", type=_int_list, help="comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--sample-seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--stop", type=_int_list, default=None, help="comma-separated stop token ids (default: eos)")
+    _add_sampling(p)
+
+    p = sub.add_parser("chat", help="a multi-turn conversation on stdin; the KV cache carries over between turns")
+    _add_source(p)
+    _add_passes(p)
+    _add_sampling(p)
+    p.add_argument("--system", help="system prompt")
 
     p = sub.add_parser("inspect", help="parameters, memory per dtype, per-layer table, active BLAS")
     _add_source(p)
@@ -180,10 +197,7 @@ def cmd_run(args) -> int:
 
     model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
                  init_scale=args.init_scale, progress=_progress)
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,
-    )
+    sampling = _sampling(args)
     start = time.perf_counter()
     count = 0
     if args.prompt is not None:
@@ -206,6 +220,31 @@ def cmd_run(args) -> int:
     dt = time.perf_counter() - start
     err_console.print(f"[dim]{count} pieces in {dt:.2f} s[/dim]")
     return 0
+
+
+def cmd_chat(args) -> int:
+    from .api import load
+    from .runtime.chat import ChatSession
+
+    model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
+                 init_scale=args.init_scale, progress=_progress)
+    session = ChatSession(model, system=args.system, **_sampling(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err_console.print(Text("Type a message; an empty line or Ctrl-D ends the chat.", style="dim"))
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        sys.stdout.write("assistant> " if interactive else "")
+        for piece in session.send(line.rstrip("\n")):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        err_console.print(Text(f"({session.reused} prompt tokens reused from the cache)", style="dim"))
 
 
 def cmd_inspect(args) -> int:
@@ -297,8 +336,8 @@ def cmd_kernels(args) -> int:
     raise MlxcError("no custom kernels are available yet: every op runs through MLX's built-in ops on all targets")
 
 
-COMMANDS = {"compile": cmd_compile, "dump": cmd_dump, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
-            "kernels": cmd_kernels}
+COMMANDS = {"compile": cmd_compile, "dump": cmd_dump, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect,
+            "bench": cmd_bench, "kernels": cmd_kernels}
 
 
 def main(argv: list[str] | None = None) -> int:

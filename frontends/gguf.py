@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Final, Mapping, Optional, Union
+from typing import Any, Callable, Final, Iterable, Mapping, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -410,7 +410,21 @@ def _mx_dtype(dtype: Any) -> Optional[mx.Dtype]:
     raise MlxcError(f"unsupported dtype {dtype!r} for GGUF tensors; use float32, float16 or bfloat16")
 
 
-def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None) -> dict[str, mx.array]:
+def row_order(ckpt: GGUFCheckpoint, ir_name: str) -> Optional[np.ndarray]:
+    """The row order that restores the HF layout of an IR tensor stored permuted (Q/K under llama.cpp's rope), or None."""
+    arch, spec = ckpt.arch, ckpt.spec
+    if not arch.permute_qk:
+        return None
+    if ir_name.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
+        heads, rows = spec.num_heads, spec.num_heads * spec.dim_per_head
+    elif ir_name.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
+        heads, rows = spec.kv_heads, spec.kv_heads * spec.dim_per_head
+    else:
+        return None
+    return _unpermute_rows(np.arange(rows), heads)
+
+
+def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None, skip: Iterable[str] = ()) -> dict[str, mx.array]:
     """Every tensor of the checkpoint as an IR-named `mx.array` in Hugging Face layout.
 
     F32/F16/BF16 keep their stored dtype, quantized types are dequantized to float32, unless `dtype` (an mx
@@ -424,9 +438,10 @@ def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None) -> dict[str, mx.array]
     spec = ckpt.spec
     # Check names and types before spending time dequantizing.
     plan: list[tuple[str, str]] = []
+    skipped = set(skip)
     for name, info in ckpt.tensor_infos.items():
         ir = _ir_name(arch, name, ckpt.path)
-        if ir is None:
+        if ir is None or name in skipped:
             continue
         if info.ggml_type not in _FLOAT_TYPES and not _can_dequantize(GGMLQuantizationType[info.ggml_type]):
             raise MlxcError(
@@ -445,10 +460,9 @@ def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None) -> dict[str, mx.array]
             arr_np = np.asarray(ckpt.raw(name)).view(np.float16).reshape(info.shape)
         else:
             arr_np = _to_numpy_float(ckpt, name)
-        if arch.permute_qk and (ir.endswith("attn.q_proj.weight") or ir.endswith("attn.q_proj.bias")):
-            arr_np = _unpermute_rows(arr_np, spec.num_heads)
-        elif arch.permute_qk and (ir.endswith("attn.k_proj.weight") or ir.endswith("attn.k_proj.bias")):
-            arr_np = _unpermute_rows(arr_np, spec.kv_heads)
+        order = row_order(ckpt, ir)
+        if order is not None:
+            arr_np = arr_np[order]
         if info.ggml_type == "BF16":
             arr = mx.array(np.ascontiguousarray(arr_np)).view(mx.bfloat16)
         else:

@@ -20,7 +20,6 @@ from ..ir.errors import MlxcError
 FORMAT = "mlxc-artifact"
 FORMAT_VERSION = 1
 MODULE_FILE, PROGRAM_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.py", "program.mlxc", "weights.safetensors", "manifest.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 @dataclass
@@ -40,7 +39,7 @@ def is_artifact(path: Path) -> bool:
 
 
 def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Program, weights: list[tuple[str, mx.array]],
-                  manifest: Manifest, tokenizer_dir: Path | None = None, overwrite: bool = False) -> Path:
+                  manifest: Manifest, tokenizer=None, overwrite: bool = False) -> Path:
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise MlxcError(f"{out} already exists (pass --force to replace it)")
@@ -52,11 +51,8 @@ def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Pr
         (tmp / MODULE_FILE).write_text(module_source)
         (tmp / PROGRAM_FILE).write_text(print_program(program))
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), dict(weights), metadata={"format": "mlx"})
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).exists():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
-                    manifest.tokenizer_files.append(name)
+        if tokenizer is not None:
+            manifest.tokenizer_files = tokenizer.save(tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

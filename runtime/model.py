@@ -88,16 +88,21 @@ class CompiledModel:
 
     # ------------------------------------------------------------------ generation
 
+    def stop_tokens(self, override: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The given stop ids, else the tokenizer's end-of-sequence ids, else the spec's."""
+        if override is not None:
+            return tuple(override)
+        stops = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        if not stops and self.spec is not None:
+            stops = tuple(self.spec.eos_token_ids)
+        return stops
+
     def _sampling(self, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens):
         from .sampling import SamplingParams
 
-        if stop_tokens is None:
-            stop_tokens = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
-            if not stop_tokens and self.spec is not None:
-                stop_tokens = tuple(self.spec.eos_token_ids)
         return SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            seed=seed, stop_tokens=tuple(stop_tokens),
+            seed=seed, stop_tokens=self.stop_tokens(stop_tokens),
         )
 
     def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -136,7 +141,7 @@ class CompiledModel:
         else:
             ids = tok.encode(prompt)
         decoder = StreamingDecoder(tok)
-        stops = set(self._sampling(0.0, 0, 1.0, 1.0, None, kwargs.get("stop_tokens")).stop_tokens)
+        stops = set(self.stop_tokens(kwargs.get("stop_tokens")))
         for step in self.stream(mx.array([ids]), **kwargs):
             t = step[0].item()
             if t in stops:

@@ -218,6 +218,23 @@ class Tokenizer:
             add_eos_token=bool(config.get("add_eos_token", False)),
         )
 
+    def save(self, directory: str | Path) -> list[str]:
+        """Write the files `from_dir` reads back (tokenizer.json, tokenizer_config.json, chat template, stop ids)."""
+        d = Path(directory)
+        self._tok.save(str(d / "tokenizer.json"))
+        config: dict[str, Any] = dict(self.special_tokens_map)
+        config["add_bos_token"] = self._prepend_bos
+        config["add_eos_token"] = self._append_eos
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        written = ["tokenizer.json", "tokenizer_config.json"]
+        if self.chat_template is not None:
+            (d / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+            written.append("chat_template.jinja")
+        if len(self.eos_token_ids) > 1:
+            (d / "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_ids}) + "\n")
+            written.append("generation_config.json")
+        return written
+
     @staticmethod
     def _find_chat_template(d: Path, config: Mapping[str, Any]) -> str | None:
         """Same priority as transformers: the .jinja file, then chat_template.json, then the config entry."""

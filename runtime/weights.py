@@ -81,11 +81,37 @@ class QuantizedTensor:
         return (*self.codes.shape[:-1], self.codes.shape[-1] * 32 // self.quant.bits)
 
     def dequantize(self) -> mx.array:
+        """In float32, as GGUF readers do: fp16 scales times codes rounded once, not in fp16."""
         q = self.quant
-        return mx.dequantize(self.codes, self.scales, self.biases, group_size=q.group_size, bits=q.bits)
+        scales, biases = self.scales.astype(mx.float32), self.biases.astype(mx.float32)
+        return mx.dequantize(self.codes, scales, biases, group_size=q.group_size, bits=q.bits)
+
+
+    def take_rows(self, order) -> "QuantizedTensor":
+        """Reorder output rows; each row's groups travel with it, so this is exact."""
+        idx = mx.array(order)
+        return QuantizedTensor(self.codes[idx], self.scales[idx], self.biases[idx], self.quant)
 
 
 Tensor = Union[mx.array, QuantizedTensor]
+
+# GGUF block types that are MLX's affine layout exactly (d * q + m per block of 32), so `mx.load` keeps them quantized.
+GGUF_NATIVE = {"Q4_0": Quant(4, 32), "Q4_1": Quant(4, 32), "Q8_0": Quant(8, 32)}
+
+
+def read_gguf_blocks(path: Path, types: Mapping[str, Quant]) -> dict[str, QuantizedTensor]:
+    """The named tensors (GGUF names, all of MLX-native block types) as quantized codes, scales and biases."""
+    try:
+        arrays = mx.load(str(path))
+    except Exception as e:
+        raise WeightError(f"cannot read {path}: {e}") from None
+    out = {}
+    for name, quant in types.items():
+        codes, scales, biases = Quant.storage_names(name)
+        if codes not in arrays or scales not in arrays:
+            raise WeightError(f"{path}: MLX did not read tensor {name} as quantized blocks")
+        out[name] = QuantizedTensor(arrays[codes], arrays[scales], arrays[biases], quant)
+    return out
 
 
 def _storage(name: str, arr: Tensor, t: TensorType) -> list[tuple[str, mx.array]]:
