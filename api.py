@@ -302,7 +302,7 @@ def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
     program = art.read_program(path)
     module = import_module(path / art.MODULE_FILE)
     tensors = W.read_safetensors([path / art.WEIGHTS_FILE])
-    net = _instantiate(module, W.bind(program, tensors))
+    net = _instantiate(module, W.bind(program, W.from_storage(program, tensors)))
     _stage(progress, f"loaded artifact {path}", t)
     spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
     return CompiledModel(module, net, program, spec=spec, tokenizer=_load_tokenizer(path), source=str(path),

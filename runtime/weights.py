@@ -130,6 +130,18 @@ def _storage(name: str, arr: Tensor, t: TensorType) -> list[tuple[str, mx.array]
     return list(zip(Quant.storage_names(name), (codes, scales, biases)))
 
 
+def from_storage(program: Program, arrays: Mapping[str, mx.array]) -> dict[str, Tensor]:
+    """The inverse of `bind`'s storage: regroup codes/scales/biases of quantized parameters (e.g. from an artifact)."""
+    out: dict[str, Tensor] = dict(arrays)
+    for name, p in program.parameters():
+        if p.type.quant is not None and name in out:
+            codes, scales, biases = Quant.storage_names(name)
+            if scales not in out or biases not in out:
+                raise WeightError(f"quantized parameter {name} is missing its {scales} / {biases} arrays")
+            out[name] = QuantizedTensor(out.pop(codes), out.pop(scales), out.pop(biases), p.type.quant)
+    return out
+
+
 def bind(program: Program, tensors: Mapping[str, Tensor]) -> list[tuple[str, mx.array]]:
     """Check names and shapes against the program's parameters; cast, quantize or dequantize to their types."""
     params = dict(program.parameters())

@@ -208,11 +208,11 @@ def test_unknown_bare_name():
     assert "nope" in msg and "preset" in msg
 
 
-def test_gguf_unsupported(tmp_path):
+def test_gguf_truncated_header(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF\x03\x00\x00\x00")
     msg = _error(str(f))
-    assert "GGUF" in msg and "not supported" in msg
+    assert "model.gguf" in msg and "truncated" in msg
 
 
 def test_unrecognized_file(tmp_path):
