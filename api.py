@@ -20,7 +20,7 @@ from .frontends.lower import lower
 from .frontends.spec import ModelSpec
 from .ir import DType, Program
 from .ir.errors import MlxcError
-from .passes import DEFAULT_PIPELINE, Quantize, SelectKernels, pass_name, run_pipeline
+from .passes import DEFAULT_PIPELINE, Quantize, SelectKernels, StorageTypes, pass_name, run_pipeline
 from .passes.pipeline import PassLike
 from .runtime import artifact as art
 from .runtime import weights as W
@@ -128,7 +128,7 @@ class Frontend:
     tensors: dict[str, W.Tensor] | None  # IR-named checkpoint tensors; None means random init
     tokenizer: object | None
     description: str
-    storage: Quantize | None = None  # gives parameters the checkpoint's quantized storage types, before any pass
+    storage: StorageTypes | None = None  # the checkpoint's quantized storage types, applied before any pass
 
 
 def read_source(source: Source, weights: bool = True) -> Frontend:
@@ -172,8 +172,7 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
     ckpt = gguf.read_gguf(path)
     tokenizer = gguf.gguf_tokenizer(ckpt)
     native = {n: W.GGUF_NATIVE[i.ggml_type] for n, i in ckpt.tensor_infos.items() if i.ggml_type in W.GGUF_NATIVE}
-    quant = {ir: q for n, q in native.items() if (ir := ckpt.ir_name(n)) is not None}
-    storage = Quantize(decide=lambda global_name, _param: quant.get(global_name))
+    storage = StorageTypes(quant={ir: q for n, q in native.items() if (ir := ckpt.ir_name(n)) is not None})
     description = f"{path} (gguf {ckpt.architecture})"
     if not weights:
         return Frontend(ckpt.spec, None, tokenizer, description, storage)
@@ -302,7 +301,7 @@ def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
     program = art.read_program(path)
     module = import_module(path / art.MODULE_FILE)
     tensors = W.read_safetensors([path / art.WEIGHTS_FILE])
-    net = _instantiate(module, W.bind(program, W.from_storage(program, tensors)))
+    net = _instantiate(module, W.bind(program, W.from_storage(program, tensors), stage="runtime"))
     _stage(progress, f"loaded artifact {path}", t)
     spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
     return CompiledModel(module, net, program, spec=spec, tokenizer=_load_tokenizer(path), source=str(path),

@@ -126,7 +126,7 @@ class _Emitter:
             names[v] = name
             return name
 
-        for p in fn.params:
+        for p in fn.runtime_params():
             path = p.name.split(".")
             if not all(s.isidentifier() and not keyword.iskeyword(s) for s in path):
                 raise CodegenError(f"@{fn.name}: parameter name {p.name!r} is not a Python attribute path")
@@ -253,7 +253,7 @@ class _Emitter:
 
     def _declare_params(self, fn: Function) -> list[str]:
         lines, made = [], set()
-        for p in fn.params:
+        for p in fn.runtime_params():
             path = p.name.split(".")
             for depth in range(1, len(path)):
                 node = ".".join(path[:depth])

@@ -23,20 +23,21 @@ def _type_from_text(text: str):
 def to_json(program: Program) -> str:
     """Each attribute is stored in its text form, so JSON needs no second encoding of attribute kinds."""
 
+    def op_dict(o: Operation) -> dict[str, Any]:
+        return {
+            "op": o.op,
+            "operands": [v.name for v in o.operands],
+            "attrs": {k: format_attr(v) for k, v in o.attrs.items()},
+            "results": [{"name": r.name, "type": str(r.type)} for r in o.results],
+        }
+
     def fn_dict(fn: Function) -> dict[str, Any]:
         return {
             "name": fn.name,
             "inputs": [{"name": v.name, "type": str(v.type)} for v in fn.inputs],
             "params": [{"name": v.name, "type": str(v.type)} for v in fn.params],
-            "ops": [
-                {
-                    "op": o.op,
-                    "operands": [v.name for v in o.operands],
-                    "attrs": {k: format_attr(v) for k, v in o.attrs.items()},
-                    "results": [{"name": r.name, "type": str(r.type)} for r in o.results],
-                }
-                for o in fn.ops
-            ],
+            "derived": [op_dict(o) for o in fn.derived],
+            "ops": [op_dict(o) for o in fn.ops],
             "outputs": [v.name for v in fn.outputs],
         }
 
@@ -59,13 +60,15 @@ def from_json(text: str) -> Program:
 
             inputs = [define(d) for d in f["inputs"]]
             params = [define(d) for d in f["params"]]
-            ops = []
-            for o in f["ops"]:
+            def read_op(o: dict[str, Any]) -> Operation:
                 operands = [scope[n] for n in o["operands"]]
                 attrs = {k: _parse_attr_value(_Tokens(v)) for k, v in o["attrs"].items()}
                 attrs = lookup(o["op"]).normalize_attrs(attrs)
-                ops.append(Operation(o["op"], operands, attrs, [define(r) for r in o["results"]]))
-            program.add(Function(f["name"], inputs, params, ops, [scope[n] for n in f["outputs"]]))
+                return Operation(o["op"], operands, attrs, [define(r) for r in o["results"]])
+
+            derived = [read_op(o) for o in f.get("derived", [])]
+            ops = [read_op(o) for o in f["ops"]]
+            program.add(Function(f["name"], inputs, params, ops, [scope[n] for n in f["outputs"]], derived))
         return program
     except MlxcError:
         raise
@@ -83,7 +86,7 @@ def to_graph(fn: Function) -> nx.DiGraph:
     for v in fn.params:
         g.add_node(f"param:{v.name}", label=f"{v.name}\\n{v.type}", shape="note", kind="param")
         producer[v] = f"param:{v.name}"
-    for i, o in enumerate(fn.ops):
+    for i, o in enumerate(fn.all_ops()):
         node = f"op{i}"
         g.add_node(node, label=_op_label(o), shape="box", kind="op", group=o.opdef.group.value)
         for v in o.operands:

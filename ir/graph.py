@@ -56,16 +56,28 @@ class Function:
     params: list[Value]
     ops: list[Operation]
     outputs: list[Value]
+    # Load-time ops on parameters only (e.g. concatenating Q/K/V weights): run once when weights are bound, so the
+    # generated code sees their results as parameters. Printed as `derive` lines after the params.
+    derived: list[Operation] = field(default_factory=list)
+
+    def all_ops(self) -> list[Operation]:
+        return self.derived + self.ops
 
     def producers(self) -> dict[Value, Operation]:
-        return {r: o for o in self.ops for r in o.results}
+        return {r: o for o in self.all_ops() for r in o.results}
 
     def users(self) -> dict[Value, list[Operation]]:
         out: dict[Value, list[Operation]] = {}
-        for o in self.ops:
+        for o in self.all_ops():
             for v in o.operands:
                 out.setdefault(v, []).append(o)
         return out
+
+    def runtime_params(self) -> list[Value]:
+        """What the generated code holds: derived values, and checkpoint parameters the body reads directly."""
+        used = {id(v) for o in self.ops for v in o.operands}
+        derived = [r for o in self.derived for r in o.results if id(r) in used]
+        return [p for p in self.params if id(p) in used] + derived
 
     def param(self, name: str) -> Value:
         for p in self.params:
@@ -105,11 +117,26 @@ class Program:
         return fn
 
     def parameters(self) -> Iterator[tuple[str, Value]]:
-        """Every weight the program needs, by its global name, in call order."""
-        yield from self._parameters(self.main, "", set())
+        """Every checkpoint weight the program needs, by its global name, in call order."""
+        yield from self._parameters(self.main, "", set(), lambda fn: fn.params)
 
-    def _parameters(self, fn: Function, prefix: str, seen: set[str]):
-        for p in fn.params:
+    def runtime_parameters(self) -> Iterator[tuple[str, Value]]:
+        """Every weight the generated code holds (after load-time `derive` ops), by global name."""
+        yield from self._parameters(self.main, "", set(), Function.runtime_params)
+
+    def call_paths(self) -> Iterator[tuple[str, Function]]:
+        """(global prefix, function) for every call path from @main, @main itself first with prefix ''."""
+        yield from self._paths(self.main, "")
+
+    def _paths(self, fn: Function, prefix: str):
+        yield prefix, fn
+        for o in fn.ops:
+            if o.op == "call":
+                sub = o.attrs["prefix"]
+                yield from self._paths(self[o.attrs["callee"]], prefix + (sub + "." if sub else ""))
+
+    def _parameters(self, fn: Function, prefix: str, seen: set[str], select):
+        for p in select(fn):
             name = prefix + p.name
             if name not in seen:
                 seen.add(name)
@@ -117,7 +144,7 @@ class Program:
         for o in fn.ops:
             if o.op == "call":
                 sub = o.attrs["prefix"]
-                yield from self._parameters(self[o.attrs["callee"]], prefix + (sub + "." if sub else ""), seen)
+                yield from self._parameters(self[o.attrs["callee"]], prefix + (sub + "." if sub else ""), seen, select)
 
     def __str__(self) -> str:
         from .printer import print_program
@@ -134,6 +161,7 @@ class FunctionBuilder:
         self._inputs: list[Value] = []
         self._params: list[Value] = []
         self._ops: list[Operation] = []
+        self._derived: list[Operation] = []
         self._names: set[str] = set()
         self._counter = 0
 
@@ -180,8 +208,17 @@ class FunctionBuilder:
         self._ops.append(Operation(opname, ops, norm, results))
         return results[0] if len(results) == 1 else tuple(results)
 
+    def derive(self, opname: str, *operands: Value | None, name: str | list[str] | None = None, **attrs: Any):
+        """Like `op`, but a load-time op on parameters (see Function.derived)."""
+        body = self._ops
+        self._ops = self._derived
+        try:
+            return self.op(opname, *operands, name=name, **attrs)
+        finally:
+            self._ops = body
+
     def build(self, *outputs: Value) -> Function:
-        fn = Function(self.name, self._inputs, self._params, self._ops, list(outputs))
+        fn = Function(self.name, self._inputs, self._params, self._ops, list(outputs), self._derived)
         if self.program is not None:
             self.program.add(fn)
         return fn

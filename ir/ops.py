@@ -11,7 +11,7 @@ from math import prod
 
 from .attrs import RopeScaling
 from .opdef import AttrDef, Ints, OpGroup, Shape, Symbol, op, require
-from .types import DType, TensorType
+from .types import DType, Quant, TensorType
 
 # ---------------------------------------------------------------- data and matmul
 
@@ -145,12 +145,14 @@ def _split(x: TensorType, sizes: Ints, axis: int):
     return [x.with_shape(x.shape[:ax] + (s,) + x.shape[ax + 1 :]) for s in sizes]
 
 
-@op("concat", OpGroup.SHAPE, ("*xs",), (AttrDef("axis", int, -1),))
+@op("concat", OpGroup.SHAPE, ("*xs",), (AttrDef("axis", int, -1),), quantized=("xs",))
 def _concat(*xs: TensorType, axis: int):
-    """Join along an axis (static sizes only on that axis)."""
+    """Join along an axis (static sizes only on that axis). Quantized weights join along rows, groups intact."""
     require(len(xs) > 0, "concat needs at least one operand")
     first = xs[0]
     ax = _axis(axis, first.rank)
+    require(len({t.quant for t in xs}) == 1, "cannot concat quantized and float tensors, or different quantizations")
+    require(first.quant is None or ax < first.rank - 1, "quantized tensors can only be joined along rows")
     for t in xs[1:]:
         require(t.dtype == first.dtype and t.rank == first.rank, f"cannot concat {first} with {t}")
         same = all(t.shape[i] == first.shape[i] for i in range(first.rank) if i != ax)
@@ -163,6 +165,24 @@ def _concat(*xs: TensorType, axis: int):
 def _cast(x: TensorType, dtype: DType):
     """Convert element type."""
     return x.with_dtype(dtype)
+
+
+# ---------------------------------------------------------------- weight storage (load-time `derive` ops)
+
+
+@op("quantize", OpGroup.UNARY, ("x",), (AttrDef("bits", int), AttrDef("group_size", int)))
+def _quantize(x: TensorType, bits: int, group_size: int):
+    """Affine group quantization of a weight (MLX's `quantize`): codes, scales and biases per group of a row."""
+    out = x.with_quant(Quant(bits, group_size))
+    _check_groups(out)
+    return out
+
+
+@op("dequantize", OpGroup.UNARY, ("x",), quantized=("x",))
+def _dequantize(x: TensorType):
+    """Back to float (scales' dtype), once, at load."""
+    require(x.quant is not None, f"dequantize expects a quantized tensor, got {x}")
+    return x.with_quant(None)
 
 
 # ---------------------------------------------------------------- position and attention

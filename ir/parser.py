@@ -202,6 +202,9 @@ class _FunctionParser:
             pname = t.expect_kind("value")[1:]
             t.expect(":")
             params.append(self.define(pname, _parse_type(t), at))
+        derived = []
+        while t.accept("derive"):
+            derived.append(self.parse_op())
         while not t.accept("return"):
             ops.append(self.parse_op())
         ret_at = t.i - 1
@@ -213,7 +216,7 @@ class _FunctionParser:
             raise t.error(
                 f"@{name} returns {[str(v.type) for v in outputs]} but declares {[str(x) for x in out_types]}", at=ret_at
             )
-        return Function(name, inputs, params, ops, outputs)
+        return Function(name, inputs, params, ops, outputs, derived)
 
     def parse_op(self) -> Operation:
         t = self.t

@@ -61,6 +61,7 @@ def _signature(fn: Function) -> str:
 def print_function(fn: Function) -> str:
     lines = [_signature(fn) + " {"]
     lines += [f"  param %{p.name}: {p.type}" for p in fn.params]
+    lines += ["  derive " + format_op(o) for o in fn.derived]
     lines += ["  " + format_op(o) for o in fn.ops]
     lines.append("  return " + ", ".join(f"%{v.name}" for v in fn.outputs))
     lines.append("}")

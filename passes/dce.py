@@ -1,4 +1,4 @@
-"""dead-code elimination: drop ops whose results nothing uses, then unused parameters and functions."""
+"""dce: drop ops whose results nothing uses (body and load-time), then unused parameters and functions."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ class DeadCodeElimination(Pass):
         report = PassReport(self.name, {"ops": 0, "params": 0, "functions": 0})
         for fn in program.functions:
             live = {id(v) for v in fn.outputs}
-            kept = []
-            for o in reversed(fn.ops):
-                if any(id(r) in live for r in o.results):
-                    kept.append(o)
-                    live.update(id(v) for v in o.operands)
-                else:
-                    report.changes["ops"] += 1
-            fn.ops = kept[::-1]
+            for section in ("ops", "derived"):  # body first: it decides which load-time values are needed
+                kept = []
+                for o in reversed(getattr(fn, section)):
+                    if any(id(r) in live for r in o.results):
+                        kept.append(o)
+                        live.update(id(v) for v in o.operands)
+                    else:
+                        report.changes["ops"] += 1
+                setattr(fn, section, kept[::-1])
             params = [p for p in fn.params if id(p) in live]
             report.changes["params"] += len(fn.params) - len(params)
             fn.params = params

@@ -9,17 +9,33 @@ from typing import Callable, Sequence, Union
 from ..ir import Program, print_program, verify
 from ..ir.errors import MlxcError
 from .base import Pass, PassReport
+from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
-from .quantize import Quantize
+from .fold_shapes import FoldShapes
+from .fuse import FuseGateUp, FuseQKV
+from .lift import LiftParams
+from .quantize import Quantize, StorageTypes
 from .select_kernels import SelectKernels
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (DeadCodeElimination, Quantize, SelectKernels)}
+PASSES: dict[str, type[Pass]] = {
+    p.name: p
+    for p in (DeadCodeElimination, FuseQKV, FuseGateUp, LiftParams, CommonSubexpressionElimination, FoldShapes,
+              SelectKernels, Quantize, StorageTypes)
+}
 
 DEFAULT_PIPELINE: tuple[str, ...] = (
-    # Phase 1: clean-up
+    # Phase 1: clean-up of what the frontend lowered
     "dce",
-    # Phase 2: target lowering (the target comes from the caller; see mlxc.api.pipeline)
+    # Phase 2: fusion (weight concats appear as graph code) ...
+    "fuse-qkv",
+    "fuse-gate-up",
+    # ... then weight-only work moves to load time, and canonical clean-ups
+    "lift-params",
+    "cse",
+    "fold-shapes",
+    # Phase 3: target lowering (the target comes from the caller; see mlxc.api.pipeline)
     "select-kernels",
+    "dce",
 )
 
 

@@ -1,77 +1,94 @@
-"""quantize: store matmul and embedding weights as affine group-quantized tensors (MLX's 2-8 bit layout).
-
-A weight of a function called from several places (a layer body) gets one type for all calls; when the decision
-differs between calls, the weight stays in float and the report counts it as mixed.
-"""
+"""Weight storage passes: `storage-types` (parameters typed as the checkpoint stores them) and `quantize` (store
+matmul and embedding weights as affine group-quantized tensors, MLX's 2-8 bit layout)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Mapping
 
-from ..ir import Function, Program, Quant, Value
+from ..ir import Function, Operation, Program, Quant, Value
 from .base import Pass, PassReport
-
-Decide = Callable[[str, Value], Optional[Quant]]
 
 
 def global_names(program: Program) -> dict[tuple[str, str], list[str]]:
     """(function, parameter) -> the parameter's global names, one per call path from @main."""
     out: dict[tuple[str, str], list[str]] = {}
-
-    def walk(fn: Function, prefix: str) -> None:
+    for prefix, fn in program.call_paths():
         for p in fn.params:
             out.setdefault((fn.name, p.name), []).append(prefix + p.name)
-        for o in fn.ops:
-            if o.op == "call":
-                sub = o.attrs["prefix"]
-                walk(program[o.attrs["callee"]], prefix + (sub + "." if sub else ""))
-
-    walk(program.main, "")
     return out
 
 
-def weight_operands(fn: Function) -> set[int]:
-    """ids of the parameters that feed a matmul weight or an embedding table: the ones worth quantizing."""
-    return {id(o.operands[1]) for o in fn.ops if o.op in ("linear", "embed")}
+def weight_uses(fn: Function) -> list[tuple[Operation, Value]]:
+    """(op, weight) for each matmul weight and embedding table in the body: the values worth quantizing."""
+    return [(o, o.operands[1]) for o in fn.ops if o.op in ("linear", "embed")]
+
+
+def redirect(fn: Function, old: Value, new: Value) -> None:
+    for o in fn.ops:
+        o.operands = [new if v is old else v for v in o.operands]
+
+
+def derived_name(fn: Function, name: str, tag: str) -> str:
+    """`qkv_proj.weight` -> `qkv_proj_q.weight`: a new module path, so its storage arrays get their own names."""
+    taken = {v.name for v in fn.inputs + fn.params} | {r.name for o in fn.all_ops() for r in o.results}
+    stem, dot, leaf = name.rpartition(".")
+    for i in range(1000):
+        suffix = tag if i == 0 else f"{tag}{i}"
+        candidate = f"{stem}_{suffix}.{leaf}" if dot else f"{name}_{suffix}"
+        if candidate not in taken:
+            return candidate
+    raise RuntimeError("no free name")
+
+
+@dataclass(frozen=True)
+class StorageTypes(Pass):
+    """A checkpoint that stores weights quantized (GGUF Q4_1, ...) is described as such, before any other pass, so
+    that every later decision sees the weights as they really are. A layer weight stored differently in different
+    layers stays float (the loader dequantizes it) and is counted as mixed."""
+
+    name = "storage-types"
+    quant: Mapping[str, Quant] = field(default_factory=dict, compare=False)  # global parameter name -> storage
+
+    def run(self, program: Program) -> tuple[Program, PassReport]:
+        report = PassReport(self.name, {"quantized": 0, "mixed": 0})
+        names = global_names(program)
+        for fn in program.functions:
+            for p in fn.params:
+                choices = {self.quant.get(g) for g in names.get((fn.name, p.name), [])}
+                if len(choices) > 1:
+                    report.changes["mixed"] += 1
+                elif choices and (q := choices.pop()) is not None:
+                    p.type = p.type.with_quant(q)
+                    report.changes["quantized"] += 1
+        return program, report
 
 
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Weights dominate memory and, on most targets, matmul bandwidth; quantizing them is a type change here and a
-    `quantize` call at load time."""
+    """Weights dominate memory and, on GPU targets, matmul bandwidth. Quantizing is a load-time `quantize` op on each
+    float weight a matmul or lookup reads (after fusion, the fused weight), so the artifact stores the codes."""
 
     name = "quantize"
     bits: int = 4
     group_size: int = 64
     embeddings: bool = True
-    decide: Decide | None = field(default=None, compare=False)  # per-weight choice (e.g. from a GGUF's tensor types)
-
-    def choose(self, global_name: str, p: Value) -> Quant | None:
-        if self.decide is not None:
-            return self.decide(global_name, p)
-        if not self.embeddings and global_name in ("embed_tokens.weight", "lm_head.weight"):
-            return None
-        if p.type.rank != 2 or p.type.shape[-1] % self.group_size:
-            return None
-        return Quant(self.bits, self.group_size)
 
     def run(self, program: Program) -> tuple[Program, PassReport]:
-        report = PassReport(self.name, {"quantized": 0, "kept float": 0, "mixed": 0})
-        names = global_names(program)
+        report = PassReport(self.name, {"quantized": 0, "kept float": 0})
         for fn in program.functions:
-            targets = weight_operands(fn)
-            for p in fn.params:
-                if id(p) not in targets or p.type.quant is not None:
+            done: dict[int, Value] = {}
+            for op, w in weight_uses(fn):
+                if w.type.quant is not None or id(w) in done:
                     continue
-                choices = {self.choose(g, p) for g in names.get((fn.name, p.name), [])}
-                if len(choices) > 1:
-                    report.changes["mixed"] += 1
-                    continue
-                q = choices.pop() if choices else None
-                if q is None:
+                is_embedding = w.name.startswith(("embed_tokens", "lm_head"))
+                if w.type.rank != 2 or w.type.shape[-1] % self.group_size or (is_embedding and not self.embeddings):
                     report.changes["kept float"] += 1
                     continue
-                p.type = p.type.with_quant(q)
+                q = Operation("quantize", [w], {"bits": self.bits, "group_size": self.group_size},
+                              [Value(derived_name(fn, w.name, "q"), w.type.with_quant(Quant(self.bits, self.group_size)))])
+                fn.derived.append(q)
+                redirect(fn, w, q.result)
+                done[id(w)] = q.result
                 report.changes["quantized"] += 1
         return program, report

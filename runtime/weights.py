@@ -114,26 +114,31 @@ def read_gguf_blocks(path: Path, types: Mapping[str, Quant]) -> dict[str, Quanti
     return out
 
 
-def _storage(name: str, arr: Tensor, t: TensorType) -> list[tuple[str, mx.array]]:
-    """The arrays a parameter of type `t` is stored as: one float array, or codes/scales/biases when quantized."""
+def conform(arr: Tensor, t: TensorType) -> Tensor:
+    """`arr` in the form type `t` asks for: cast, quantized (MLX's quantizer) or dequantized as needed."""
     dtype = MX_DTYPE[t.dtype]
     if t.quant is None:
         if isinstance(arr, QuantizedTensor):
             arr = arr.dequantize()
-        return [(name, arr if arr.dtype == dtype else arr.astype(dtype))]
+        return arr if arr.dtype == dtype else arr.astype(dtype)
     if isinstance(arr, QuantizedTensor) and arr.quant == t.quant:
-        codes, scales, biases = arr.codes, arr.scales.astype(dtype), arr.biases.astype(dtype)
-    else:
-        if isinstance(arr, QuantizedTensor):  # another layout: through float, then MLX's quantizer
-            arr = arr.dequantize()
-        codes, scales, biases = mx.quantize(arr.astype(dtype), group_size=t.quant.group_size, bits=t.quant.bits)
-    return list(zip(Quant.storage_names(name), (codes, scales, biases)))
+        return QuantizedTensor(arr.codes, arr.scales.astype(dtype), arr.biases.astype(dtype), arr.quant)
+    if isinstance(arr, QuantizedTensor):  # another layout: through float, then MLX's quantizer
+        arr = arr.dequantize()
+    return QuantizedTensor(*mx.quantize(arr.astype(dtype), group_size=t.quant.group_size, bits=t.quant.bits), t.quant)
+
+
+def storage_arrays(name: str, arr: Tensor) -> list[tuple[str, mx.array]]:
+    """The arrays a parameter is kept as: itself, or its codes, scales and biases."""
+    if isinstance(arr, QuantizedTensor):
+        return list(zip(Quant.storage_names(name), (arr.codes, arr.scales, arr.biases)))
+    return [(name, arr)]
 
 
 def from_storage(program: Program, arrays: Mapping[str, mx.array]) -> dict[str, Tensor]:
-    """The inverse of `bind`'s storage: regroup codes/scales/biases of quantized parameters (e.g. from an artifact)."""
+    """The inverse of `storage_arrays` for an artifact's runtime parameters: regroup quantized ones."""
     out: dict[str, Tensor] = dict(arrays)
-    for name, p in program.parameters():
+    for name, p in program.runtime_parameters():
         if p.type.quant is not None and name in out:
             codes, scales, biases = Quant.storage_names(name)
             if scales not in out or biases not in out:
@@ -142,22 +147,37 @@ def from_storage(program: Program, arrays: Mapping[str, mx.array]) -> dict[str, 
     return out
 
 
-def bind(program: Program, tensors: Mapping[str, Tensor]) -> list[tuple[str, mx.array]]:
-    """Check names and shapes against the program's parameters; cast, quantize or dequantize to their types."""
-    params = dict(program.parameters())
+def _checked(params: dict, tensors: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
     missing = [n for n in params if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightError(f"missing tensor for parameter {missing[0]}{more}")
+        raise WeightError(f"missing tensor for {what} {missing[0]}{more}")
     unexpected = [n for n in tensors if n not in params]
     if unexpected:
         raise WeightError(f"unexpected tensor {unexpected[0]}: the program has no such parameter")
-    out = []
+    out = {}
     for name, p in params.items():
         arr = tensors[name]
         if tuple(arr.shape) != tuple(p.type.shape):
             raise WeightError(f"tensor {name} has shape {list(arr.shape)}, the program expects {list(p.type.shape)}")
-        out += _storage(name, arr, p.type)
+        out[name] = conform(arr, p.type)
+    return out
+
+
+def bind(program: Program, tensors: Mapping[str, Tensor], stage: str = "checkpoint") -> list[tuple[str, mx.array]]:
+    """The arrays the generated module holds, from checkpoint tensors (running the program's load-time `derive`
+    ops once per call path) or, with stage="runtime", from already-derived tensors such as an artifact's."""
+    from .derive import run_derived
+
+    if stage == "checkpoint":
+        runtime = run_derived(program, _checked(dict(program.parameters()), tensors, "parameter"))
+    elif stage == "runtime":
+        runtime = tensors
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    out = []
+    for name, arr in _checked(dict(program.runtime_parameters()), runtime, "runtime parameter").items():
+        out += storage_arrays(name, arr)
     return out
 
 

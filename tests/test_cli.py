@@ -221,7 +221,9 @@ def test_compile_dump_dir(capsys, tmp_path):
     assert code == 0
     assert "compiled" in out
     names = sorted(p.name for p in dump.iterdir())
-    assert names == ["00-input.mlxc", "01-dce.mlxc", "02-select-kernels.mlxc"]
+    from mlxc.passes import DEFAULT_PIPELINE
+
+    assert names == ["00-input.mlxc"] + [f"{i:02d}-{n}.mlxc" for i, n in enumerate(DEFAULT_PIPELINE, 1)]
     for p in dump.iterdir():
         assert "func @main" in p.read_text()
         parse_program(p.read_text())

@@ -14,7 +14,7 @@ import mlxc
 from mlxc.api import pipeline
 from mlxc.ir import DType, Quant, TensorType, parse_program, verify
 from mlxc.ir.errors import MlxcError, VerifyError
-from mlxc.passes import Quantize, SelectKernels, run_pipeline
+from mlxc.passes import Quantize, SelectKernels, StorageTypes, run_pipeline
 
 SPEC = mlxc.ModelSpec(
     name="q", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -23,18 +23,19 @@ IDS = mx.array(np.random.default_rng(0).integers(0, 128, size=(2, 12)))
 
 
 def _quantized_params(program):
-    return {name: p.type.quant for name, p in program.parameters() if p.type.quant is not None}
+    """Runtime parameters (what the generated module holds) that are quantized."""
+    return {name: p.type.quant for name, p in program.runtime_parameters() if p.type.quant is not None}
 
 
 def test_quantize_pass_types_and_text_round_trip():
     program = run_pipeline(mlxc.lower(SPEC), ["dce", Quantize(bits=4, group_size=32)])
     quant = _quantized_params(program)
-    # every matmul weight and the embedding table; norms stay float
-    assert "layers.0.attn.q_proj.weight" in quant and "embed_tokens.weight" in quant
+    # every matmul weight and the embedding table, quantized by load-time ops; norms stay float
+    assert "layers.0.attn.q_proj_q.weight" in quant and "embed_tokens_q.weight" in quant
     assert not any("norm" in n for n in quant)
     assert set(quant.values()) == {Quant(4, 32)}
     text = str(program)
-    assert "f32[64, 64] q4g32" in text
+    assert "derive %q_proj_q.weight = quantize(%q_proj.weight) {bits = 4, group_size = 32} : f32[64, 64] q4g32" in text
     assert str(verify(parse_program(text))) == text
 
 
@@ -57,7 +58,6 @@ def test_group_size_must_divide_rows():
 def _reference_logits(bits: int, group: int) -> np.ndarray:
     """The float model with every quantizable weight replaced by dequantize(quantize(w))."""
     model = mlxc.load(SPEC, passes=["dce"], seed=3, init_scale=0.1)
-    flat = dict(model.net.parameters().items()) if False else None  # noqa: F841  (kept simple below)
     from mlx.utils import tree_flatten
 
     weights = []
@@ -74,27 +74,42 @@ def test_quantized_model_equals_dequantized_reference(bits, group):
     q = mlxc.load(SPEC, passes=["dce", Quantize(bits=bits, group_size=group)], seed=3, init_scale=0.1)
     src = open(q.module_path).read()
     assert "mx.quantized_matmul(" in src and "mx.dequantize(" in src  # lm head matmul and embedding lookup
-    assert q.net.layers[0].attn.q_proj.weight.dtype == mx.uint32
+    assert q.net.layers[0].attn.q_proj_q.weight.dtype == mx.uint32
     np.testing.assert_allclose(np.array(q(IDS).logits), _reference_logits(bits, group), atol=2e-4, rtol=0)
 
 
 def test_select_kernels_dequantizes_on_cpu_only():
-    program = run_pipeline(mlxc.lower(SPEC), [Quantize(bits=4, group_size=32), SelectKernels(target="cpu")])
-    assert _quantized_params(program) == {}
-    program = run_pipeline(mlxc.lower(SPEC), [Quantize(bits=4, group_size=32), SelectKernels(target="gpu")])
-    assert len(_quantized_params(program)) > 0
+    stored = {name: Quant(4, 32) for name, p in mlxc.lower(SPEC).parameters() if name.endswith("proj.weight")}
+    for target, expect_quantized in (("cpu", False), ("gpu", True)):
+        program = run_pipeline(mlxc.lower(SPEC), [StorageTypes(quant=stored), "fuse-qkv", "lift-params",
+                                                  SelectKernels(target=target)])
+        assert "f32[128, 64] q4g32" in str(program)  # the fused QKV weight concatenates quantized rows
+        assert (len(_quantized_params(program)) > 0) == expect_quantized
+        if not expect_quantized:
+            assert "dequantize(%qkv_proj.weight)" in str(program)
 
 
-def test_quantize_after_default_pipeline_keeps_weights_quantized():
+def test_user_quantize_comes_after_the_default_pipeline():
     names = [getattr(p, "name", p) for p in pipeline(None, 4, 32)]
-    assert names == ["dce", "select-kernels", "quantize"]
+    assert names[-1] == "quantize" and names.index("select-kernels") < names.index("quantize")
+
+
+def test_fused_quantized_checkpoint_weights_match_unfused():
+    """Storage-typed (quantized) checkpoint weights, fused at load by concatenating quantized rows, compute exactly
+    what the unfused quantized program computes."""
+    stored = {name: Quant(4, 32) for name, p in mlxc.lower(SPEC).parameters() if name.endswith("proj.weight")}
+    kw = dict(seed=4, init_scale=0.1)
+    unfused = mlxc.load(SPEC, passes=[StorageTypes(quant=stored), "dce"], **kw)
+    fused = mlxc.load(SPEC, passes=[StorageTypes(quant=stored), "fuse-qkv", "fuse-gate-up", "lift-params"], **kw)
+    assert "qkv_proj.weight" in str(fused.program)
+    np.testing.assert_allclose(np.array(fused(IDS).logits), np.array(unfused(IDS).logits), atol=1e-5, rtol=0)
 
 
 def test_quantized_artifact_round_trip(tmp_path):
     out = mlxc.compile(SPEC, tmp_path / "art", quantize=4, group_size=32, seed=5)
     stored = mx.load(str(out / "weights.safetensors"))
-    assert stored["layers.0.mlp.up_proj.weight"].dtype == mx.uint32
-    assert "layers.0.mlp.up_proj.scales" in stored and "layers.0.mlp.up_proj.biases" in stored
+    assert stored["layers.0.mlp.gate_up_proj_q.weight"].dtype == mx.uint32
+    assert "layers.0.mlp.gate_up_proj_q.scales" in stored and "layers.0.mlp.gate_up_proj_q.biases" in stored
     direct = mlxc.load(SPEC, quantize=4, group_size=32, seed=5)
     loaded = mlxc.load(out)
     np.testing.assert_array_equal(np.array(loaded(IDS).logits), np.array(direct(IDS).logits))

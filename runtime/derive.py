@@ -1,0 +1,72 @@
+"""Runs a program's load-time `derive` ops (fused weight concats, quantize/dequantize, LoRA merges) on weights.
+
+This is the one place weight transforms execute; an artifact stores their results, so they run once per compile.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..ir import Operation, Program
+from ..ir.errors import MlxcError
+from .weights import MX_DTYPE, QuantizedTensor, Tensor, conform
+
+
+def _float(x: Tensor) -> mx.array:
+    return x.dequantize() if isinstance(x, QuantizedTensor) else x
+
+
+def _concat(xs: list[Tensor], axis: int) -> Tensor:
+    if all(isinstance(x, QuantizedTensor) for x in xs) and len({x.quant for x in xs}) == 1:
+        parts = [mx.concatenate([getattr(x, f) for x in xs], axis=axis) for f in ("codes", "scales", "biases")]
+        return QuantizedTensor(*parts, xs[0].quant)
+    return mx.concatenate([_float(x) for x in xs], axis=axis)
+
+
+def _linear(args: list[Tensor]) -> mx.array:
+    y = _float(args[0]) @ _float(args[1]).T
+    return y + _float(args[2]) if len(args) > 2 else y
+
+
+_OPS: dict[str, Callable[[list[Tensor], dict], object]] = {
+    "concat": lambda a, k: _concat(a, k["axis"]),
+    "split": lambda a, k: mx.split(_float(a[0]), [sum(k["sizes"][: i + 1]) for i in range(len(k["sizes"]) - 1)],
+                                   axis=k["axis"]),
+    "quantize": lambda a, k: a[0],  # conform() below quantizes to the result type
+    "dequantize": lambda a, k: _float(a[0]),
+    "cast": lambda a, k: _float(a[0]),
+    "add": lambda a, k: _float(a[0]) + _float(a[1]),
+    "mul": lambda a, k: _float(a[0]) * _float(a[1]),
+    "linear": lambda a, k: _linear(a),
+    "transpose": lambda a, k: _float(a[0]).transpose(*k["perm"]),
+    "reshape": lambda a, k: _float(a[0]).reshape(*k["shape"]),
+    "silu": lambda a, k: nn.silu(_float(a[0])),
+}
+
+
+def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
+    fn = _OPS.get(op.op)
+    if fn is None:
+        raise MlxcError(f"op {op.op} cannot run at load time")
+    out = fn(args, op.attrs)
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    return [conform(x, r.type) for x, r in zip(outs, op.results)]
+
+
+def run_derived(program: Program, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Runtime parameters by global name, from checkpoint parameters by global name."""
+    out: dict[str, Tensor] = {}
+    for prefix, fn in program.call_paths():
+        env = {id(p): tensors[prefix + p.name] for p in fn.params}
+        for op in fn.derived:
+            for r, value in zip(op.results, run_op(op, [env[id(v)] for v in op.operands])):
+                env[id(r)] = value
+        for v in fn.runtime_params():
+            out[prefix + v.name] = env[id(v)]
+    return out
+
+
+__all__ = ["MX_DTYPE", "run_derived", "run_op"]
