@@ -11,13 +11,14 @@ _blas.activate()
 
 __version__ = "0.1.0"
 
-from .api import compile, load, load_artifact, load_async, resolve  # noqa: E402
+from .api import compile, load, load_artifact, load_async, resolve, save_adapter  # noqa: E402
+from .passes.lora import LoRAConfig  # noqa: E402
 from .frontends.lower import lower  # noqa: E402
 from .frontends.spec import ModelSpec  # noqa: E402
 from .ir.errors import MlxcError  # noqa: E402
 from .runtime.model import CompiledModel, ModelOutput  # noqa: E402
 
 __all__ = [
-    "CompiledModel", "MlxcError", "ModelOutput", "ModelSpec", "__version__", "compile", "load", "load_artifact",
-    "load_async", "lower", "resolve",
+    "CompiledModel", "LoRAConfig", "MlxcError", "ModelOutput", "ModelSpec", "__version__", "compile", "load", "load_artifact",
+    "load_async", "lower", "resolve", "save_adapter",
 ]

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .codegen import generate_module, import_module, write_module
 from .frontends.lower import lower
 from .frontends.spec import ModelSpec
 from .ir import DType, Program
 from .ir.errors import MlxcError
-from .passes import DEFAULT_PIPELINE, Quantize, SelectKernels, StorageTypes, pass_name, run_pipeline
+from .passes import (DEFAULT_PIPELINE, LoRA, LoRAConfig, MergeLoRA, Quantize, SelectKernels, StorageTypes, pass_name,
+                     run_pipeline)
 from .passes.pipeline import PassLike
 from .runtime import artifact as art
 from .runtime import weights as W
@@ -254,45 +256,116 @@ def _instantiate(module, weights: list[tuple[str, mx.array]]):
     return net
 
 
-def _weights_for(front: Frontend, program: Program, seed: int, init_scale: float,
-                 random_init: bool = False) -> list[tuple[str, mx.array]]:
-    """Checkpoint tensors, or seeded random ones when asked for (or when the source has none)."""
-    if front.tensors is None or random_init:
-        return W.bind(program, W.random_weights(program, seed=seed, scale=init_scale))
-    return W.bind(program, front.tensors)
+def _lora_tensors(program: Program, lora, adapter_tensors, seed: int) -> dict[str, mx.array]:
+    """Adapter weights: the loaded ones, or PEFT's initialisation for training (A uniform, B zero: no change yet)."""
+    if adapter_tensors is not None:
+        return dict(adapter_tensors)
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for name, p in program.parameters():
+        if ".lora_A." in name:
+            bound = 1.0 / np.sqrt(p.type.shape[1])
+            out[name] = mx.array(rng.uniform(-bound, bound, size=p.type.shape).astype(np.float32))
+        elif ".lora_B." in name:
+            out[name] = mx.zeros(p.type.shape)
+    return out
 
 
-def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None, *,
-         passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int = 64,
-         random_init: bool = False, seed: int = 0, init_scale: float = 0.02, progress: Progress = None) -> CompiledModel:
-    """Load a model from a Hugging Face directory, an mlxc artifact, a preset, a spec file or a hub id.
+@dataclass
+class Build:
+    """Everything a compile produces: the program, its generated module source and the weights bound to it."""
 
-    Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`); `random_init`
-    does the same for a checkpoint, keeping only its architecture.
-    """
-    if adapter is not None:
-        raise MlxcError("LoRA adapters are not supported yet (planned with the optimization-passes work)")
+    front: Frontend
+    program: Program
+    code: str
+    weights: list[tuple[str, mx.array]]
+    passes: list[str]
+    lora: LoRAConfig | None
+
+
+def build(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = None, quantize: int | None = None,
+          group_size: int = 64, adapter: str | Path | None = None, lora: LoRAConfig | None = None,
+          merge_lora: bool = False, random_init: bool = False, seed: int = 0, init_scale: float = 0.02,
+          dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Build:
+    """Source -> spec -> IR -> passes -> module source and bound weights (the shared core of load and compile)."""
     t = time.perf_counter()
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
-        return load_artifact(Path(source.location), progress)
+        raise MlxcError(f"{source.location} is already a compiled artifact")
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    program = compile_program(front.spec, dtype, _passes_for(front, pipeline(passes, quantize, group_size)))
-    t = _stage(progress, f"lowered and optimized ({len(program.functions)} functions)", t)
+    adapter_tensors = None
+    if adapter is not None:
+        from .frontends.peft import read_peft_adapter
+
+        lora, adapter_tensors = read_peft_adapter(adapter)
+    items = _passes_for(front, pipeline(passes, quantize, group_size))
+    if lora is not None:
+        items = _with_lora(items, lora, merge_lora)
+    elif merge_lora:
+        raise MlxcError("merge_lora needs an adapter (adapter=DIR) or a LoRA configuration")
+    program = compile_program(front.spec, dtype, items, dump_dir=dump_dir, on_report=on_report)
+    names = [pass_name(p) for p in items]
+    t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
-    path = write_module(code)
+    if front.tensors is None or random_init:
+        tensors = W.random_weights(program, seed=seed, scale=init_scale)
+    else:
+        tensors = dict(front.tensors)
+    if lora is not None:
+        tensors.update(_lora_tensors(program, lora, adapter_tensors, seed))
+    weights = W.bind(program, tensors)
+    _stage(progress, "weights bound", t)
+    return Build(front, program, code, weights, names, lora)
+
+
+def _with_lora(items: list[PassLike], config: LoRAConfig, merge: bool) -> list[PassLike]:
+    """Adapters go in after fusion and before weight work is lifted to load time (merging is weight work too)."""
+    added: list[PassLike] = [LoRA(config)] + ([MergeLoRA()] if merge else [])
+    at = next((i for i, p in enumerate(items) if pass_name(p) == "lift-params"), len(items))
+    return items[:at] + added + items[at:]
+
+
+def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None, *,
+         lora: LoRAConfig | None = None, merge_lora: bool = False, passes: Sequence[PassLike] | None = None,
+         quantize: int | None = None, group_size: int = 64, random_init: bool = False, seed: int = 0,
+         init_scale: float = 0.02, progress: Progress = None) -> CompiledModel:
+    """Load a model from a Hugging Face directory, a GGUF file, an mlxc artifact, a preset, a spec file or a hub id.
+
+    Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`); `random_init`
+    does the same for a checkpoint, keeping only its architecture. `adapter` is a PEFT LoRA folder (merged into the
+    weights with `merge_lora=True`); `lora` adds fresh adapters for training.
+    """
+    if resolve(src).kind == SourceKind.ARTIFACT:
+        if adapter is not None or lora is not None:
+            raise MlxcError("adapters are added when compiling; load the base model source with adapter=, not an artifact")
+        return load_artifact(Path(resolve(src).location), progress)
+    b = build(src, dtype, passes=passes, quantize=quantize, group_size=group_size, adapter=adapter, lora=lora,
+              merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, progress=progress)
+    path = write_module(b.code)
     module = import_module(path)
-    t = _stage(progress, f"generated {path}", t)
-    net = _instantiate(module, _weights_for(front, program, seed, init_scale, random_init))
-    _stage(progress, "weights loaded", t)
-    return CompiledModel(module, net, program, spec=front.spec, tokenizer=front.tokenizer,
-                         source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path))
+    return CompiledModel(module, _instantiate(module, b.weights), b.program, spec=b.front.spec,
+                         tokenizer=b.front.tokenizer, source=str(src if not isinstance(src, ModelSpec) else src.name),
+                         module_path=str(path), lora_config=b.lora)
 
 
 async def load_async(src, dtype: str = "float32", adapter=None, **kwargs) -> CompiledModel:
     """`load` on a worker thread, so an event loop keeps serving while weights are read."""
     return await asyncio.to_thread(load, src, dtype, adapter, **kwargs)
+
+
+def save_adapter(model: CompiledModel, path: str | Path) -> Path:
+    """The model's LoRA adapters (unmerged) as a PEFT folder that transformers + peft load."""
+    from mlx.utils import tree_flatten
+
+    from .frontends.peft import save_peft_adapter
+
+    if getattr(model, "lora_config", None) is None:
+        raise MlxcError("this model has no LoRA adapters to save")
+    tensors = {n: a for n, a in tree_flatten(model.net.parameters()) if ".lora_A." in n or ".lora_B." in n}
+    if not tensors:
+        raise MlxcError("the adapters were merged into the weights; load with merge_lora=False to save them")
+    return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source)
 
 
 def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
@@ -310,26 +383,19 @@ def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
 
 def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "float32", *,
             passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int = 64,
-            random_init: bool = False, seed: int = 0, init_scale: float = 0.02, overwrite: bool = False,
-            dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Path:
+            adapter: str | Path | None = None, merge_lora: bool = False, random_init: bool = False, seed: int = 0,
+            init_scale: float = 0.02, overwrite: bool = False, dump_dir: str | Path | None = None,
+            progress: Progress = None, on_report=None) -> Path:
     """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
     from . import __version__
 
+    b = build(src, dtype, passes=passes, quantize=quantize, group_size=group_size, adapter=adapter,
+              merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, dump_dir=dump_dir,
+              progress=progress, on_report=on_report)
     t = time.perf_counter()
-    source = resolve(src)
-    if source.kind == SourceKind.ARTIFACT:
-        raise MlxcError(f"{source.location} is already a compiled artifact")
-    front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
-    t = _stage(progress, f"read {front.description}", t)
-    items = _passes_for(front, pipeline(passes, quantize, group_size))
-    names = [pass_name(p) for p in items]
-    program = compile_program(front.spec, dtype, items, dump_dir=dump_dir, on_report=on_report)
-    t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
-    code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
-    weights = _weights_for(front, program, seed, init_scale, random_init)
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
-                            str(DType.parse(dtype).value), names, front.spec.model_dump(mode="json"))
-    out = art.save_artifact(out_dir, module_source=code, program=program, weights=weights, manifest=manifest,
-                            tokenizer=front.tokenizer, overwrite=overwrite)
+                            str(_float_dtype(dtype).value), b.passes, b.front.spec.model_dump(mode="json"))
+    out = art.save_artifact(out_dir, module_source=b.code, program=b.program, weights=b.weights, manifest=manifest,
+                            tokenizer=b.front.tokenizer, overwrite=overwrite)
     _stage(progress, f"wrote {out}", t)
     return out

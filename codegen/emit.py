@@ -45,6 +45,7 @@ class ModuleParts:
     classes: list[EmittedClass] = field(default_factory=list)
     ropes: dict[str, str] = field(default_factory=dict)  # constructor source -> constant name
     uses_attention: bool = False
+    uses_dropout: bool = False
     cache_windows: list[int | None] = field(default_factory=list)
 
 
@@ -70,6 +71,8 @@ FRAGMENTS: dict[str, Fragment] = {
     "transpose": lambda a, k: f"{a[0]}.transpose({_expr_list(map(str, k['perm']))})",
     "concat": lambda a, k: f"mx.concatenate([{_expr_list(a)}], axis={k['axis']})",
     "cast": lambda a, k: f"{a[0]}.astype({MX_DTYPES[k['dtype']]})",
+    "scale": lambda a, k: f"{a[0]} * {k['factor']!r}",
+    "dropout": lambda a, k: f"dropout({a[0]}, {k['p']!r}, self.training)",
 }
 
 
@@ -206,6 +209,9 @@ class _Emitter:
                 body.append(f"{_expr_list(outs)} = mx.split({args[0]}, [{_expr_list(cuts)}], axis={o.attrs['axis']})")
                 i += 1
                 continue
+            elif o.op == "dropout":
+                self.parts.uses_dropout = True
+                expr = FRAGMENTS["dropout"](args, o.attrs)
             elif (quantized := _quantized(o, args)) is not None:
                 expr = quantized
             else:

@@ -40,6 +40,8 @@ def generate_module(program: Program, title: str = "A language model compiled by
     if parts.ropes:
         blocks.append(_ENV.get_template("rope.py.j2").render().rstrip("\n"))
         blocks.append("\n".join(f"{name} = {src}" for src, name in parts.ropes.items()))
+    if parts.uses_dropout:
+        blocks.append(_ENV.get_template("dropout.py.j2").render().rstrip("\n"))
     if parts.uses_attention:
         blocks.append(_ENV.get_template("attention.py.j2").render().rstrip("\n"))
     blocks += [_ENV.get_template("class.py.j2").render(cls=c).rstrip("\n") for c in parts.classes]

@@ -318,3 +318,27 @@ def hf_to_ir_name(hf_name: str) -> Optional[str]:
         if m:
             return None if template is None else m.expand(template)
     return UNMAPPED
+
+
+# IR name -> HF name, the inverse of the table above for the tensors mlxc writes back (adapters, exports).
+_IR_RULES: Final[tuple[tuple[re.Pattern[str], str], ...]] = tuple(
+    (re.compile(pattern), template)
+    for pattern, template in (
+        (r"embed_tokens\.weight", "model.embed_tokens.weight"),
+        (r"layers\.(\d+)\.input_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+        (r"layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+        (r"layers\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+        (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+        (r"norm\.weight", "model.norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+    )
+)
+
+
+def ir_to_hf_name(ir_name: str) -> str:
+    """The Hugging Face (Llama-layout) name of an IR parameter; MlxcError if it has none."""
+    for pattern, template in _IR_RULES:
+        m = pattern.fullmatch(ir_name)
+        if m:
+            return m.expand(template)
+    raise MlxcError(f"IR parameter {ir_name} has no Hugging Face name")

@@ -161,6 +161,19 @@ def _concat(*xs: TensorType, axis: int):
     return first.with_shape(first.shape[:ax] + (sum(t.shape[ax] for t in xs),) + first.shape[ax + 1 :])
 
 
+@op("scale", OpGroup.UNARY, ("x",), (AttrDef("factor", float),))
+def _scale(x: TensorType, factor: float):
+    """x * factor, a constant known at compile time (e.g. LoRA's alpha / r)."""
+    return x
+
+
+@op("dropout", OpGroup.UNARY, ("x",), (AttrDef("p", float),))
+def _dropout(x: TensorType, p: float):
+    """Zero each element with probability p and rescale the rest, in training mode only; identity in inference."""
+    require(0.0 <= p < 1.0, f"dropout probability must be in [0, 1), got {p}")
+    return x
+
+
 @op("cast", OpGroup.UNARY, ("x",), (AttrDef("dtype", DType),))
 def _cast(x: TensorType, dtype: DType):
     """Convert element type."""

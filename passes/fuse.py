@@ -45,6 +45,9 @@ class CombineParallelLinears:
         if any(with_bias) and not all(with_bias):
             return False
         first = min(group, key=rw.fn.ops.index)
+        later = {id(r) for o in rw.fn.ops[rw.fn.ops.index(first):] for r in o.results}
+        if any(id(v) in later for o in group for v in o.operands[1:]):
+            return False  # back off: a weight or bias is computed in the body after the first projection
         w = rw.insert_before(first, "concat", *weights, axis=0, name=f"{self.fused}.weight")
         b = rw.insert_before(first, "concat", *[o.operands[2] for o in group], axis=0,
                              name=f"{self.fused}.bias") if all(with_bias) else None

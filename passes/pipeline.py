@@ -14,13 +14,14 @@ from .dce import DeadCodeElimination
 from .fold_shapes import FoldShapes
 from .fuse import FuseGateUp, FuseQKV
 from .lift import LiftParams
+from .lora import LoRA, MergeLoRA
 from .quantize import Quantize, StorageTypes
 from .select_kernels import SelectKernels
 
 PASSES: dict[str, type[Pass]] = {
     p.name: p
     for p in (DeadCodeElimination, FuseQKV, FuseGateUp, LiftParams, CommonSubexpressionElimination, FoldShapes,
-              SelectKernels, Quantize, StorageTypes)
+              SelectKernels, Quantize, StorageTypes, LoRA, MergeLoRA)
 }
 
 DEFAULT_PIPELINE: tuple[str, ...] = (

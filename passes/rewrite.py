@@ -26,6 +26,21 @@ class Rewriter:
     def insert_before(self, anchor: Operation, opname: str, *operands: Value | None, name: str | list[str],
                       **attrs: Any):
         """A new op placed just before `anchor`; returns its result (or tuple of results)."""
+        return self.insert_at(self.fn.ops.index(anchor), opname, *operands, name=name, **attrs)
+
+    def insert_at(self, index: int, opname: str, *operands: Value | None, name: str | list[str], **attrs: Any):
+        """A new body op at position `index`; returns its result (or tuple of results)."""
+        op = self._make(opname, operands, name, attrs)
+        self.fn.ops.insert(index, op)
+        return op.results[0] if len(op.results) == 1 else tuple(op.results)
+
+    def derive(self, index: int, opname: str, *operands: Value | None, name: str | list[str], **attrs: Any):
+        """A new load-time op at position `index` of the derive section; returns its result."""
+        op = self._make(opname, operands, name, attrs)
+        self.fn.derived.insert(index, op)
+        return op.results[0] if len(op.results) == 1 else tuple(op.results)
+
+    def _make(self, opname: str, operands, name, attrs) -> Operation:
         ops = [v for v in operands if v is not None]
         d = lookup(opname)
         try:
@@ -34,10 +49,7 @@ class Rewriter:
         except TypeRuleError as e:
             raise VerifyError(f"@{self.fn.name}: rewrite built an invalid {opname}: {e}") from None
         hints = name if isinstance(name, list) else [name] * len(types)
-        results = [Value(self.fresh(h), t) for h, t in zip(hints, types)]
-        op = Operation(opname, ops, norm, results)
-        self.fn.ops.insert(self.fn.ops.index(anchor), op)
-        return results[0] if len(results) == 1 else tuple(results)
+        return Operation(opname, ops, norm, [Value(self.fresh(h), t) for h, t in zip(hints, types)])
 
     def replace_uses(self, old: Value, new: Value) -> None:
         for o in self.fn.all_ops():

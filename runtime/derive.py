@@ -44,6 +44,7 @@ _OPS: dict[str, Callable[[list[Tensor], dict], object]] = {
     "transpose": lambda a, k: _float(a[0]).transpose(*k["perm"]),
     "reshape": lambda a, k: _float(a[0]).reshape(*k["shape"]),
     "silu": lambda a, k: nn.silu(_float(a[0])),
+    "scale": lambda a, k: _float(a[0]) * k["factor"],
 }
 
 

@@ -34,7 +34,7 @@ class CompiledModel:
     """What `mlxc.load` returns. `model(ids)` runs a forward pass; `model.generate` decodes with a KV cache."""
 
     def __init__(self, module: ModuleType, net: nn.Module, program: Program, *, spec=None, tokenizer=None,
-                 source: str = "", module_path: str = ""):
+                 source: str = "", module_path: str = "", lora_config=None):
         self.module = module
         self.net = net
         self.program = program
@@ -42,6 +42,7 @@ class CompiledModel:
         self.tokenizer = tokenizer
         self.source = source
         self.module_path = module_path
+        self.lora_config = lora_config  # the adapters' configuration, when the model has LoRA adapters
         self.vocab_size = program.main.outputs[0].type.shape[-1]
 
     def __repr__(self) -> str:

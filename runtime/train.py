@@ -304,6 +304,10 @@ def train_lora(
         raise MlxcError(f"config must be a TrainConfig, got {type(config).__name__}")
     ids_np, labels_np, mask_np, seg_np = _rows(examples, config)
     names = freeze_all_but_adapters(net)
+    vocab = net(mx.array(ids_np[:1, :2]), None).shape[-1]  # one tiny forward, before seeding, to learn V
+    if ids_np.min() < 0 or ids_np.max() >= vocab:
+        bad = int(ids_np.min()) if ids_np.min() < 0 else int(ids_np.max())
+        raise MlxcError(f"training data has token id {bad}, out of range for the model's vocabulary of {vocab}")
     n_params = sum(v.size for v in adapter_parameters(net).values())
 
     rng = np.random.default_rng(config.seed)

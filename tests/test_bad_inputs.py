@@ -235,9 +235,15 @@ def test_corrupt_artifact_manifest(tmp_path):
     assert "manifest" in _error(out)
 
 
-def test_adapter_not_supported():
-    msg = _error("preset:tiny", adapter="some/adapter")
-    assert "adapter" in msg.lower() and "not supported" in msg
+def test_adapter_folder_missing(tmp_path):
+    msg = _error("preset:tiny", adapter=str(tmp_path))
+    assert "adapter_config.json" in msg and str(tmp_path) in msg
+
+
+def test_adapter_with_unsupported_option(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true}')
+    msg = _error("preset:tiny", adapter=str(tmp_path))
+    assert "use_dora" in msg and "not supported" in msg
 
 
 # ------------------------------------------------------------------------------------------------- inputs to a model

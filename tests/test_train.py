@@ -115,7 +115,7 @@ def data(tmp_path_factory, tok):
     return load_jsonl(path, tok, 32)
 
 
-CFG = dict(steps=50, batch_size=4, seq_len=32, learning_rate=3e-2, warmup_steps=5, seed=3, log_every=10)
+CFG = dict(steps=50, batch_size=4, seq_len=32, learning_rate=1e-2, warmup_steps=5, seed=3, log_every=10)
 
 
 def test_lora_training_learns_and_touches_only_adapters(data, tmp_path):
@@ -187,7 +187,8 @@ def test_save_schedule_and_mode_restored(data):
                save_adapter=lambda s, o: saves.append(s))
     assert saves == [3, 6] and net.training is False
     saves.clear()
-    train_lora(StandIn(), data, TrainConfig(**{**CFG, "steps": 4, "warmup_steps": 0}), save_adapter=lambda s, o: saves.append(s))
+    train_lora(StandIn(), data, TrainConfig(**{**CFG, "steps": 4, "warmup_steps": 0}),
+               save_adapter=lambda s, o: saves.append(s))
     assert saves == [4]
 
 
@@ -283,3 +284,5 @@ def test_load_jsonl_missing_file_and_empty_examples(tmp_path, tok):
         train_lora(StandIn(), [], TrainConfig(**CFG))
     with pytest.raises(MlxcError, match="no target tokens"):
         train_lora(StandIn(), [Example((1, 2), (False, False))], TrainConfig(**CFG))
+    with pytest.raises(MlxcError, match=f"token id {V}, out of range for the model's vocabulary of {V}"):
+        train_lora(StandIn(), [Example((1, 2, V))], TrainConfig(**CFG))

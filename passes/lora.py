@@ -1,0 +1,239 @@
+"""lora and merge-lora: low-rank adapters on chosen projections, and folding them into the base weights.
+
+An adapter on projection P adds `factor * B(A(dropout(x)))` to P's output, with parameters `P.lora_A.weight`
+[r, in] and `P.lora_B.weight` [out, r] (PEFT's layout and names) and factor = alpha / r (alpha / sqrt(r) with rsLoRA).
+After fusion a projection is a slice of a fused matmul's split; the adapter then adds to that slice, so it keeps its
+per-projection meaning. `merge-lora` rewrites each adapter into a load-time weight update W + factor * B @ A
+(re-quantized when W was quantized) and removes it from the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..ir import Function, Operation, Program, TensorType, Value
+from ..ir.errors import MlxcError
+from .base import Pass, PassReport
+from .quantize import global_names
+from .rewrite import Rewriter
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # projection names (`q_proj`, `v_proj`: match the last name segment) or one regex matched against the module's
+    # global name (`layers.0.attn.q_proj`) and its last segment, e.g. "q_proj|v_proj" or ".*mlp.*"
+    targets: Union[tuple[str, ...], str] = ("q_proj", "v_proj")
+    rslora: bool = False
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise MlxcError(f"LoRA rank must be positive, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MlxcError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str):
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise MlxcError(f"bad LoRA target regex {self.targets!r}: {e}") from None
+        elif isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def factor(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def selects(self, module: str) -> bool:
+        leaf = module.rsplit(".", 1)[-1]
+        if isinstance(self.targets, str):
+            return re.fullmatch(self.targets, module) is not None or re.fullmatch(self.targets, leaf) is not None
+        return leaf in self.targets
+
+
+@dataclass
+class Projection:
+    """A logical projection in a function body: its module name, input, and the value holding its output."""
+
+    module: str  # e.g. "q_proj" (relative to the function)
+    x: Value
+    out: Value
+    weight: Value  # the checkpoint parameter P.weight (inside a fused concat, if fused)
+    after: Operation  # the op producing `out`; adapters are inserted after it
+
+
+def projections(fn: Function) -> list[Projection]:
+    """Every linear's logical projections: itself, or the slices of a fused weight concat split back apart."""
+    producer = fn.producers()
+    users = fn.users()
+    found = []
+    for o in fn.ops:
+        if o.op != "linear":
+            continue
+        w = o.operands[1]
+        w_op = producer.get(w)
+        if w in fn.params and w.name.endswith(".weight"):
+            found.append(Projection(w.name[: -len(".weight")], o.operands[0], o.result, w, o))
+        elif w_op is not None and w_op.op == "concat" and all(p in fn.params for p in w_op.operands):
+            split = next((u for u in users.get(o.result, []) if u.op == "split"), None)
+            if split is None or len(split.results) != len(w_op.operands):
+                continue
+            for part, piece in zip(w_op.operands, split.results):
+                if part.name.endswith(".weight"):
+                    found.append(Projection(part.name[: -len(".weight")], o.operands[0], piece, part, split))
+    return found
+
+
+def _module_calls(program: Program, fn: Function, module: str) -> list[str]:
+    return [g[: -len(".weight")] for g in global_names(program).get((fn.name, module + ".weight"), [])]
+
+
+@dataclass(frozen=True)
+class LoRA(Pass):
+    """Adapters are graph code like everything else: fusion, codegen and merging treat them uniformly."""
+
+    name = "lora"
+    config: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def run(self, program: Program) -> tuple[Program, PassReport]:
+        report = PassReport(self.name, {"adapters": 0})
+        cfg = self.config
+        for fn in program.functions:
+            rw = Rewriter(program, fn)
+            for proj in reversed(projections(fn)):  # reversed: fused slices end up in q, k, v order
+                calls = _module_calls(program, fn, proj.module)
+                chosen = [cfg.selects(c) for c in calls]
+                if not any(chosen):
+                    continue
+                if not all(chosen):
+                    raise MlxcError(
+                        f"LoRA targets select {proj.module} in some layers but not others ({calls[chosen.index(True)]} "
+                        f"yes, {calls[chosen.index(False)]} no); per-layer adapters are not supported yet"
+                    )
+                self._insert(fn, rw, proj)
+                report.changes["adapters"] += 1
+        return program, report
+
+    def _insert(self, fn: Function, rw: Rewriter, proj: Projection) -> None:
+        cfg = self.config
+        t = proj.weight.type
+        dtype = t.dtype
+        a = Value(rw.fresh(f"{proj.module}.lora_A.weight"), TensorType(dtype, (cfg.rank, t.shape[1])))
+        b = Value(rw.fresh(f"{proj.module}.lora_B.weight"), TensorType(dtype, (t.shape[0], cfg.rank)))
+        fn.params += [a, b]
+        users_before = [o for o in fn.ops if any(v is proj.out for v in o.operands)]
+        at = fn.ops.index(proj.after) + 1
+
+        def insert(opname: str, *operands: Value, name: str, **attrs) -> Value:
+            nonlocal at
+            v = rw.insert_at(at, opname, *operands, name=name, **attrs)
+            at += 1
+            return v
+
+        x = proj.x
+        if cfg.dropout > 0:
+            x = insert("dropout", x, p=cfg.dropout, name=f"{proj.module}_lora_in")
+        down = insert("linear", x, a, name=f"{proj.module}_lora_a")
+        up = insert("linear", down, b, name=f"{proj.module}_lora_b")
+        delta = insert("scale", up, factor=cfg.factor, name=f"{proj.module}_lora")
+        total = insert("add", proj.out, delta, name=f"{proj.module}_out")
+        for o in users_before:
+            o.operands = [total if v is proj.out else v for v in o.operands]
+        fn.outputs = [total if v is proj.out else v for v in fn.outputs]
+
+
+@dataclass(frozen=True)
+class MergeLoRA(Pass):
+    """No adapter overhead at inference: W' = W + factor * B @ A, computed once at load time."""
+
+    name = "merge-lora"
+
+    def run(self, program: Program) -> tuple[Program, PassReport]:
+        report = PassReport(self.name, {"merged": 0})
+        for fn in program.functions:
+            rw = Rewriter(program, fn)
+            producer = fn.producers()
+            for add in [o for o in fn.ops if o.op == "add"]:
+                match = _adapter(fn, producer, add)
+                if match is None:
+                    continue
+                base, scale, a, b = match
+                weight = _base_weight(fn, producer, base)
+                if weight is None:
+                    continue
+                readers = [o for o in fn.all_ops() if any(v is weight for v in o.operands)]
+                merged = self._merged_weight(fn, rw, weight, a, b, scale.attrs["factor"])
+                for o in readers:
+                    o.operands = [merged if v is weight else v for v in o.operands]
+                rw.replace_uses(add.result, base)
+                for dead in _adapter_ops(producer, add):
+                    rw.erase(dead)
+                report.changes["merged"] += 1
+        return program, report
+
+    @staticmethod
+    def _merged_weight(fn: Function, rw: Rewriter, w: Value, a: Value, b: Value, factor: float) -> Value:
+        """Load-time ops computing the merged weight, placed first in the derive section (they read only params)."""
+        stem = w.name[: -len(".weight")] if w.name.endswith(".weight") else w.name
+        slot = 0
+        while slot < len(fn.derived) and all(v in fn.params for v in fn.derived[slot].operands):
+            slot += 1
+
+        def derive(opname: str, *operands: Value, name: str, **attrs) -> Value:
+            nonlocal slot
+            v = rw.derive(slot, opname, *operands, name=name, **attrs)
+            slot += 1
+            return v
+
+        base = derive("dequantize", w, name=f"{stem}_f.weight") if w.type.quant else w
+        a_t = derive("transpose", a, perm=[1, 0], name=f"{stem}.lora_At")
+        ba = derive("linear", b, a_t, name=f"{stem}.lora_BA")
+        delta = derive("scale", ba, factor=factor, name=f"{stem}.lora_delta")
+        merged = derive("add", base, delta, name=f"{stem}_merged.weight")
+        if w.type.quant:
+            q = w.type.quant
+            merged = derive("quantize", merged, bits=q.bits, group_size=q.group_size, name=f"{stem}_merged_q.weight")
+        return merged
+
+
+def _adapter(fn: Function, producer: dict, add: Operation):
+    """add(base, scale(linear(linear(x, A), B))) with A/B adapter parameters -> (base, scale op, A, B)."""
+    base, delta = add.operands
+    s = producer.get(delta)
+    if s is None or s.op != "scale":
+        return None
+    up = producer.get(s.operands[0])
+    if up is None or up.op != "linear" or not up.operands[1].name.endswith("lora_B.weight"):
+        return None
+    down = producer.get(up.operands[0])
+    if down is None or down.op != "linear" or not down.operands[1].name.endswith("lora_A.weight"):
+        return None
+    return base, s, down.operands[1], up.operands[1]
+
+
+def _adapter_ops(producer: dict, add: Operation) -> list[Operation]:
+    s = producer[add.operands[1]]
+    up = producer[s.operands[0]]
+    down = producer[up.operands[0]]
+    ops = [add, s, up, down]
+    d = producer.get(down.operands[0])
+    if d is not None and d.op == "dropout":
+        ops.append(d)
+    return ops
+
+
+def _base_weight(fn: Function, producer: dict, out: Value) -> Value | None:
+    """The checkpoint weight whose matmul produced `out`: a linear's weight, or its slice of a fused concat."""
+    op = producer.get(out)
+    if op is not None and op.op == "linear" and op.operands[1] in fn.params:
+        return op.operands[1]
+    if op is not None and op.op == "split":
+        lin = producer.get(op.operands[0])
+        cat = producer.get(lin.operands[1]) if lin is not None and lin.op == "linear" else None
+        if cat is not None and cat.op == "concat" and len(cat.operands) == len(op.results):
+            return cat.operands[op.results.index(out)]
+    return None
