@@ -322,7 +322,8 @@ def build(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = No
 def _with_lora(items: list[PassLike], config: LoRAConfig, merge: bool) -> list[PassLike]:
     """Adapters go in after fusion and before weight work is lifted to load time (merging is weight work too)."""
     added: list[PassLike] = [LoRA(config)] + ([MergeLoRA()] if merge else [])
-    at = next((i for i, p in enumerate(items) if pass_name(p) == "lift-params"), len(items))
+    later = ("lift-params", "select-kernels", "quantize")  # weight work that must see the adapters' projections
+    at = next((i for i, p in enumerate(items) if pass_name(p) in later), len(items))
     return items[:at] + added + items[at:]
 
 

@@ -147,3 +147,37 @@ def test_loss_matches_hf(checkpoint):
         ref = hf_model(torch.tensor(ids), labels=torch.tensor(labels)).loss.item()
     ours = model(mx.array(ids), labels=mx.array(labels)).loss.item()
     assert abs(ours - ref) <= 1e-4, name
+
+
+# ---------------------------------------------------------------- fusion (fuse-qkv, fuse-gate-up) changes nothing
+
+
+def _fused_and_unfused(path):
+    """The default pipeline (fuse-qkv and fuse-gate-up included) and the unfused program (`dce` only)."""
+    fused = mlxc.load(str(path))
+    unfused = mlxc.load(str(path), passes=["dce"])
+    fused_text, unfused_text = str(fused.program), str(unfused.program)
+    assert "qkv_proj" in fused_text and "gate_up_proj" in fused_text, "the default pipeline did not fuse"
+    assert "qkv_proj" not in unfused_text and "gate_up_proj" not in unfused_text
+    return fused, unfused
+
+
+def test_fused_logits_match_unfused(checkpoint):
+    name, _, path = checkpoint
+    fused, unfused = _fused_and_unfused(path)
+    ids = mx.array(np.random.default_rng(5).integers(3, VOCAB, size=(2, SEQ)))
+    a, b = np.array(fused(ids).logits), np.array(unfused(ids).logits)
+    assert a.dtype == np.float32 and a.shape == b.shape
+    err = np.abs(a - b).max()
+    assert err <= 1e-5, f"{name}: fused vs unfused max |logits diff| = {err:.2e}"
+
+
+def test_fused_cached_greedy_generation_matches_unfused(checkpoint):
+    name, _, path = checkpoint
+    fused, unfused = _fused_and_unfused(path)
+    prompt = mx.array(np.random.default_rng(6).integers(3, VOCAB, size=(1, 9)))
+    kw = dict(max_new_tokens=16, temperature=0.0, stop_tokens=())
+    a = np.array(fused.generate(prompt, **kw)).tolist()
+    b = np.array(unfused.generate(prompt, **kw)).tolist()
+    assert len(a[0]) == 9 + 16
+    assert a == b, f"{name}: fused and unfused greedy tokens differ"
