@@ -299,11 +299,7 @@ def build(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = No
         from .frontends.peft import read_peft_adapter
 
         lora, adapter_tensors = read_peft_adapter(adapter)
-    items = _passes_for(front, pipeline(passes, quantize, group_size))
-    if lora is not None:
-        items = _with_lora(items, lora, merge_lora)
-    elif merge_lora:
-        raise MlxcError("merge_lora needs an adapter (adapter=DIR) or a LoRA configuration")
+    items = _pipeline_for(front, passes, quantize, group_size, lora, merge_lora)
     program = compile_program(front.spec, dtype, items, dump_dir=dump_dir, on_report=on_report)
     names = [pass_name(p) for p in items]
     t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
@@ -317,6 +313,34 @@ def build(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = No
     weights = W.bind(program, tensors)
     _stage(progress, "weights bound", t)
     return Build(front, program, code, weights, names, lora)
+
+
+def _pipeline_for(front: Frontend, passes, quantize, group_size, lora: LoRAConfig | None,
+                  merge_lora: bool) -> list[PassLike]:
+    """The whole pass list for a source: its storage types, the pipeline, adapters, quantization."""
+    items = _passes_for(front, pipeline(passes, quantize, group_size))
+    if lora is not None:
+        return _with_lora(items, lora, merge_lora)
+    if merge_lora:
+        raise MlxcError("merge_lora needs an adapter (adapter=DIR) or a LoRA configuration")
+    return items
+
+
+def program_for(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = None, quantize: int | None = None,
+                group_size: int = 64, adapter: str | Path | None = None, merge_lora: bool = False,
+                stop_after: str | None = None, on_report=None) -> Program:
+    """The compiled IR alone, without reading weights (for `mlxc dump`); an artifact's stored program as it is."""
+    source = resolve(src)
+    if source.kind == SourceKind.ARTIFACT:
+        return art.read_program(Path(source.location))
+    front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
+    lora = None
+    if adapter is not None:
+        from .frontends.peft import read_peft_adapter
+
+        lora, _ = read_peft_adapter(adapter)
+    items = _pipeline_for(front, passes, quantize, group_size, lora, merge_lora)
+    return run_pipeline(lower(front.spec, _float_dtype(dtype)), items, stop_after=stop_after, on_report=on_report)
 
 
 def _with_lora(items: list[PassLike], config: LoRAConfig, merge: bool) -> list[PassLike]:

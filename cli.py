@@ -1,4 +1,4 @@
-"""The `mlxc` command: compile | dump | run | chat | inspect | bench | kernels.
+"""The `mlxc` command: compile | dump | run | chat | inspect | bench | train | kernels.
 
 Every user-facing failure is an MlxcError printed as one line on stderr with a non-zero exit; set MLXC_DEBUG=1 to
 see tracebacks.
@@ -56,6 +56,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_passes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--merge-lora", action="store_true", help="fold the adapter into the weights at load time")
     p.add_argument("--passes", help="comma-separated pass pipeline (default: the standard pipeline)")
     p.add_argument("--no-opt", action="store_true", help="run no passes")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="store matmul and embedding weights in 4 or 8 bits")
@@ -133,6 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--repeats", type=_positive_int, default=3)
 
+    p = sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset; saves PEFT adapters")
+    _add_source(p)
+    p.add_argument("--data", required=True, help='JSONL: {"text": ...}, {"messages": [...]} or {"prompt", "completion"}')
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write (PEFT format)")
+    p.add_argument("--rank", type=_positive_int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated projections, or a regex")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--train-seed", type=int, default=0)
+
     sub.add_parser("kernels", help="list custom kernels and which one each target would use")
     return parser
 
@@ -155,7 +175,8 @@ def cmd_compile(args) -> int:
 
     reports = []
     out = compile_artifact(
-        args.src, args.output, args.dtype, passes=_pipeline(args), seed=args.seed, init_scale=args.init_scale,
+        args.src, args.output, args.dtype, passes=_pipeline(args), adapter=args.adapter, merge_lora=args.merge_lora,
+        seed=args.seed, init_scale=args.init_scale,
         overwrite=args.force, dump_dir=args.dump_dir, random_init=args.random_init, progress=_progress,
         on_report=reports.append,
     )
@@ -166,20 +187,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from .api import read_source, resolve
-    from .frontends.lower import lower
+    from .api import program_for
     from .ir import to_dot, to_json, to_svg
-    from .api import SourceKind
-    from .passes import run_pipeline
 
-    source = resolve(args.src)
-    if source.kind == SourceKind.ARTIFACT:
-        from .runtime.artifact import read_program
-
-        program = read_program(Path(source.location))
-    else:
-        program = lower(read_source(source, weights=False).spec, args.dtype)
-        program = run_pipeline(program, _pipeline(args), stop_after=args.after)
+    program = program_for(args.src, args.dtype, passes=_pipeline(args), adapter=args.adapter,
+                          merge_lora=args.merge_lora, stop_after=args.after,
+                          on_report=lambda r: err_console.print(Text(f"pass {r}", style="dim")))
     render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
     text = render(program)
     if args.output:
@@ -195,8 +208,8 @@ def cmd_run(args) -> int:
 
     from .api import load
 
-    model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
-                 init_scale=args.init_scale, progress=_progress)
+    model = load(args.src, args.dtype, adapter=args.adapter, merge_lora=args.merge_lora, passes=_pipeline(args),
+                 random_init=args.random_init, seed=args.seed, init_scale=args.init_scale, progress=_progress)
     sampling = _sampling(args)
     start = time.perf_counter()
     count = 0
@@ -226,8 +239,8 @@ def cmd_chat(args) -> int:
     from .api import load
     from .runtime.chat import ChatSession
 
-    model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
-                 init_scale=args.init_scale, progress=_progress)
+    model = load(args.src, args.dtype, adapter=args.adapter, merge_lora=args.merge_lora, passes=_pipeline(args),
+                 random_init=args.random_init, seed=args.seed, init_scale=args.init_scale, progress=_progress)
     session = ChatSession(model, system=args.system, **_sampling(args))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -319,8 +332,8 @@ def cmd_bench(args) -> int:
     from .blas import active_blas
     from .runtime.bench import bench_model
 
-    model = load(args.src, args.dtype, passes=_pipeline(args), random_init=args.random_init, seed=args.seed,
-                 init_scale=args.init_scale, progress=_progress)
+    model = load(args.src, args.dtype, adapter=args.adapter, merge_lora=args.merge_lora, passes=_pipeline(args),
+                 random_init=args.random_init, seed=args.seed, init_scale=args.init_scale, progress=_progress)
     result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch, repeats=args.repeats,
                          progress=_progress)
     t = Table(title=f"{args.src} ({args.dtype}, BLAS: {active_blas().name})")
@@ -332,12 +345,47 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import re
+
+    from .api import load, save_adapter
+    from .passes.lora import LoRAConfig
+    from .runtime.train import TrainConfig, load_jsonl, train_lora
+
+    targets = args.targets
+    if re.fullmatch(r"[\w,]+", targets):
+        targets = tuple(t for t in targets.split(",") if t)
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                         label_smoothing=args.label_smoothing, seed=args.train_seed, log_every=args.log_every,
+                         save_every=args.save_every, out_dir=args.output)
+    model = load(args.src, args.dtype, lora=lora, random_init=args.random_init, seed=args.seed,
+                 init_scale=args.init_scale, progress=_progress)
+    if model.tokenizer is None:
+        raise MlxcError(f"{args.src} has no tokenizer, so the JSONL text cannot be tokenized")
+    examples = load_jsonl(args.data, model.tokenizer, config.seq_len)
+
+    def log(r: dict) -> None:
+        err_console.print(f"step {r['step']:>5}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
+                          f"{r['tokens_per_sec']:,.0f} tok/s", highlight=False)
+
+    def save(step: int, out_dir: Path) -> None:
+        final = step == config.steps
+        save_adapter(model, out_dir if final else out_dir / f"step-{step:06d}")
+
+    result = train_lora(model.net, examples, config, on_log=log, save_adapter=save)
+    console.print(f"trained {result.num_adapter_params:,} adapter parameters for {result.steps} steps: "
+                  f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; adapter in {args.output}")
+    return 0
+
+
 def cmd_kernels(args) -> int:
     raise MlxcError("no custom kernels are available yet: every op runs through MLX's built-in ops on all targets")
 
 
 COMMANDS = {"compile": cmd_compile, "dump": cmd_dump, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect,
-            "bench": cmd_bench, "kernels": cmd_kernels}
+            "bench": cmd_bench, "train": cmd_train, "kernels": cmd_kernels}
 
 
 def main(argv: list[str] | None = None) -> int:
