@@ -293,52 +293,50 @@ def load_hf_spec(path: PathLike, name: Optional[str] = None) -> ModelSpec:
 UNMAPPED: Final[str] = "<unmapped>"
 """Returned by `hf_to_ir_name` for a tensor no rule knows: never a valid IR name, so the loader can report it."""
 
-# (HF name pattern, IR name template or None to ignore). The `model.` prefix is optional so that checkpoints of the
-# bare decoder (LlamaModel) load too.
-_TENSOR_RULES: Final[tuple[tuple[re.Pattern[str], Optional[str]], ...]] = tuple(
-    (re.compile(pattern), template)
-    for pattern, template in (
-        (r"(?:model\.)?embed_tokens\.weight", "embed_tokens.weight"),
-        (r"(?:model\.)?layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.input_norm.weight"),
-        (r"(?:model\.)?layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
-        (r"(?:model\.)?layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.post_attention_norm.weight"),
-        (r"(?:model\.)?layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"layers.\1.mlp.\2_proj.\3"),
-        (r"(?:model\.)?norm\.weight", "norm.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
-        # Rotary tables are recomputed from the config; old checkpoints stored them.
-        (r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq", None),
-    )
+# One table for both directions: (Hugging Face name, IR name). A `{field}` is a layer index (`i`) or one of the
+# alternatives `_FIELDS` lists, and stands for the same text on both sides.
+_NAMES: Final[tuple[tuple[str, str], ...]] = (
+    ("model.embed_tokens.weight", "embed_tokens.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
+    ("model.layers.{i}.self_attn.{qkvo}_proj.{kind}", "layers.{i}.attn.{qkvo}_proj.{kind}"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_norm.weight"),
+    ("model.layers.{i}.mlp.{mlp}_proj.{kind}", "layers.{i}.mlp.{mlp}_proj.{kind}"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 )
+_FIELDS: Final[Mapping[str, str]] = {"i": r"\d+", "qkvo": "[qkvo]", "kind": "weight|bias", "mlp": "gate|up|down"}
+# Rotary tables are recomputed from the config; old checkpoints stored them.
+_IGNORED: Final = re.compile(r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+
+
+def _pattern(template: str, optional_model_prefix: bool = False) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    body = "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for k, p in enumerate(parts))
+    if optional_model_prefix and body.startswith(re.escape("model.")):
+        # checkpoints of the bare decoder (LlamaModel) have no `model.` prefix
+        body = "(?:model\\.)?" + body[len(re.escape("model.")):]
+    return re.compile(body)
+
+
+_TO_IR: Final = tuple((_pattern(hf_name, True), ir_name) for hf_name, ir_name in _NAMES)
+_TO_HF: Final = tuple((_pattern(ir_name), hf_name) for hf_name, ir_name in _NAMES)
 
 
 def hf_to_ir_name(hf_name: str) -> Optional[str]:
     """The IR parameter name for a checkpoint tensor; None if deliberately ignored; `UNMAPPED` if unknown."""
-    for pattern, template in _TENSOR_RULES:
+    if _IGNORED.fullmatch(hf_name):
+        return None
+    for pattern, template in _TO_IR:
         m = pattern.fullmatch(hf_name)
         if m:
-            return None if template is None else m.expand(template)
+            return template.format(**m.groupdict())
     return UNMAPPED
-
-
-# IR name -> HF name, the inverse of the table above for the tensors mlxc writes back (adapters, exports).
-_IR_RULES: Final[tuple[tuple[re.Pattern[str], str], ...]] = tuple(
-    (re.compile(pattern), template)
-    for pattern, template in (
-        (r"embed_tokens\.weight", "model.embed_tokens.weight"),
-        (r"layers\.(\d+)\.input_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-        (r"layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-        (r"layers\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-        (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
-        (r"norm\.weight", "model.norm.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
-    )
-)
 
 
 def ir_to_hf_name(ir_name: str) -> str:
     """The Hugging Face (Llama-layout) name of an IR parameter; MlxcError if it has none."""
-    for pattern, template in _IR_RULES:
+    for pattern, template in _TO_HF:
         m = pattern.fullmatch(ir_name)
         if m:
-            return m.expand(template)
+            return template.format(**m.groupdict())
     raise MlxcError(f"IR parameter {ir_name} has no Hugging Face name")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import mlx.core as mx
-
 from ..ir.errors import MlxcError
 
 
@@ -52,20 +50,9 @@ class ChatSession:
             keep -= 1
         self._rewind(keep)
         self.reused = keep
-        stops = set(self.model.stop_tokens(self.sampling.get("stop_tokens")))
-        decoder = tok.stream_decoder()
         generated: list[int] = []
-        for step in self.model.stream(mx.array([ids[keep:]]), cache=self.cache, **self.sampling):
-            t = step[0].item()
-            generated.append(t)
-            if t in stops:
-                break
-            piece = decoder.add(t)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        yield from self.model.stream_text(ids[keep:], generated, cache=self.cache, **self.sampling)
         # the cache holds everything fed so far: the prompt and every generated token but the last
         self.cached = ids + generated[:-1]
+        stops = set(self.model.stop_tokens(self.sampling.get("stop_tokens")))
         self.messages.append({"role": "assistant", "content": tok.decode([t for t in generated if t not in stops])})

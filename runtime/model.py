@@ -121,25 +121,34 @@ class CompiledModel:
 
     def generate_text(self, prompt: str, chat: bool = False, **kwargs) -> Iterator[str]:
         """Stream decoded text for a prompt (rendered through the chat template when `chat`)."""
-        if self.tokenizer is None:
-            raise MlxcError("this model has no tokenizer; pass token ids instead")
-        from .tokenizer import StreamingDecoder
-
-        tok = self.tokenizer
+        tok = self._tokenizer()
         if chat:
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(prompt)
-        decoder = StreamingDecoder(tok)
+        yield from self.stream_text(ids, **kwargs)
+
+    def stream_text(self, ids: Sequence[int], generated: list[int] | None = None, **kwargs) -> Iterator[str]:
+        """Text pieces of the continuation of `ids`, stopping at (and not showing) a stop token. Every sampled id,
+        the stop token included, is appended to `generated` when given."""
+        tok = self._tokenizer()
+        decoder = tok.stream_decoder()
         stops = set(self.stop_tokens(kwargs.get("stop_tokens")))
-        for step in self.stream(mx.array([ids]), **kwargs):
+        for step in self.stream(mx.array([list(ids)]), **kwargs):
             t = step[0].item()
+            if generated is not None:
+                generated.append(t)
             if t in stops:
                 break
-            delta = decoder.add(t)
-            if delta:
-                yield delta
+            piece = decoder.add(t)
+            if piece:
+                yield piece
         tail = decoder.flush()
         if tail:
             yield tail
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise MlxcError("this model has no tokenizer; pass token ids instead")
+        return self.tokenizer
