@@ -9,7 +9,8 @@ from ..ir.printer import format_attr
 from .base import Pass, PassReport
 from .rewrite import Rewriter
 
-# attention extends the cache and rope reads its position: two of them are two events, not one value
+# each attention op extends its own cache slot, and a call may contain attention: two of them are two events, not one
+# value. Identical ropes may merge: they read the same position offset.
 _NOT_PURE = (OpGroup.ATTENTION, OpGroup.CALL)
 
 
