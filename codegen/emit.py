@@ -137,9 +137,12 @@ class _Emitter:
         inputs = [local(v) for v in fn.inputs]
 
         slots = self.slot_count(fn)
+        # @main always takes a list of caches (one per attention layer, however many); a callee reaching exactly
+        # one slot takes that cache object itself
+        as_list = slots > 1 or (slots == 1 and fn.name == Program.ENTRY)
         init = self._declare_params(fn)
         body: list[str] = []
-        if slots > 1:
+        if as_list:
             body.append(f"cache = [None] * {slots} if cache is None else cache")
         dims = self._symbolic_dims(fn)
         for d in sorted(dims):
@@ -189,12 +192,12 @@ class _Emitter:
                 children.append(f"self.{prefix} = {class_name(callee.name)}()")
                 n = self.slot_count(callee)
                 if n:
-                    args.append(self._slot_expr(slots, slot, n))
+                    args.append(self._slot_expr(as_list, slot, n))
                     slot += n
                 expr = f"self.{prefix}({_expr_list(args)})"
             elif o.op == "attention":
                 self.parts.uses_attention = True
-                cache = self._slot_expr(slots, slot, 1)
+                cache = self._slot_expr(as_list, slot, 1)
                 slot += 1
                 window = f", window={o.attrs['window']}" if o.attrs["window"] is not None else ""
                 expr = f"attention({_expr_list(args)}, {cache}, scale={o.attrs['scale']!r}{window})"
@@ -228,8 +231,8 @@ class _Emitter:
         return EmittedClass(class_name(fn.name), doc, init + children, _expr_list(inputs) + cache_arg, body)
 
     @staticmethod
-    def _slot_expr(total: int, start: int, n: int) -> str:
-        if total == 1:
+    def _slot_expr(as_list: bool, start: int, n: int) -> str:
+        if not as_list:
             return "cache"
         return f"cache[{start}]" if n == 1 else f"cache[{start}:{start + n}]"
 

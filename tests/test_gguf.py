@@ -553,3 +553,61 @@ def test_chat_session_reuses_cache_and_matches_fresh_generation(model):
     stops = set(tok.eos_token_ids)
     fresh = fresh[: next((i for i, t in enumerate(fresh) if t in stops), len(fresh))]
     assert tok.decode(fresh) == second
+
+
+def test_quantized_blocks_equal_gguf_dequantization(tmp_path):
+    """Q4_0, Q4_1 and Q8_0 tensors read by MLX into its affine layout (and Q/K rows un-permuted on the quantized
+    blocks) dequantize to exactly what the gguf package's reference dequantizer gives."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    from mlxc.api import read_gguf_source
+    from mlxc.runtime.weights import QuantizedTensor
+
+    rng = np.random.default_rng(3)
+    hidden, heads, kv, inter, vocab = 64, 4, 2, 96, 32
+    path = tmp_path / "q.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, hidden),
+                   (w.add_feed_forward_length, inter), (w.add_head_count, heads), (w.add_head_count_kv, kv),
+                   (w.add_rope_freq_base, 10000.0), (w.add_layer_norm_rms_eps, 1e-6)):
+        add(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(vocab - 3)])
+    w.add_token_merges(["a b"])
+
+    def tensor(name, shape, qtype):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if qtype is None:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, quantize(x, qtype), raw_shape=quantize(x, qtype).shape, raw_dtype=qtype)
+
+    tensor("token_embd.weight", (vocab, hidden), Q.Q4_1)
+    tensor("blk.0.attn_norm.weight", (hidden,), None)
+    tensor("blk.0.attn_q.weight", (hidden, hidden), Q.Q4_0)
+    tensor("blk.0.attn_k.weight", (kv * hidden // heads, hidden), Q.Q4_0)
+    tensor("blk.0.attn_v.weight", (kv * hidden // heads, hidden), Q.Q8_0)
+    tensor("blk.0.attn_output.weight", (hidden, hidden), Q.Q8_0)
+    tensor("blk.0.ffn_norm.weight", (hidden,), None)
+    for n, shape in (("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
+        tensor(f"blk.0.{n}.weight", shape, Q.Q8_0)
+    tensor("output_norm.weight", (hidden,), None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    front = read_gguf_source(path)
+    reference = gguf_tensors(read_gguf(path))  # dequantized by the gguf package, Q/K un-permuted
+    quantized = {n: t for n, t in front.tensors.items() if isinstance(t, QuantizedTensor)}
+    assert {t.quant.bits for t in quantized.values()} == {4, 8} and len(quantized) == 8
+    for name, t in quantized.items():
+        np.testing.assert_array_equal(np.array(t.dequantize()), np.array(reference[name]), err_msg=name)
+    # and the model runs both ways: MLX's quantized kernels vs dequantized-at-load float
+    import mlxc
+
+    ids = mx.array([[1, 2, 3, 4, 5]])
+    qlogits = np.array(mlxc.load(path, passes=[])(ids).logits)
+    flogits = np.array(mlxc.load(path)(ids).logits)
+    np.testing.assert_allclose(qlogits, flogits, atol=1e-3, rtol=1e-3)
