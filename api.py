@@ -211,16 +211,19 @@ def target() -> str:
 
 def pipeline(passes: Sequence[PassLike] | None = None, quantize: int | None = None,
              group_size: int = 64) -> list[PassLike]:
-    """The pass list for a compile: the default (or given) passes, then quantization when asked for."""
-    items = [SelectKernels(target=target()) if p == SelectKernels.name else p
-             for p in (DEFAULT_PIPELINE if passes is None else passes)]
-    if quantize is not None:
-        if quantize not in (2, 3, 4, 6, 8):
-            raise MlxcError(f"cannot quantize to {quantize} bits; choose 2, 3, 4, 6 or 8")
-        if group_size not in (32, 64, 128):
-            raise MlxcError(f"group size must be 32, 64 or 128, got {group_size}")
-        items.append(Quantize(bits=quantize, group_size=group_size))
-    return items
+    """The pass list for a compile: the default (or given) passes, with the target's kernel selection, or, when the
+    user asks for quantization, `quantize` in its place: that request is the kernel choice (quantized matmuls, also
+    on the CPU), and weights a checkpoint already stores quantized stay as stored."""
+    items = list(DEFAULT_PIPELINE if passes is None else passes)
+    if quantize is None:
+        return [SelectKernels(target=target()) if p == SelectKernels.name else p for p in items]
+    if quantize not in (2, 3, 4, 6, 8):
+        raise MlxcError(f"cannot quantize to {quantize} bits; choose 2, 3, 4, 6 or 8")
+    if group_size not in (32, 64, 128):
+        raise MlxcError(f"group size must be 32, 64 or 128, got {group_size}")
+    q = Quantize(bits=quantize, group_size=group_size)
+    at = next((i for i, p in enumerate(items) if pass_name(p) == SelectKernels.name), None)
+    return items + [q] if at is None else items[:at] + [q] + items[at + 1:]
 
 
 def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[PassLike] | None = None,
@@ -345,7 +348,8 @@ def program_for(src, dtype: str = "float32", *, passes: Sequence[PassLike] | Non
 
 def _with_lora(items: list[PassLike], config: LoRAConfig, merge: bool) -> list[PassLike]:
     """Adapters go in after fusion and before weight work is lifted to load time (merging is weight work too)."""
-    added: list[PassLike] = [LoRA(config)] + ([MergeLoRA()] if merge else [])
+    # re-quantizing a merged weight only pays where quantized kernels run; on the CPU it would be dequantized again
+    added: list[PassLike] = [LoRA(config)] + ([MergeLoRA(requantize=target() != "cpu")] if merge else [])
     later = ("lift-params", "select-kernels", "quantize")  # weight work that must see the adapters' projections
     at = next((i for i, p in enumerate(items) if pass_name(p) in later), len(items))
     return items[:at] + added + items[at:]
@@ -414,6 +418,7 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "floa
     """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
     from . import __version__
 
+    art.check_destination(out_dir, overwrite)
     b = build(src, dtype, passes=passes, quantize=quantize, group_size=group_size, adapter=adapter,
               merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, dump_dir=dump_dir,
               progress=progress, on_report=on_report)

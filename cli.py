@@ -78,6 +78,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--sample-seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stop", type=_int_list, default=None, help="comma-separated stop token ids (default: eos)")
@@ -86,7 +87,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _sampling(args) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop_tokens=args.stop,
     )
 
 
@@ -208,6 +209,8 @@ def cmd_run(args) -> int:
 
     from .api import load
 
+    if args.chat and args.prompt is None:
+        raise MlxcError("--chat needs --prompt text, not --tokens")
     model = load(args.src, args.dtype, adapter=args.adapter, merge_lora=args.merge_lora, passes=_pipeline(args),
                  random_init=args.random_init, seed=args.seed, init_scale=args.init_scale, progress=_progress)
     sampling = _sampling(args)
@@ -220,8 +223,6 @@ def cmd_run(args) -> int:
             count += 1
         sys.stdout.write("\n")
     else:
-        if args.chat:
-            raise MlxcError("--chat needs --prompt text, not --tokens")
         ids = mx.array([args.tokens])
         first = True
         for step in model.stream(ids, **sampling):
@@ -360,6 +361,8 @@ def cmd_train(args) -> int:
                          learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                          label_smoothing=args.label_smoothing, seed=args.train_seed, log_every=args.log_every,
                          save_every=args.save_every, out_dir=args.output)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise MlxcError(f"{args.output} exists and is not a directory")
     model = load(args.src, args.dtype, lora=lora, random_init=args.random_init, seed=args.seed,
                  init_scale=args.init_scale, progress=_progress)
     if model.tokenizer is None:
@@ -400,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MlxcError as e:
         err_console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)  # no re-wrapping: one line
+        return 1
+    except OSError as e:  # a path the user gave cannot be read or written
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(Text("error: ", style="bold red") + Text(f"{e.strerror or e}{where}"), soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -7,7 +7,10 @@ that `peft.PeftModel.from_pretrained` loads back.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -68,19 +71,31 @@ def save_peft_adapter(path: str | Path, config: LoRAConfig, tensors: Mapping[str
                       base_model: str = "") -> Path:
     """Write IR-named adapter tensors as a PEFT folder (names, layout and config as peft expects)."""
     d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
+    if d.exists() and not d.is_dir():
+        raise MlxcError(f"{d} exists and is not a directory")
     out = {}
     for name, arr in tensors.items():
         module, _, rest = name.partition(".lora_")
         hf_module = hf.ir_to_hf_name(module + ".weight")[: -len(".weight")]
         out[f"{_PEFT_PREFIX}{hf_module}.lora_{rest}"] = arr
     targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in tensors})
-    mx.save_safetensors(str(d / WEIGHTS_FILE), out, metadata={"format": "pt"})
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": config.rank,
         "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets, "bias": "none",
         "use_rslora": config.rslora, "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
         "init_lora_weights": True,
     }
-    (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    # written beside the destination and swapped in, so a failure never leaves half an adapter
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    try:
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), out, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        if d.exists():  # an existing folder keeps its other files; the adapter's two are replaced
+            for f in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(tmp / f, d / f)
+        else:
+            os.replace(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return d

@@ -110,6 +110,9 @@ class OpDef:
     doc: str
     needs_program: bool = False  # the type rule also receives `program=` (calls look up their callee)
     quantized_operands: tuple[str, ...] = ()  # operands that may hold a quantized weight
+    # Reads or changes something besides its operands (the call's KV cache or position, randomness): never merged
+    # with a twin by CSE, never run at load time.
+    effects: bool = False
 
     def operand_names(self, n: int) -> list[str]:
         """The declared name of each of n operands (a variadic name repeats)."""
@@ -165,13 +168,14 @@ OPS: dict[str, OpDef] = {}
 
 
 def op(name: str, group: OpGroup, operands: tuple[str, ...], attrs: tuple[AttrDef, ...] = (), needs_program=False,
-       quantized: tuple[str, ...] = ()):
+       quantized: tuple[str, ...] = (), effects: bool = False):
     """Declare an op; the decorated function is its type rule (operand types, attrs) -> result type(s)."""
 
     def register(rule: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
             raise ValueError(f"op {name!r} declared twice")
-        OPS[name] = OpDef(name, group, operands, attrs, rule, (rule.__doc__ or "").strip(), needs_program, quantized)
+        OPS[name] = OpDef(name, group, operands, attrs, rule, (rule.__doc__ or "").strip(), needs_program, quantized,
+                          effects)
         return rule
 
     return register

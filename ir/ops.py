@@ -167,7 +167,7 @@ def _scale(x: TensorType, factor: float):
     return x
 
 
-@op("dropout", OpGroup.UNARY, ("x",), (AttrDef("p", float),))
+@op("dropout", OpGroup.UNARY, ("x",), (AttrDef("p", float),), effects=True)
 def _dropout(x: TensorType, p: float):
     """Zero each element with probability p and rescale the rest, in training mode only; identity in inference."""
     require(0.0 <= p < 1.0, f"dropout probability must be in [0, 1), got {p}")
@@ -211,6 +211,7 @@ def _dequantize(x: TensorType):
         AttrDef("scaling", RopeScaling, RopeScaling()),
         AttrDef("traditional", bool, False),
     ),
+    effects=True,
 )
 def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, traditional: bool):
     """Rotary embedding of x [B, heads, T, head_dim] at the call's positions, on the first `dims` features."""
@@ -224,6 +225,7 @@ def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, tradition
     OpGroup.ATTENTION,
     ("q", "k", "v"),
     (AttrDef("scale", float), AttrDef("window", int, None, optional=True)),
+    effects=True,
 )
 def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None):
     """Causal softmax attention of q [B, Hq, T, D] over the call's cached keys followed by k, v [B, Hkv, T, D].
@@ -243,7 +245,8 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window
 # ---------------------------------------------------------------- calls
 
 
-@op("call", OpGroup.CALL, ("*args",), (AttrDef("callee", Symbol), AttrDef("prefix", str, "")), needs_program=True)
+@op("call", OpGroup.CALL, ("*args",), (AttrDef("callee", Symbol), AttrDef("prefix", str, "")), needs_program=True,
+    effects=True)
 def _call(*args: TensorType, callee: Symbol, prefix: str, program):
     """Run another function; its parameters are this program's parameters named `prefix.` + the callee's name."""
     fn = program.get(callee) if program is not None else None

@@ -42,13 +42,14 @@ def _verify_function(program: Program, fn: Function) -> None:
         if not p.type.is_static:
             raise VerifyError(f"{where}: parameter %{p.name} must have a static shape, got {p.type}")
     weights: set[int] = {id(p) for p in fn.params}
+    load_time = {id(o) for o in fn.derived}
     for o in fn.all_ops():
         loc = f"{where}: `{_describe(o)}`"
         for v in o.operands:
             if id(v) not in defined:
                 raise VerifyError(f"{loc}: operand %{v.name} is used before it is defined")
-        if o in fn.derived:
-            if o.op in _STATEFUL:
+        if id(o) in load_time:
+            if o.opdef.effects:
                 raise VerifyError(f"{loc}: {o.op} cannot run at load time (derive)")
             if any(id(v) not in weights for v in o.operands):
                 raise VerifyError(f"{loc}: a derive op may only read parameters and other derived values")
@@ -72,9 +73,6 @@ def _verify_function(program: Program, fn: Function) -> None:
     for v in fn.outputs:
         if id(v) not in defined:
             raise VerifyError(f"{where}: returns undefined value %{v.name}")
-
-
-_STATEFUL = ("call", "attention", "rope")
 
 
 def _describe(o) -> str:

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import OpGroup, Program
+from ..ir import Program
 from ..ir.printer import format_attr
 from .base import Pass, PassReport
 from .rewrite import Rewriter
-
-# each attention op extends its own cache slot, and a call may contain attention: two of them are two events, not one
-# value. Identical ropes may merge: they read the same position offset.
-_NOT_PURE = (OpGroup.ATTENTION, OpGroup.CALL)
-
 
 @dataclass(frozen=True)
 class CommonSubexpressionElimination(Pass):
@@ -27,7 +22,7 @@ class CommonSubexpressionElimination(Pass):
             for section in (fn.derived, fn.ops):
                 seen = {}
                 for o in list(section):
-                    if o.opdef.group in _NOT_PURE:
+                    if o.opdef.effects:  # two attention ops (or dropouts) are two events, not one value
                         continue
                     key = (o.op, tuple(id(v) for v in o.operands), tuple((k, format_attr(v)) for k, v in o.attrs.items()))
                     if key in seen:

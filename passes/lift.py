@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from ..ir import Program
 from .base import Pass, PassReport
 
-_STATEFUL = ("call", "attention", "rope")
-
-
 @dataclass(frozen=True)
 class LiftParams(Pass):
     """Work that depends on weights alone (a fused weight's concat, a LoRA merge) runs once when weights are bound,
@@ -23,7 +20,7 @@ class LiftParams(Pass):
             weights = {id(p) for p in fn.params} | {id(r) for o in fn.derived for r in o.results}
             body = []
             for o in fn.ops:
-                if o.op not in _STATEFUL and o.operands and all(id(v) in weights for v in o.operands):
+                if not o.opdef.effects and o.operands and all(id(v) in weights for v in o.operands):
                     fn.derived.append(o)
                     weights.update(id(r) for r in o.results)
                     lifted += 1

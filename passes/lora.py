@@ -151,6 +151,7 @@ class MergeLoRA(Pass):
     """No adapter overhead at inference: W' = W + factor * B @ A, computed once at load time."""
 
     name = "merge-lora"
+    requantize: bool = True  # a merged weight whose base was quantized is quantized again (same bits and groups)
 
     def run(self, program: Program) -> tuple[Program, PassReport]:
         report = PassReport(self.name, {"merged": 0})
@@ -166,9 +167,11 @@ class MergeLoRA(Pass):
                 if weight is None:
                     continue
                 readers = [o for o in fn.all_ops() if any(v is weight for v in o.operands)]
-                merged = self._merged_weight(fn, rw, weight, a, b, scale.attrs["factor"])
+                merged = self._merged_weight(fn, rw, weight, a, b, scale.attrs["factor"], self.requantize)
                 for o in readers:
                     o.operands = [merged if v is weight else v for v in o.operands]
+                    if o.op == "concat" and merged.type.quant is None:
+                        _float_concat(fn, rw, o)
                 rw.replace_uses(add.result, base)
                 for dead in _adapter_ops(producer, add):
                     rw.erase(dead)
@@ -176,12 +179,13 @@ class MergeLoRA(Pass):
         return program, report
 
     @staticmethod
-    def _merged_weight(fn: Function, rw: Rewriter, w: Value, a: Value, b: Value, factor: float) -> Value:
-        """Load-time ops computing the merged weight, placed first in the derive section (they read only params)."""
+    def _merged_weight(fn: Function, rw: Rewriter, w: Value, a: Value, b: Value, factor: float,
+                       requantize: bool) -> Value:
+        """Load-time ops computing the merged weight, placed early in the derive section: derived values such as a
+        fused weight's concat read their result."""
         stem = w.name[: -len(".weight")] if w.name.endswith(".weight") else w.name
-        slot = 0
-        while slot < len(fn.derived) and all(v in fn.params for v in fn.derived[slot].operands):
-            slot += 1
+        # right after w's own definition when w is derived (e.g. already dequantized), else first
+        slot = next((i + 1 for i, o in enumerate(fn.derived) if any(r is w for r in o.results)), 0)
 
         def derive(opname: str, *operands: Value, name: str, **attrs) -> Value:
             nonlocal slot
@@ -194,10 +198,19 @@ class MergeLoRA(Pass):
         ba = derive("linear", b, a_t, name=f"{stem}.lora_BA")
         delta = derive("scale", ba, factor=factor, name=f"{stem}.lora_delta")
         merged = derive("add", base, delta, name=f"{stem}_merged.weight")
-        if w.type.quant:
+        if w.type.quant and requantize:
             q = w.type.quant
             merged = derive("quantize", merged, bits=q.bits, group_size=q.group_size, name=f"{stem}_merged_q.weight")
         return merged
+
+
+def _float_concat(fn: Function, rw: Rewriter, cat: Operation) -> None:
+    """A fused weight whose merged slice stayed float: its other slices are dequantized at load too, so the
+    concatenation (and the one matmul reading it) is in float."""
+    cat.operands = [v if v.type.quant is None else rw.derive(0, "dequantize", v, name=f"{v.name}_f")
+                    for v in cat.operands]
+    for r in cat.results:
+        r.type = r.type.with_quant(None)
 
 
 def _adapter(fn: Function, producer: dict, add: Operation):

@@ -38,13 +38,21 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST_FILE).exists()
 
 
-def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Program, weights: list[tuple[str, mx.array]],
-                  manifest: Manifest, tokenizer=None, overwrite: bool = False) -> Path:
+def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Where an artifact may be written; checked before any work so a long compile cannot fail at the end."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MlxcError(f"{out} exists and is not a directory")
     if out.exists() and not overwrite:
-        raise MlxcError(f"{out} already exists (pass --force to replace it)")
+        raise MlxcError(f"{out} already exists (use --force / overwrite=True to replace it)")
     if out.exists() and not is_artifact(out) and any(out.iterdir()):
         raise MlxcError(f"{out} exists and is not an mlxc artifact; refusing to replace it")
+    return out
+
+
+def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Program, weights: list[tuple[str, mx.array]],
+                  manifest: Manifest, tokenizer=None, overwrite: bool = False) -> Path:
+    out = check_destination(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -30,7 +30,8 @@ class ChatSession:
         self.cached: list[int] = []  # the token ids the cache holds, in order
         self.reused = 0  # tokens of the last prompt served from the cache
 
-    def _rewind(self, keep: int) -> None:
+    def _rewind(self, keep: int) -> int:
+        """Drop cached tokens past `keep`; returns how many cached tokens remain (0 if the cache had to restart)."""
         drop = len(self.cached) - keep
         if drop > 0:
             try:
@@ -39,6 +40,7 @@ class ChatSession:
             except MlxcError:  # a rotating cache may no longer hold what is needed: start over
                 self.cache, keep = self.model.make_cache(), 0
         self.cached = self.cached[:keep]
+        return keep
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's reply as text pieces."""
@@ -48,8 +50,7 @@ class ChatSession:
         keep = _common_prefix(ids, self.cached)
         if keep == len(ids):  # always feed at least one token so there are logits to sample from
             keep -= 1
-        self._rewind(keep)
-        self.reused = keep
+        keep = self.reused = self._rewind(keep)
         generated: list[int] = []
         yield from self.model.stream_text(ids[keep:], generated, cache=self.cache, **self.sampling)
         # the cache holds everything fed so far: the prompt and every generated token but the last

@@ -48,7 +48,6 @@ _OPS: dict[str, Callable[[list[Tensor], dict], object]] = {
     "gelu_tanh": lambda a, k: nn.gelu_approx(_float(a[0])),
     "relu": lambda a, k: nn.relu(_float(a[0])),
     "scale": lambda a, k: _float(a[0]) * k["factor"],
-    "dropout": lambda a, k: _float(a[0]),  # load time is inference: the identity
     "embed": lambda a, k: _float(a[1])[_float(a[0])],
     "rms_norm": lambda a, k: mx.fast.rms_norm(_float(a[0]), _float(a[1]), k["eps"]),
     "layer_norm": lambda a, k: mx.fast.layer_norm(*(_float(x) for x in a), *([None] * (3 - len(a))), k["eps"]),

@@ -88,31 +88,32 @@ class CompiledModel:
             stops = tuple(self.spec.eos_token_ids)
         return stops
 
-    def _sampling(self, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens):
+    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens):
         from .sampling import SamplingParams
 
         return SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
             seed=seed, stop_tokens=self.stop_tokens(stop_tokens),
         )
 
     def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_tokens: Sequence[int] | None = None, cache=None) -> Iterator[mx.array]:
+               stop_tokens: Sequence[int] | None = None, cache=None, min_p: float = 0.0) -> Iterator[mx.array]:
         """Yield one [batch] array of new token ids per step."""
         from .generate import generate_stream
 
         ids = self.check_ids(input_ids)
-        params = self._sampling(temperature, top_k, top_p, repetition_penalty, seed, stop_tokens)
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self.make_cache() if cache is None else cache
         yield from generate_stream(self.step, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size)
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop_tokens: Sequence[int] | None = None) -> mx.array:
+                 stop_tokens: Sequence[int] | None = None, min_p: float = 0.0) -> mx.array:
         """Prompt followed by up to `max_new_tokens` new ids, [batch, prompt + new]."""
         ids = self.check_ids(input_ids)
-        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens))
+        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens,
+                               min_p=min_p))
         if not new:
             return ids
         return mx.concatenate([ids, mx.stack(new, axis=1).astype(ids.dtype)], axis=1)

@@ -187,7 +187,7 @@ def random_weights(program: Program, seed: int = 0, scale: float = 0.02) -> dict
     out = {}
     for name, p in program.parameters():
         shape = tuple(p.type.shape)
-        if name.endswith(".bias"):
+        if name.endswith(".bias") or ".lora_B." in name:  # LoRA starts as the identity update, as PEFT does
             a = np.zeros(shape, np.float32)
         elif len(shape) == 1:
             a = np.ones(shape, np.float32)

@@ -330,3 +330,12 @@ def test_bad_checkpoint_subprocess(tmp_path):
     proc = _cli("run", str(tmp_path), "--tokens", "1")
     assert proc.returncode == 1
     assert "config.json" in _one_error_line(proc)
+
+
+def test_unwritable_outputs_fail_before_the_work(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, out, err = _run(capsys, "compile", "preset:tiny", "-o", str(afile), "--force")
+    assert code == 1 and "not a directory" in err
+    code, out, err = _run(capsys, "dump", "preset:tiny", "-o", str(tmp_path / "missing" / "x.mlxc"))
+    assert code == 1 and "No such file" in err and "Traceback" not in err

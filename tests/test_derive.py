@@ -7,14 +7,13 @@ import mlx.core as mx
 import numpy as np
 
 import mlxc
-from mlxc.ir import OPS, OpGroup
+from mlxc.ir import OPS
 from mlxc.passes import run_pipeline
 from mlxc.runtime.derive import _OPS
 
 
 def test_every_liftable_op_runs_at_load_time():
-    stateful = {name for name, d in OPS.items() if d.group in (OpGroup.ATTENTION, OpGroup.CALL, OpGroup.POSITION)}
-    assert set(OPS) - stateful <= set(_OPS)
+    assert {name for name, d in OPS.items() if not d.effects} <= set(_OPS)
 
 
 def test_lifted_weight_math_matches_running_it_in_the_body():

@@ -611,3 +611,44 @@ def test_quantized_blocks_equal_gguf_dequantization(tmp_path):
     qlogits = np.array(mlxc.load(path, passes=[])(ids).logits)
     flogits = np.array(mlxc.load(path)(ids).logits)
     np.testing.assert_allclose(qlogits, flogits, atol=1e-3, rtol=1e-3)
+
+
+@needs_smol
+def test_zero_lora_merged_into_quantized_gguf_changes_nothing(model, chat_ids):
+    """A fresh adapter (B = 0) merged into Q4_1 weights on the CPU: merged in float, no re-quantization loss."""
+    import mlxc
+
+    merged = mlxc.load(SMOL, lora=mlxc.LoRAConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")), merge_lora=True)
+    ids = mx.array([chat_ids[:16]])
+    np.testing.assert_array_equal(np.array(merged(ids).logits), np.array(model(ids).logits))
+
+
+@needs_smol
+def test_quantize_request_keeps_gguf_blocks(model, chat_ids):
+    """--quantize on a GGUF keeps its Q4_1/Q8_0 blocks as stored (no dequantize, no second quantization)."""
+    import mlxc
+
+    q = mlxc.load(SMOL, quantize=4, group_size=32)
+    assert "dequantize" not in str(q.program) and "q4g32" in str(q.program)
+    ids = mx.array([chat_ids[:16]])
+    ours, ref = np.array(q(ids).logits), np.array(model(ids).logits)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all() and np.abs(ours - ref).max() < 1e-2
+
+
+@needs_smol
+def test_chat_restarts_cleanly_when_the_cache_cannot_rewind(model, monkeypatch):
+    """If a cache cannot drop tokens (a rotating window that lost them), the turn is recomputed from scratch."""
+    from mlxc.ir.errors import MlxcError
+    from mlxc.runtime import cache as cache_mod
+    from mlxc.runtime.chat import ChatSession
+
+    session = ChatSession(model, max_new_tokens=16)
+    "".join(session.send("What is the capital of France?"))
+
+    def refuse(self, n):
+        raise MlxcError("cannot trim")
+
+    monkeypatch.setattr(cache_mod.KVCache, "trim", refuse)
+    session.cached = session.cached + [0]  # force a rewind on the next turn
+    second = "".join(session.send("And of Germany?"))
+    assert session.reused == 0 and "Berlin" in second

