@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 import importlib.util
 import os
 import sys
@@ -13,7 +14,7 @@ from types import ModuleType
 import jinja2
 
 from ..ir import Program
-from .emit import MX_DTYPES, emit_program
+from .emit import emit_program
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("mlxc.codegen", "templates"),
@@ -25,15 +26,11 @@ _ENV = jinja2.Environment(
 
 
 def generate_module(program: Program, title: str = "A language model compiled by mlxc.", ir_file: str = "program.mlxc") -> str:
-    from .. import __version__
-
     parts = emit_program(program)
-    dtype = program.main.params[0].type.dtype if program.main.params else None
     header = _ENV.get_template("module.py.j2").render(
         title=title,
-        version=__version__,
+        version=_version(),
         ir_file=ir_file,
-        dtype=MX_DTYPES[dtype] if dtype else "mx.float32",
         cache_windows=_compact_list(parts.cache_windows),
     )
     blocks = [header.rstrip("\n")]
@@ -48,6 +45,14 @@ def generate_module(program: Program, title: str = "A language model compiled by
     src = "\n\n\n".join(blocks) + "\n"
     compile(src, "<generated>", "exec")  # a codegen bug should fail here, not at first use
     return src
+
+
+def _version() -> str:
+    """mlxc's installed version, read from package metadata (codegen does not import the package's top level)."""
+    try:
+        return metadata.version("mlxc")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _compact_list(items: list) -> str:

@@ -693,10 +693,3 @@ def gguf_tokenizer(ckpt: GGUFCheckpoint):
         add_bos_token=bool(add_bos),
         add_eos_token=bool(md.get("tokenizer.ggml.add_eos_token", False)),
     )
-
-
-def load_gguf(path: PathLike, dtype: Any = None, name: Optional[str] = None):
-    """Convenience: (spec, IR-named tensors, tokenizer or None) of a GGUF file."""
-    ckpt = read_gguf(path, name)
-    tok = gguf_tokenizer(ckpt) if ckpt.metadata.get("tokenizer.ggml.model") else None
-    return ckpt.spec, gguf_tensors(ckpt, dtype), tok

@@ -68,4 +68,3 @@ _ROPE_FLOAT_FIELDS = (
 # Every structured attribute type, by the tag it prints with: `#rope<kind = llama3, factor = 8.0>`.
 STRUCT_ATTRS: dict[str, type] = {"rope": RopeScaling}
 STRUCT_TAGS: dict[type, str] = {cls: tag for tag, cls in STRUCT_ATTRS.items()}
-ENUM_ATTRS: tuple[type[enum.Enum], ...] = (RopeKind,)

@@ -70,7 +70,3 @@ def print_function(fn: Function) -> str:
 
 def print_program(program: Program) -> str:
     return "\n\n".join(print_function(f) for f in program.functions) + "\n"
-
-
-def value_ref(v: Value) -> str:
-    return f"%{v.name}"

@@ -85,11 +85,3 @@ class TensorType:
 
     def with_quant(self, quant: Quant | None) -> "TensorType":
         return TensorType(self.dtype, self.shape, quant)
-
-    def numel(self) -> int:
-        if not self.is_static:
-            raise ValueError(f"{self} has symbolic dims")
-        n = 1
-        for d in self.shape:
-            n *= d  # type: ignore[operator]
-        return n

@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from ..ir import Operation, Program
 from ..ir.errors import MlxcError
-from .weights import MX_DTYPE, QuantizedTensor, Tensor, conform
+from .weights import QuantizedTensor, Tensor, conform
 
 
 def _float(x: Tensor) -> mx.array:
@@ -75,5 +75,3 @@ def run_derived(program: Program, tensors: Mapping[str, Tensor]) -> dict[str, Te
             out[prefix + v.name] = env[id(v)]
     return out
 
-
-__all__ = ["MX_DTYPE", "run_derived", "run_op"]
