@@ -111,12 +111,12 @@ class CompiledModel:
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_tokens: Sequence[int] | None = None, min_p: float = 0.0) -> mx.array:
         """Prompt followed by up to `max_new_tokens` new ids, [batch, prompt + new]."""
+        from .generate import generate
+
         ids = self.check_ids(input_ids)
-        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_tokens,
-                               min_p=min_p))
-        if not new:
-            return ids
-        return mx.concatenate([ids, mx.stack(new, axis=1).astype(ids.dtype)], axis=1)
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
+        out = generate(self.step, ids, self.make_cache(), max_new_tokens, params, vocab_size=self.vocab_size)
+        return out.astype(ids.dtype)
 
     # ------------------------------------------------------------------ text
 

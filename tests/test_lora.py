@@ -159,3 +159,18 @@ def test_each_adapter_draws_its_own_dropout_mask():
     cfg = LoRAConfig(rank=2, dropout=0.1, targets=("q_proj", "v_proj"))
     program = run_pipeline(mlxc.lower(spec), [LoRA(cfg), "cse"])
     assert str(program).count("= dropout(") == 2
+
+
+def test_merge_requantizes_a_stored_quantized_base_for_quantized_targets():
+    """On a target that keeps quantized kernels, the merged weight of a q4 base is quantized again (q4g32)."""
+    from mlxc.ir import Quant
+    from mlxc.passes import StorageTypes
+
+    spec = mlxc.ModelSpec(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=2)
+    stored = {n: Quant(4, 32) for n, _ in mlxc.lower(spec).parameters() if n.endswith("proj.weight")}
+    cfg = LoRAConfig(rank=2, targets=("o_proj",))
+    passes = [StorageTypes(quant=stored), LoRA(cfg), MergeLoRA(requantize=True), "lift-params", "dce"]
+    model = mlxc.load(spec, passes=passes, seed=2, init_scale=0.1)
+    text = str(model.program)
+    assert "quantize(%o_proj_merged.weight) {bits = 4, group_size = 32}" in text
+    assert model.net.layers[0].attn.o_proj_merged_q.weight.dtype == mx.uint32
