@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from typing import Any
 
-import networkx as nx
 
 from .errors import MlxcError, ParseError
 from .graph import Function, Operation, Program, Value
@@ -76,9 +75,11 @@ def from_json(text: str) -> Program:
         raise ParseError(f"malformed IR JSON: {type(e).__name__}: {e}") from None
 
 
-def to_graph(fn: Function) -> nx.DiGraph:
+def to_graph(fn: Function) -> "networkx.DiGraph":  # noqa: F821
     """Dataflow graph of one function: a node per input, parameter and op, an edge per use."""
-    g = nx.DiGraph(name=fn.name)
+    import networkx  # only the DOT/graph exports need it, not every `import mlxc`
+
+    g = networkx.DiGraph(name=fn.name)
     producer: dict[Value, str] = {}
     for v in fn.inputs:
         g.add_node(f"in:{v.name}", label=f"%{v.name}\\n{v.type}", shape="ellipse", kind="input")
