@@ -259,7 +259,7 @@ def _instantiate(module, weights: list[tuple[str, mx.array]]):
     return net
 
 
-def _lora_tensors(program: Program, lora, adapter_tensors, seed: int) -> dict[str, mx.array]:
+def _lora_tensors(program: Program, adapter_tensors, seed: int) -> dict[str, mx.array]:
     """Adapter weights: the loaded ones, or PEFT's initialisation for training (A uniform, B zero: no change yet)."""
     if adapter_tensors is not None:
         return dict(adapter_tensors)
@@ -312,7 +312,7 @@ def build(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = No
     else:
         tensors = dict(front.tensors)
     if lora is not None:
-        tensors.update(_lora_tensors(program, lora, adapter_tensors, seed))
+        tensors.update(_lora_tensors(program, adapter_tensors, seed))
     weights = W.bind(program, tensors)
     _stage(progress, "weights bound", t)
     return Build(front, program, code, weights, names, lora)

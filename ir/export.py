@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from typing import Any
-
+from typing import TYPE_CHECKING, Any
 
 from .errors import MlxcError, ParseError
 from .graph import Function, Operation, Program, Value
 from .opdef import lookup
 from .parser import _Tokens, _parse_attr_value, _parse_type
 from .printer import format_attr, format_op
+
+if TYPE_CHECKING:
+    import networkx
 
 
 def _type_from_text(text: str):
@@ -75,7 +77,7 @@ def from_json(text: str) -> Program:
         raise ParseError(f"malformed IR JSON: {type(e).__name__}: {e}") from None
 
 
-def to_graph(fn: Function) -> "networkx.DiGraph":  # noqa: F821
+def to_graph(fn: Function) -> networkx.DiGraph:
     """Dataflow graph of one function: a node per input, parameter and op, an edge per use."""
     import networkx  # only the DOT/graph exports need it, not every `import mlxc`
 

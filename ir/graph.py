@@ -118,11 +118,11 @@ class Program:
 
     def parameters(self) -> Iterator[tuple[str, Value]]:
         """Every checkpoint weight the program needs, by its global name, in call order."""
-        yield from self._parameters(self.main, "", set(), lambda fn: fn.params)
+        yield from self._parameters(lambda fn: fn.params)
 
     def runtime_parameters(self) -> Iterator[tuple[str, Value]]:
         """Every weight the generated code holds (after load-time `derive` ops), by global name."""
-        yield from self._parameters(self.main, "", set(), Function.runtime_params)
+        yield from self._parameters(Function.runtime_params)
 
     def call_paths(self) -> Iterator[tuple[str, Function]]:
         """(global prefix, function) for every call path from @main, @main itself first with prefix ''."""
@@ -135,16 +135,13 @@ class Program:
                 sub = o.attrs["prefix"]
                 yield from self._paths(self[o.attrs["callee"]], prefix + (sub + "." if sub else ""))
 
-    def _parameters(self, fn: Function, prefix: str, seen: set[str], select):
-        for p in select(fn):
-            name = prefix + p.name
-            if name not in seen:
-                seen.add(name)
-                yield name, p
-        for o in fn.ops:
-            if o.op == "call":
-                sub = o.attrs["prefix"]
-                yield from self._parameters(self[o.attrs["callee"]], prefix + (sub + "." if sub else ""), seen, select)
+    def _parameters(self, select) -> Iterator[tuple[str, Value]]:
+        seen: set[str] = set()
+        for prefix, fn in self.call_paths():
+            for p in select(fn):
+                if prefix + p.name not in seen:
+                    seen.add(prefix + p.name)
+                    yield prefix + p.name, p
 
     def __str__(self) -> str:
         from .printer import print_program

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .attrs import STRUCT_TAGS
 from .errors import TypeRuleError
-from .types import Dim, DType, TensorType
+from .types import DType, TensorType
 
 
 class OpGroup(str, enum.Enum):

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from .attrs import STRUCT_TAGS
-from .graph import Function, Operation, Program, Value
+from .graph import Function, Operation, Program
 from .opdef import REQUIRED, AttrDef, Symbol
 
 

@@ -104,15 +104,8 @@ def _check_acyclic_calls(program: Program) -> None:
 def _check_parameter_types(program: Program) -> None:
     """Two calls may share a parameter name only if they agree on its type."""
     types: dict[str, object] = {}
-
-    def walk(fn: Function, prefix: str) -> None:
+    for prefix, fn in program.call_paths():
         for p in fn.params:
             name = prefix + p.name
             if types.setdefault(name, p.type) != p.type:
                 raise VerifyError(f"@{fn.name}: parameter {name} has type {p.type}, elsewhere {types[name]}")
-        for o in fn.ops:
-            if o.op == "call":
-                sub = o.attrs["prefix"]
-                walk(program[o.attrs["callee"]], prefix + (sub + "." if sub else ""))
-
-    walk(program.main, "")
