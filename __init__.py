@@ -9,16 +9,32 @@ from . import blas as _blas  # noqa: E402  (imports no mlx)
 _blas.activate()
 # --- end of BLAS preload; other package-level code and exports go below. -------------------------------------
 
+import importlib  # noqa: E402
+
 __version__ = "0.1.0"
 
-from .api import compile, load, load_artifact, load_async, resolve, save_adapter  # noqa: E402
-from .passes.lora import LoRAConfig  # noqa: E402
-from .frontends.lower import lower  # noqa: E402
-from .frontends.spec import ModelSpec  # noqa: E402
-from .ir.errors import MlxcError  # noqa: E402
-from .runtime.model import CompiledModel, ModelOutput  # noqa: E402
+# The public API, imported on first use (PEP 562): `import mlxc.cli` stays cheap, so the command line can catch a
+# Ctrl-C during MLX's start-up, and `import mlxc` loads MLX only when something needs it.
+_EXPORTS = {
+    "compile": "api", "load": "api", "load_artifact": "api", "load_async": "api", "resolve": "api",
+    "save_adapter": "api", "LoRAConfig": "passes.lora", "lower": "frontends.lower", "ModelSpec": "frontends.spec",
+    "MlxcError": "ir.errors", "CompiledModel": "runtime.model", "ModelOutput": "runtime.model",
+}
+_SUBPACKAGES = ("api", "cli", "codegen", "frontends", "ir", "kernels", "passes", "runtime")
 
-__all__ = [
-    "CompiledModel", "LoRAConfig", "MlxcError", "ModelOutput", "ModelSpec", "__version__", "compile", "load", "load_artifact",
-    "load_async", "lower", "resolve", "save_adapter",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mlxc' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS) + list(_SUBPACKAGES))
+
+
+__all__ = sorted(_EXPORTS) + ["__version__"]

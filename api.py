@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -19,10 +20,10 @@ import numpy as np
 from .codegen import generate_module, import_module, write_module
 from .frontends.lower import lower
 from .frontends.spec import ModelSpec
-from .ir import DType, Program
+from .ir import DType, Program, Quant
 from .ir.errors import MlxcError
-from .passes import (DEFAULT_PIPELINE, LoRA, LoRAConfig, MergeLoRA, Quantize, SelectKernels, StorageTypes, pass_name,
-                     run_pipeline)
+from .passes import LoRAConfig, build_pipeline, describe, run_pipeline
+from .passes.convert_dtype import ConvertDType, compute_dtype
 from .passes.pipeline import PassLike
 from .runtime import artifact as art
 from .runtime import weights as W
@@ -73,17 +74,30 @@ def resolve(src: str | Path | ModelSpec) -> Source:
         suffix = path.suffix.lower()
         if suffix == ".gguf":
             return Source(SourceKind.GGUF, str(path))
+        if path.name in ("config.json", art.MANIFEST_FILE) and path.parent.is_dir():
+            what = "a Hugging Face config" if path.name == "config.json" else "an mlxc artifact's manifest"
+            raise MlxcError(f"{path} is {what}: pass the directory that holds it ({path.parent}), not the file")
         if suffix in (".yaml", ".yml", ".json"):
             return Source(SourceKind.SPEC_FILE, str(path))
         raise MlxcError(f"{path}: unrecognized model file (expected a .gguf, .yaml/.yml/.json spec, or a directory)")
     if text.lower() in PRESETS:
         return Source(SourceKind.PRESET, text)
+    if _looks_like_path(text, path):
+        raise MlxcError(f"{text}: no such file or directory")
     if _HUB_ID.match(text):
         return Source(SourceKind.HUB, text)
     raise MlxcError(
         f"cannot find model source {text!r}: it is not a local file or directory, a preset (see `mlxc inspect "
         f"preset:NAME`; known: {', '.join(sorted(PRESETS))}), or a Hugging Face hub id (org/name)"
     )
+
+
+def _looks_like_path(text: str, path: Path) -> bool:
+    """A source meant as a local path: explicitly relative or absolute, a model-file suffix, or a name under a
+    directory that exists here (`ckpt/lama` where `ckpt/` exists is a typo, not a hub id)."""
+    if text.startswith(("/", "./", "../", "~")) or path.suffix.lower() in (".gguf", ".yaml", ".yml", ".json"):
+        return True
+    return len(path.parts) > 1 and path.parent.is_dir()
 
 
 def packaged_model(distribution: str) -> str:
@@ -130,7 +144,8 @@ class Frontend:
     tensors: dict[str, W.Tensor] | None  # IR-named checkpoint tensors; None means random init
     tokenizer: object | None
     description: str
-    storage: StorageTypes | None = None  # the checkpoint's quantized storage types, applied before any pass
+    storage: dict[str, Quant] | None = None  # the checkpoint's quantized parameters (global name -> storage type)
+    stored_types: dict[str, int] = field(default_factory=dict)  # how the file stores its tensors: type -> count
 
 
 def read_source(source: Source, weights: bool = True) -> Frontend:
@@ -155,7 +170,11 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         if not weights:
             family = hf.detect_architecture(config)
             spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
-            return Frontend(spec, None, tokenizer, f"{path} ({family})")
+            try:
+                stored = _count_types(W.read_safetensors(W.safetensors_files(path)).values())
+            except MlxcError:  # a config without weights still describes the architecture
+                stored = {}
+            return Frontend(spec, None, tokenizer, f"{path} ({family})", stored_types=stored)
         files = W.safetensors_files(path)
         raw = W.read_safetensors(files)
         family = hf.detect_architecture(config, raw.keys())
@@ -163,7 +182,8 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         tensors = W.rename(raw, hf.hf_to_ir_name, hf.UNMAPPED)
         if spec.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-        return Frontend(spec, tensors, tokenizer, f"{path} ({config.get('architectures', ['?'])[0]})")
+        return Frontend(spec, tensors, tokenizer, f"{path} ({config.get('architectures', ['?'])[0]})",
+                        stored_types=_count_types(raw.values()))
     raise MlxcError(f"cannot compile a {kind.value} source")
 
 
@@ -174,10 +194,11 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
     ckpt = gguf.read_gguf(path)
     tokenizer = gguf.gguf_tokenizer(ckpt)
     native = {n: W.GGUF_NATIVE[i.ggml_type] for n, i in ckpt.tensor_infos.items() if i.ggml_type in W.GGUF_NATIVE}
-    storage = StorageTypes(quant={ir: q for n, q in native.items() if (ir := ckpt.ir_name(n)) is not None})
+    storage = {ir: q for n, q in native.items() if (ir := ckpt.ir_name(n)) is not None}
     description = f"{path} (gguf {ckpt.architecture})"
+    stored = dict(Counter(i.ggml_type for i in ckpt.tensor_infos.values()).most_common())
     if not weights:
-        return Frontend(ckpt.spec, None, tokenizer, description, storage)
+        return Frontend(ckpt.spec, None, tokenizer, description, storage, stored)
     tensors: dict[str, W.Tensor] = {}
     for name, block in W.read_gguf_blocks(path, native).items():
         ir = ckpt.ir_name(name)
@@ -185,12 +206,12 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
             order = gguf.row_order(ckpt, ir)
             tensors[ir] = block if order is None else block.take_rows(order)
     tensors.update(gguf.gguf_tensors(ckpt, skip=set(native)))
-    return Frontend(ckpt.spec, tensors, tokenizer, description, storage)
+    return Frontend(ckpt.spec, tensors, tokenizer, description, storage, stored)
 
 
-def _passes_for(front: Frontend, passes: list[PassLike]) -> list[PassLike]:
-    """The checkpoint's storage types come first, so every later pass sees the weights as they are stored."""
-    return ([front.storage] if front.storage is not None else []) + list(passes)
+def _count_types(arrays) -> dict[str, int]:
+    names = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
+    return dict(Counter(names.get(a.dtype, str(a.dtype).removeprefix("mlx.core.")) for a in arrays).most_common())
 
 
 def _float_dtype(dtype: DType | str) -> DType:
@@ -209,28 +230,12 @@ def target() -> str:
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
 
-def pipeline(passes: Sequence[PassLike] | None = None, quantize: int | None = None,
-             group_size: int = 64) -> list[PassLike]:
-    """The pass list for a compile: the default (or given) passes, with the target's kernel selection, or, when the
-    user asks for quantization, `quantize` in its place: that request is the kernel choice (quantized matmuls, also
-    on the CPU), and weights a checkpoint already stores quantized stay as stored."""
-    items = list(DEFAULT_PIPELINE if passes is None else passes)
-    if quantize is None:
-        return [SelectKernels(target=target()) if p == SelectKernels.name else p for p in items]
-    if quantize not in (2, 3, 4, 6, 8):
-        raise MlxcError(f"cannot quantize to {quantize} bits; choose 2, 3, 4, 6 or 8")
-    if group_size not in (32, 64, 128):
-        raise MlxcError(f"group size must be 32, 64 or 128, got {group_size}")
-    q = Quantize(bits=quantize, group_size=group_size)
-    at = next((i for i, p in enumerate(items) if pass_name(p) == SelectKernels.name), None)
-    return items + [q] if at is None else items[:at] + [q] + items[at + 1:]
-
-
 def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[PassLike] | None = None,
                     dump_dir: str | Path | None = None, on_report=None) -> Program:
-    """Spec -> verified IR after the pass pipeline (the default one unless `passes` is given)."""
+    """Spec -> verified IR after the pass pipeline (the default one for this machine's target unless `passes`)."""
     program = lower(spec, _float_dtype(dtype))
-    return run_pipeline(program, pipeline(passes) if passes is None else passes, dump_dir=dump_dir, on_report=on_report)
+    items = build_pipeline(target=target()) if passes is None else passes
+    return run_pipeline(program, items, dump_dir=dump_dir, on_report=on_report)
 
 
 def _stage(progress: Progress, what: str, start: float) -> float:
@@ -276,65 +281,72 @@ def _lora_tensors(program: Program, adapter_tensors, seed: int) -> dict[str, mx.
 
 @dataclass
 class Build:
-    """Everything a compile produces: the program, its generated module source and the weights bound to it."""
+    """Everything a compile produces: the program, its generated module source and the checkpoint tensors."""
 
     front: Frontend
     program: Program
     code: str
-    weights: list[tuple[str, mx.array]]
-    passes: list[str]
+    tensors: dict[str, W.Tensor]  # checkpoint-stage tensors by global name (adapters included)
+    passes: list[str]  # the pipeline, each pass with its settings
     lora: LoRAConfig | None
 
+    def arrays(self, want: str = "runtime") -> list[tuple[str, mx.array]]:
+        """What the generated module holds (`runtime`) or what an artifact stores (`stored`)."""
+        return W.bind(self.program, self.tensors, "checkpoint", want)
 
-def build(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = None, quantize: int | None = None,
-          group_size: int = 64, adapter: str | Path | None = None, lora: LoRAConfig | None = None,
-          merge_lora: bool = False, random_init: bool = False, seed: int = 0, init_scale: float = 0.02,
-          dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Build:
-    """Source -> spec -> IR -> passes -> module source and bound weights (the shared core of load and compile)."""
+
+def _pipeline(front: Frontend, passes, quantize, group_size, lora, merge_lora):
+    return build_pipeline(passes, target=target(), quantize=quantize, group_size=group_size, storage=front.storage,
+                          lora=lora, merge_lora=merge_lora)
+
+
+def _read_adapter(adapter, lora: LoRAConfig | None):
+    if adapter is None:
+        return lora, None
+    if lora is not None:
+        raise MlxcError("give an adapter folder (--adapter, adapter=) or a fresh LoRA configuration (lora=), not both")
+    from .frontends.peft import read_peft_adapter
+
+    return read_peft_adapter(adapter)
+
+
+def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = None, quantize: int | None = None,
+          group_size: int | None = None, adapter: str | Path | None = None, lora: LoRAConfig | None = None,
+          merge_lora: bool = False, random_init: bool = False, seed: int | None = None,
+          init_scale: float | None = None, dump_dir: str | Path | None = None, progress: Progress = None,
+          on_report=None) -> Build:
+    """Source -> spec -> IR -> passes -> module source and checkpoint tensors (the shared core of load and compile)."""
     t = time.perf_counter()
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
         raise MlxcError(f"{source.location} is already a compiled artifact")
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    adapter_tensors = None
-    if adapter is not None:
-        from .frontends.peft import read_peft_adapter
-
-        lora, adapter_tensors = read_peft_adapter(adapter)
-    items = _pipeline_for(front, passes, quantize, group_size, lora, merge_lora)
-    program = compile_program(front.spec, dtype, items, dump_dir=dump_dir, on_report=on_report)
-    names = [pass_name(p) for p in items]
-    t = _stage(progress, f"lowered and optimized ({', '.join(names) or 'no passes'})", t)
+    lora, adapter_tensors = _read_adapter(adapter, lora)
+    items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
+    program = compile_program(front.spec, dtype or "float32", items, dump_dir=dump_dir, on_report=on_report)
+    t = _stage(progress, f"lowered and optimized ({', '.join(p.name for p in items) or 'no passes'})", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
     if front.tensors is None or random_init:
-        tensors = W.random_weights(program, seed=seed, scale=init_scale)
+        tensors = W.random_weights(program, seed=seed or 0, scale=0.02 if init_scale is None else init_scale)
     else:
+        if seed is not None or init_scale is not None:
+            raise MlxcError("--init-seed / --init-scale set random weights, but this source has real ones; "
+                            "add --random-init to replace them")
         tensors = dict(front.tensors)
     if lora is not None:
-        tensors.update(_lora_tensors(program, adapter_tensors, seed))
-    weights = W.bind(program, tensors)
-    _stage(progress, "weights bound", t)
-    return Build(front, program, code, weights, names, lora)
+        tensors.update(_lora_tensors(program, adapter_tensors, seed or 0))
+    return Build(front, program, code, tensors, describe(items), lora)
 
 
-def _pipeline_for(front: Frontend, passes, quantize, group_size, lora: LoRAConfig | None,
-                  merge_lora: bool) -> list[PassLike]:
-    """The whole pass list for a source: its storage types, the pipeline, adapters, quantization."""
-    items = _passes_for(front, pipeline(passes, quantize, group_size))
-    if lora is not None:
-        return _with_lora(items, lora, merge_lora)
-    if merge_lora:
-        raise MlxcError("merge_lora needs an adapter (adapter=DIR) or a LoRA configuration")
-    return items
-
-
-def program_for(src, dtype: str = "float32", *, passes: Sequence[PassLike] | None = None, quantize: int | None = None,
-                group_size: int = 64, adapter: str | Path | None = None, merge_lora: bool = False,
-                stop_after: str | None = None, on_report=None) -> Program:
+def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = None,
+                quantize: int | None = None, group_size: int | None = None, adapter: str | Path | None = None,
+                merge_lora: bool = False, stop_after: str | None = None, on_report=None) -> Program:
     """The compiled IR alone, without reading weights (for `mlxc dump`); an artifact's stored program as it is."""
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
+        _refuse_for_artifact(source.location, dtype=dtype, passes=passes, quantize=quantize, group_size=group_size,
+                             adapter=adapter, merge_lora=merge_lora or None, after=stop_after)
         return art.read_program(Path(source.location))
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
     lora = None
@@ -342,43 +354,57 @@ def program_for(src, dtype: str = "float32", *, passes: Sequence[PassLike] | Non
         from .frontends.peft import read_peft_adapter
 
         lora, _ = read_peft_adapter(adapter)
-    items = _pipeline_for(front, passes, quantize, group_size, lora, merge_lora)
-    return run_pipeline(lower(front.spec, _float_dtype(dtype)), items, stop_after=stop_after, on_report=on_report)
+    items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
+    return run_pipeline(lower(front.spec, _float_dtype(dtype or "float32")), items, stop_after=stop_after,
+                        on_report=on_report)
 
 
-def _with_lora(items: list[PassLike], config: LoRAConfig, merge: bool) -> list[PassLike]:
-    """Adapters go in after fusion and before weight work is lifted to load time (merging is weight work too)."""
-    # re-quantizing a merged weight only pays where quantized kernels run; on the CPU it would be dequantized again
-    added: list[PassLike] = [LoRA(config)] + ([MergeLoRA(requantize=target() != "cpu")] if merge else [])
-    later = ("lift-params", "select-kernels", "quantize")  # weight work that must see the adapters' projections
-    at = next((i for i, p in enumerate(items) if pass_name(p) in later), len(items))
-    return items[:at] + added + items[at:]
+# The CLI flag behind each build argument, for messages a command-line user can act on.
+_FLAGS = {"dtype": "--dtype", "passes": "--passes/--no-opt", "quantize": "--quantize", "group_size": "--group-size",
+          "adapter": "--adapter", "lora": "lora=", "merge_lora": "--merge-lora", "random_init": "--random-init",
+          "seed": "--init-seed", "init_scale": "--init-scale", "after": "--after"}
 
 
-def load(src: str | Path | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None, *,
+def _refuse_for_artifact(location: str, **given) -> None:
+    """An artifact is compiled already: build settings cannot apply to it, and silently ignoring them would run
+    something other than what was asked for."""
+    used = [k for k, v in given.items() if v is not None and v is not False]
+    if used:
+        flags = ", ".join(f"{_FLAGS[k]} ({k}=)" if not _FLAGS[k].endswith("=") else _FLAGS[k] for k in used)
+        raise MlxcError(f"{location} is a compiled artifact, so {flags} cannot apply to it; "
+                        "compile the original source with those settings instead")
+
+
+def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | Path | None = None, *,
          lora: LoRAConfig | None = None, merge_lora: bool = False, passes: Sequence[PassLike] | None = None,
-         quantize: int | None = None, group_size: int = 64, random_init: bool = False, seed: int = 0,
-         init_scale: float = 0.02, progress: Progress = None) -> CompiledModel:
+         quantize: int | None = None, group_size: int | None = None, random_init: bool = False,
+         seed: int | None = None, init_scale: float | None = None, progress: Progress = None) -> CompiledModel:
     """Load a model from a Hugging Face directory, a GGUF file, an mlxc artifact, a preset, a spec file or a hub id.
 
+    `dtype` (float32 unless given; an artifact keeps its own unless given) is the weights' and activations' dtype.
     Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`); `random_init`
     does the same for a checkpoint, keeping only its architecture. `adapter` is a PEFT LoRA folder (merged into the
     weights with `merge_lora=True`); `lora` adds fresh adapters for training.
     """
-    if resolve(src).kind == SourceKind.ARTIFACT:
-        if adapter is not None or lora is not None:
-            raise MlxcError("adapters are added when compiling; load the base model source with adapter=, not an artifact")
-        return load_artifact(Path(resolve(src).location), progress)
+    source = resolve(src)
+    if source.kind == SourceKind.ARTIFACT:
+        _refuse_for_artifact(source.location, passes=passes, quantize=quantize, group_size=group_size,
+                             adapter=adapter, lora=lora, merge_lora=merge_lora or None,
+                             random_init=random_init or None, seed=seed, init_scale=init_scale)
+        return load_artifact(Path(source.location), progress, dtype=dtype)
     b = build(src, dtype, passes=passes, quantize=quantize, group_size=group_size, adapter=adapter, lora=lora,
               merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, progress=progress)
     path = write_module(b.code)
     module = import_module(path)
-    return CompiledModel(module, _instantiate(module, b.weights), b.program, spec=b.front.spec,
-                         tokenizer=b.front.tokenizer, source=str(src if not isinstance(src, ModelSpec) else src.name),
-                         module_path=str(path), lora_config=b.lora)
+    t = time.perf_counter()
+    net = _instantiate(module, b.arrays("runtime"))
+    _stage(progress, "weights bound", t)
+    return CompiledModel(module, net, b.program, spec=b.front.spec, tokenizer=b.front.tokenizer,
+                         source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path),
+                         lora_config=b.lora)
 
 
-async def load_async(src, dtype: str = "float32", adapter=None, **kwargs) -> CompiledModel:
+async def load_async(src, dtype: str | None = None, adapter=None, **kwargs) -> CompiledModel:
     """`load` on a worker thread, so an event loop keeps serving while weights are read."""
     return await asyncio.to_thread(load, src, dtype, adapter, **kwargs)
 
@@ -397,24 +423,32 @@ def save_adapter(model: CompiledModel, path: str | Path) -> Path:
     return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source)
 
 
-def load_artifact(path: Path, progress: Progress = None) -> CompiledModel:
+def load_artifact(path: Path, progress: Progress = None, dtype: str | None = None) -> CompiledModel:
+    """An artifact as compiled; `dtype` converts its program and weights (e.g. a float32 artifact run in float16)."""
     t = time.perf_counter()
+    path = Path(path)
     manifest = art.read_manifest(path)
     program = art.read_program(path)
-    module = import_module(path / art.MODULE_FILE)
-    tensors = W.read_safetensors([path / art.WEIGHTS_FILE])
-    net = _instantiate(module, W.bind(program, W.from_storage(program, tensors), stage="runtime"))
+    module_path = path / art.MODULE_FILE
+    stored = W.read_safetensors([path / art.WEIGHTS_FILE])
+    if dtype is not None and _float_dtype(dtype) != compute_dtype(program):
+        program, _ = ConvertDType(_float_dtype(dtype)).run(program)
+        module_path = write_module(generate_module(program, title=f"{path}: converted to {_float_dtype(dtype).value}."))
+    module = import_module(module_path)
+    params = W.stage_parameters(program, "stored")
+    net = _instantiate(module, W.bind(program, W.from_storage(params, stored), "stored", "runtime"))
     _stage(progress, f"loaded artifact {path}", t)
     spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
+    lora = LoRAConfig.from_dict(manifest.lora) if manifest.lora else None
     return CompiledModel(module, net, program, spec=spec, tokenizer=_load_tokenizer(path), source=str(path),
-                         module_path=str(path / art.MODULE_FILE))
+                         module_path=str(module_path), lora_config=lora)
 
 
-def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "float32", *,
-            passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int = 64,
-            adapter: str | Path | None = None, merge_lora: bool = False, random_init: bool = False, seed: int = 0,
-            init_scale: float = 0.02, overwrite: bool = False, dump_dir: str | Path | None = None,
-            progress: Progress = None, on_report=None) -> Path:
+def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str | None = None, *,
+            passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int | None = None,
+            adapter: str | Path | None = None, merge_lora: bool = False, random_init: bool = False,
+            seed: int | None = None, init_scale: float | None = None, overwrite: bool = False,
+            dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Path:
     """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
     from . import __version__
 
@@ -424,8 +458,9 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str = "floa
               progress=progress, on_report=on_report)
     t = time.perf_counter()
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
-                            str(_float_dtype(dtype).value), b.passes, b.front.spec.model_dump(mode="json"))
-    out = art.save_artifact(out_dir, module_source=b.code, program=b.program, weights=b.weights, manifest=manifest,
-                            tokenizer=b.front.tokenizer, overwrite=overwrite)
+                            str(compute_dtype(b.program).value), b.passes, b.front.spec.model_dump(mode="json"),
+                            lora=b.lora.to_dict() if b.lora else None, target=target())
+    out = art.save_artifact(out_dir, module_source=b.code, program=b.program, weights=b.arrays("stored"),
+                            manifest=manifest, tokenizer=b.front.tokenizer, overwrite=overwrite)
     _stage(progress, f"wrote {out}", t)
     return out

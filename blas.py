@@ -48,6 +48,7 @@ class BlasInfo:
     name: str
     path: str | None
     reason: str
+    warning: str | None = None  # set when what the user asked for could not be honoured: said on every command
 
     @property
     def is_reference(self) -> bool:
@@ -246,12 +247,9 @@ def _activate() -> BlasInfo:
     if setting.lower() in _OFF_VALUES:
         return _reference(f"{ENV_VAR}={setting}: nothing preloaded")
     if _mlx_loaded():
-        return BlasInfo(
-            REFERENCE,
-            _bundled_blas_path(),
-            "mlx.core was imported before mlxc.blas.activate() ran, so a BLAS preload could not take effect "
-            "(import mlxc before mlx)",
-        )
+        why = ("mlx.core was imported before mlxc.blas.activate() ran, so a BLAS preload could not take effect "
+               "(import mlxc before mlx)")
+        return BlasInfo(REFERENCE, _bundled_blas_path(), why, why if setting.lower() not in ("", "auto") else None)
 
     if setting.lower() in ("", "auto"):
         tried: list[str] = []
@@ -271,7 +269,10 @@ def _activate() -> BlasInfo:
 
     lib, why = _try_load(setting)
     if lib is None:
-        return _reference(f"{ENV_VAR}={setting}: {why}; using the BLAS bundled with mlx")
+        info = _reference(f"{ENV_VAR}={setting}: {why}; using the BLAS bundled with mlx")
+        warning = (f"{ENV_VAR}={setting} could not be used ({why}); MLX falls back to {info.name}, "
+                   "which is tens of times slower for matmuls")
+        return BlasInfo(info.name, info.path, info.reason, warning)
     _handle = lib
     return _result_after_load(setting, lib, f"{ENV_VAR}={setting}")
 

@@ -7,13 +7,14 @@ from importlib import metadata
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import jinja2
 
+from ..files import write_text_atomic
 from ..ir import Program
+from ..ir.errors import MlxcError
 from .emit import emit_program
 
 _ENV = jinja2.Environment(
@@ -61,26 +62,64 @@ def _compact_list(items: list) -> str:
     return repr(items)
 
 
+CACHE_ENV = "MLXC_CACHE"
+CACHE_LIMIT = 64  # generated modules kept; older ones (by last use) are removed when a new one is written
+
+
+def cache_dir() -> Path:
+    """Where generated modules live: `$MLXC_CACHE/modules`, by default `~/.cache/mlxc/modules`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlxc") / "modules"
+
+
 def write_module(source: str, directory: str | os.PathLike | None = None) -> Path:
-    """Write generated source to a file named by its hash (default: a per-user cache directory)."""
+    """Write generated source to a file named by its hash (default: the cache directory, bounded to CACHE_LIMIT
+    files)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    root = Path(directory) if directory else Path(os.environ.get("MLXC_CACHE", Path.home() / ".cache" / "mlxc")) / "modules"
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(directory) if directory else cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MlxcError(f"cannot create the module cache {root}: {e.strerror or e} (set {CACHE_ENV} elsewhere)") from None
     path = root / f"mlxc_model_{digest}.py"
-    if not path.exists() or path.read_text() != source:
-        fd, tmp = tempfile.mkstemp(dir=root, suffix=".py.tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
+    if path.exists() and path.read_text() == source:
+        path.touch()  # recently used: the last to be evicted
+        return path
+    write_text_atomic(path, source)
+    if directory is None:
+        _evict(root, keep=path)
     return path
 
 
+def _evict(root: Path, keep: Path) -> None:
+    modules = sorted(root.glob("mlxc_model_*.py"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in modules[CACHE_LIMIT:]:
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
 def import_module(path: str | os.PathLike) -> ModuleType:
+    """Import a generated module from its file; a broken (e.g. hand-edited) file is an error naming file and line."""
     path = Path(path)
     name = f"mlxc_generated.{path.stem}_{abs(hash(str(path.resolve()))):x}"
     spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
+    if spec is None or spec.loader is None:
+        raise MlxcError(f"{path}: not a Python module")
     module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise MlxcError(f"{e.filename or path}:{e.lineno}: syntax error in the generated module: {e.msg}") from None
+    except Exception as e:
+        line = _line_in(e, path)
+        raise MlxcError(f"{path}{line}: the module fails to import: {type(e).__name__}: {e}") from None
     sys.modules[name] = module
-    spec.loader.exec_module(module)
     return module
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    tb, line = error.__traceback__, ""
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line

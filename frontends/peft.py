@@ -10,12 +10,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import mlx.core as mx
 
+from ..files import make_sibling_dir
 from ..ir.errors import MlxcError
 from ..passes.lora import LoRAConfig
 from . import hf
@@ -86,8 +86,7 @@ def save_peft_adapter(path: str | Path, config: LoRAConfig, tensors: Mapping[str
         "init_lora_weights": True,
     }
     # written beside the destination and swapped in, so a failure never leaves half an adapter
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    tmp = make_sibling_dir(d)
     try:
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), out, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -28,7 +28,7 @@ def _embed(ids: TensorType, table: TensorType):
 def _check_groups(w: TensorType) -> None:
     q = w.quant
     if q is not None:
-        require(q.bits in (2, 3, 4, 5, 6, 8), f"{q.bits}-bit quantization is not supported")
+        require(q.bits in Quant.BITS, f"{q.bits}-bit quantization is not supported")
         require(w.shape[-1] % q.group_size == 0, f"{w}: last dim is not a multiple of the group size {q.group_size}")
 
 

@@ -40,6 +40,8 @@ class Quant:
     bits: int
     group_size: int
 
+    BITS = (2, 3, 4, 5, 6, 8)  # the widths MLX's affine quantization supports
+
     def __str__(self) -> str:
         return f"q{self.bits}g{self.group_size}"
 

@@ -32,8 +32,10 @@ class LoRAConfig:
     rslora: bool = False
 
     def __post_init__(self):
-        if self.rank <= 0:
-            raise MlxcError(f"LoRA rank must be positive, got {self.rank}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise MlxcError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise MlxcError(f"LoRA alpha must be a finite positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise MlxcError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.targets, str):
@@ -43,6 +45,19 @@ class LoRAConfig:
                 raise MlxcError(f"bad LoRA target regex {self.targets!r}: {e}") from None
         elif isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+
+    def to_dict(self) -> dict:
+        """Plain data for a manifest: `from_dict` gives back an equal config."""
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": targets,
+                "rslora": self.rslora}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoRAConfig":
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise MlxcError(f"malformed LoRA configuration {data!r}: {e}") from None
 
     @property
     def factor(self) -> float:
@@ -97,14 +112,18 @@ class LoRA(Pass):
     """Adapters are graph code like everything else: fusion, codegen and merging treat them uniformly."""
 
     name = "lora"
+    runs_before = ("select-kernels", "quantize")
+    order_reason = "finds projections by their checkpoint weights, which those passes move or re-type"
     config: LoRAConfig = field(default_factory=LoRAConfig)
 
     def run(self, program: Program) -> tuple[Program, PassReport]:
         report = PassReport(self.name, {"adapters": 0})
         cfg = self.config
+        available: set[str] = set()
         for fn in program.functions:
             rw = Rewriter(program, fn)
             for proj in reversed(projections(fn)):  # reversed: fused slices end up in q, k, v order
+                available.add(proj.module.rsplit(".", 1)[-1])
                 calls = _module_calls(program, fn, proj.module)
                 chosen = [cfg.selects(c) for c in calls]
                 if not any(chosen):
@@ -116,6 +135,10 @@ class LoRA(Pass):
                     )
                 self._insert(fn, rw, proj)
                 report.changes["adapters"] += 1
+        if not report.changes["adapters"]:
+            wanted = cfg.targets if isinstance(cfg.targets, str) else ", ".join(cfg.targets)
+            raise MlxcError(f"LoRA targets ({wanted}) match no projection of this model; its projections are: "
+                            f"{', '.join(sorted(available)) or 'none'}")
         return program, report
 
     def _insert(self, fn: Function, rw: Rewriter, proj: Projection) -> None:
@@ -151,6 +174,8 @@ class MergeLoRA(Pass):
     """No adapter overhead at inference: W' = W + factor * B @ A, computed once at load time."""
 
     name = "merge-lora"
+    runs_before = ("select-kernels", "quantize")
+    order_reason = "folds adapters into checkpoint weights, which those passes re-type"
     requantize: bool = True  # a merged weight whose base was quantized is quantized again (same bits and groups)
 
     def run(self, program: Program) -> tuple[Program, PassReport]:
@@ -207,8 +232,13 @@ class MergeLoRA(Pass):
 def _float_concat(fn: Function, rw: Rewriter, cat: Operation) -> None:
     """A fused weight whose merged slice stayed float: its other slices are dequantized at load too, so the
     concatenation (and the one matmul reading it) is in float."""
-    cat.operands = [v if v.type.quant is None else rw.derive(0, "dequantize", v, name=f"{v.name}_f")
-                    for v in cat.operands]
+    def dequantized(v: Value) -> Value:
+        # a load-time op after everything its operand may be derived from: just before a derived concat, or at the
+        # end of the derive section for a concat in the body (which reads every derived value)
+        at = fn.derived.index(cat) if cat in fn.derived else len(fn.derived)
+        return rw.derive(at, "dequantize", v, name=f"{v.name}_f")
+
+    cat.operands = [v if v.type.quant is None else dequantized(v) for v in cat.operands]
     for r in cat.results:
         r.type = r.type.with_quant(None)
 

@@ -1,12 +1,17 @@
-"""The pass pipeline on one page: which passes exist, which run by default, and debug dumps between them."""
+"""The pass pipeline on one page: which passes exist, the phases of a compile, and debug dumps between passes.
+
+`build_pipeline` assembles the whole list for one compile (storage types, clean-up, fusion, adapters, lifting,
+target lowering); `run_pipeline` runs any list, checks the order constraints passes declare, verifies after each
+pass and can write every stage as re-parseable IR.
+"""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
-from ..ir import Program, print_program, verify
+from ..ir import Program, Quant, print_program, verify
 from ..ir.errors import MlxcError
 from .base import Pass, PassReport
 from .cse import CommonSubexpressionElimination
@@ -14,7 +19,7 @@ from .dce import DeadCodeElimination
 from .fold_shapes import FoldShapes
 from .fuse import FuseGateUp, FuseQKV
 from .lift import LiftParams
-from .lora import LoRA, MergeLoRA
+from .lora import LoRA, LoRAConfig, MergeLoRA
 from .quantize import Quantize, StorageTypes
 from .select_kernels import SelectKernels
 
@@ -34,11 +39,12 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "lift-params",
     "cse",
     "fold-shapes",
-    # Phase 3: target lowering (the target comes from the caller; see mlxc.api.pipeline)
+    # Phase 3: target lowering (`build_pipeline` configures it for the target, or replaces it with `quantize`)
     "select-kernels",
     "dce",
 )
 
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 
 PassLike = Union[str, Pass]
 
@@ -46,7 +52,7 @@ PassLike = Union[str, Pass]
 def parse_pipeline(text: str | Sequence[PassLike] | None) -> list[PassLike]:
     """Pass names (comma-separated text or a list) and configured Pass objects, checked against the registry."""
     items = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text or ())
-    items = [n for n in items if n]
+    items = [n for n in items if not isinstance(n, str) or n]
     for n in items:
         if isinstance(n, str) and n not in PASSES:
             raise MlxcError(f"unknown pass {n!r}; available passes: {', '.join(sorted(PASSES))}")
@@ -55,6 +61,58 @@ def parse_pipeline(text: str | Sequence[PassLike] | None) -> list[PassLike]:
 
 def pass_name(p: PassLike) -> str:
     return p if isinstance(p, str) else p.name
+
+
+def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "cpu", quantize: int | None = None,
+                   group_size: int | None = None, storage: Mapping[str, Quant] | None = None,
+                   lora: LoRAConfig | None = None, merge_lora: bool = False) -> list[Pass]:
+    """Every pass of one compile, configured, in order.
+
+    Phase 0 types parameters as the checkpoint stores them (`storage`: global name -> quantization), so every later
+    decision sees the weights as they are. Phases 1-2 are `passes` (default: DEFAULT_PIPELINE). Adapters (`lora`,
+    then `merge-lora`) go in after fusion and before the first pass that lifts or re-types weights. Phase 3 is the
+    target's kernel selection, or `quantize` in its place when the user asks for quantized weights: that request is
+    the kernel choice (quantized matmuls on every target) and weights stored quantized stay as stored.
+    """
+    if quantize is not None and quantize not in Quant.BITS:
+        raise MlxcError(f"cannot quantize to {quantize} bits; choose one of {', '.join(map(str, Quant.BITS))}")
+    if group_size is not None:
+        if quantize is None:
+            raise MlxcError("--group-size (group_size=) only applies with --quantize")
+        if group_size not in GROUP_SIZES:
+            raise MlxcError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if merge_lora and lora is None:
+        raise MlxcError("--merge-lora (merge_lora=) needs an adapter (--adapter DIR) or a LoRA configuration")
+    items = [PASSES[p]() if isinstance(p, str) else p
+             for p in parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)]
+    items = [SelectKernels(target=target) if p.name == SelectKernels.name else p for p in items]
+    if quantize is not None:
+        q = Quantize(bits=quantize, group_size=group_size or 64)
+        at = next((i for i, p in enumerate(items) if p.name == SelectKernels.name), None)
+        items = items + [q] if at is None else items[:at] + [q] + items[at + 1:]
+    if lora is not None:
+        # re-quantizing a merged weight only pays where quantized kernels run; on the CPU it would be dequantized
+        adapters: list[Pass] = [LoRA(lora)] + ([MergeLoRA(requantize=target != "cpu")] if merge_lora else [])
+        # after fusion, before weight work is lifted to load time (merging is weight work too)
+        at = next((i for i, p in enumerate(items) if p.name in ("lift-params",) + LoRA.runs_before), len(items))
+        items = items[:at] + adapters + items[at:]
+    if storage:
+        items = [StorageTypes(quant=dict(storage))] + items
+    return items
+
+
+def check_order(passes: Sequence[Pass]) -> None:
+    """Each pass's declared order constraint: the passes it must run before."""
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        early = [n for n in names[:i] if n in p.runs_before]
+        if early:
+            raise MlxcError(f"pass {p.name} must run before {early[0]} (it {p.order_reason}); reorder --passes")
+
+
+def describe(passes: Sequence[Pass]) -> list[str]:
+    """Each pass as its name with its non-default settings (`quantize{bits=4, group_size=32}`), for manifests."""
+    return [p.describe() for p in passes]
 
 
 def run_pipeline(
@@ -66,22 +124,26 @@ def run_pipeline(
 ) -> Program:
     """Run passes in order on a copy, verifying after each; `dump_dir` gets `NN-name.mlxc` per stage."""
     passes = [PASSES[p]() if isinstance(p, str) else p for p in parse_pipeline(names)]
+    check_order(passes)
     if stop_after is not None and stop_after not in [p.name for p in passes]:
+        if stop_after not in PASSES:
+            raise MlxcError(f"--after {stop_after}: unknown pass; available passes: {', '.join(sorted(PASSES))}")
         listed = ", ".join(p.name for p in passes) or "empty"
         raise MlxcError(f"--after {stop_after}: that pass is not in the pipeline ({listed})")
     program = copy.deepcopy(program)
     if dump_dir is not None:
         dump_dir = Path(dump_dir)
+        if dump_dir.exists() and not dump_dir.is_dir():
+            raise MlxcError(f"--dump-dir {dump_dir} exists and is not a directory")
         dump_dir.mkdir(parents=True, exist_ok=True)
         (dump_dir / "00-input.mlxc").write_text(print_program(program))
     for i, p in enumerate(passes, 1):
-        name = p.name
         program, report = p.run(program)
         verify(program)
         if on_report is not None:
             on_report(report)
         if dump_dir is not None:
-            (dump_dir / f"{i:02d}-{name}.mlxc").write_text(f"// after {report}\n" + print_program(program))
-        if name == stop_after:
+            (dump_dir / f"{i:02d}-{p.name}.mlxc").write_text(f"// after {report}\n" + print_program(program))
+        if p.name == stop_after:
             break
     return program

@@ -15,10 +15,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..ir import Program, parse_program, print_program, verify
+from ..files import make_sibling_dir
 from ..ir.errors import MlxcError
 
 FORMAT = "mlxc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights are stored before load-time expansions (quantized stays quantized)
 MODULE_FILE, PROGRAM_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.py", "program.mlxc", "weights.safetensors", "manifest.json"
 
 
@@ -30,6 +31,8 @@ class Manifest:
     passes: list[str]
     spec: dict | None = None
     tokenizer_files: list[str] = field(default_factory=list)
+    lora: dict | None = None  # the adapters' configuration when the artifact has unmerged LoRA adapters
+    target: str = "cpu"  # where the pipeline chose kernels for
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -44,7 +47,7 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise MlxcError(f"{out} exists and is not a directory")
     if out.exists() and not overwrite:
-        raise MlxcError(f"{out} already exists (use --force / overwrite=True to replace it)")
+        raise MlxcError(f"{out} already exists (use --force to replace it)")
     if out.exists() and not is_artifact(out) and any(out.iterdir()):
         raise MlxcError(f"{out} exists and is not an mlxc artifact; refusing to replace it")
     return out
@@ -53,8 +56,7 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Program, weights: list[tuple[str, mx.array]],
                   manifest: Manifest, tokenizer=None, overwrite: bool = False) -> Path:
     out = check_destination(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_sibling_dir(out)
     try:
         (tmp / MODULE_FILE).write_text(module_source)
         (tmp / PROGRAM_FILE).write_text(print_program(program))
@@ -77,7 +79,8 @@ def read_manifest(path: Path) -> Manifest:
         if data.get("format") != FORMAT:
             raise MlxcError(f"{path / MANIFEST_FILE} is not an mlxc artifact manifest")
         if data.get("format_version") != FORMAT_VERSION:
-            raise MlxcError(f"{path} has artifact format {data.get('format_version')}; this mlxc reads {FORMAT_VERSION}")
+            raise MlxcError(f"{path} has artifact format {data.get('format_version')}; this mlxc reads "
+                            f"{FORMAT_VERSION}: compile the source again")
         return Manifest(**data)
     except (json.JSONDecodeError, TypeError) as e:
         raise MlxcError(f"{path / MANIFEST_FILE}: malformed manifest ({e})") from None

@@ -38,6 +38,16 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"CompiledModel(source={self.source!r}, module={self.module_path!r})"
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype (of the weights and activations), e.g. `float16`."""
+        return {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[self.program.main.outputs[0].type.dtype.value]
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model was built for (`max_position_embeddings`), when the spec says."""
+        return self.spec.max_position_embeddings if self.spec is not None else None
+
     # ------------------------------------------------------------------ forward
 
     def check_ids(self, ids) -> mx.array:

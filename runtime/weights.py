@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping, Union
 import mlx.core as mx
 import numpy as np
 
-from ..ir import DType, Program, Quant, TensorType
+from ..ir import DType, Program, Quant, TensorType, Value
 from ..ir.errors import MlxcError
 
 MX_DTYPE = {DType.F32: mx.float32, DType.F16: mx.float16, DType.BF16: mx.bfloat16, DType.I32: mx.int32}
@@ -135,10 +135,10 @@ def storage_arrays(name: str, arr: Tensor) -> list[tuple[str, mx.array]]:
     return [(name, arr)]
 
 
-def from_storage(program: Program, arrays: Mapping[str, mx.array]) -> dict[str, Tensor]:
-    """The inverse of `storage_arrays` for an artifact's runtime parameters: regroup quantized ones."""
+def from_storage(params: Mapping[str, Value], arrays: Mapping[str, mx.array]) -> dict[str, Tensor]:
+    """The inverse of `storage_arrays`: regroup the codes, scales and biases of the quantized ones in `params`."""
     out: dict[str, Tensor] = dict(arrays)
-    for name, p in program.runtime_parameters():
+    for name, p in params.items():
         if p.type.quant is not None and name in out:
             codes, scales, biases = Quant.storage_names(name)
             if scales not in out or biases not in out:
@@ -164,19 +164,28 @@ def _checked(params: dict, tensors: Mapping[str, Tensor], what: str) -> dict[str
     return out
 
 
-def bind(program: Program, tensors: Mapping[str, Tensor], stage: str = "checkpoint") -> list[tuple[str, mx.array]]:
-    """The arrays the generated module holds, from checkpoint tensors (running the program's load-time `derive`
-    ops once per call path) or, with stage="runtime", from already-derived tensors such as an artifact's."""
+def stage_parameters(program: Program, stage: str) -> dict[str, Value]:
+    """The program's values at a stage (`checkpoint`, `stored` or `runtime`, see `derive.run_derived`) by global
+    name."""
+    from .derive import stored_parameters
+
+    found = {"checkpoint": program.parameters, "stored": lambda: stored_parameters(program),
+             "runtime": program.runtime_parameters}[stage]()
+    return dict(found)
+
+
+def bind(program: Program, tensors: Mapping[str, Tensor], given: str = "checkpoint",
+         want: str = "runtime") -> list[tuple[str, mx.array]]:
+    """Storage arrays of the program's values at stage `want` (what the generated module holds, or what an artifact
+    stores), from tensors at stage `given`: checkpoint parameters, or an artifact's stored tensors. Shapes are
+    checked and dtypes conformed on the way in and out."""
     from .derive import run_derived
 
-    if stage == "checkpoint":
-        runtime = run_derived(program, _checked(dict(program.parameters()), tensors, "parameter"))
-    elif stage == "runtime":
-        runtime = tensors
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
+    have = _checked(stage_parameters(program, given), tensors, f"{given} parameter" if given != "checkpoint"
+                    else "parameter")
+    values = have if want == given else run_derived(program, have, given, want)
     out = []
-    for name, arr in _checked(dict(program.runtime_parameters()), runtime, "runtime parameter").items():
+    for name, arr in _checked(stage_parameters(program, want), values, f"{want} parameter").items():
         out += storage_arrays(name, arr)
     return out
 

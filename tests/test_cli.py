@@ -35,7 +35,7 @@ def _cli(*argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "tiny-art"
-    assert main(["compile", "preset:tiny", "-o", str(out), "--seed", "3"]) == 0
+    assert main(["compile", "preset:tiny", "-o", str(out), "--init-seed", "3"]) == 0
     return out
 
 
@@ -77,9 +77,9 @@ def test_inspect_preset(capsys):
     n = spec.num_parameters()
     assert "parameters" in out and f"{n:,}" in out
     assert "layers" in out and "vocabulary" in out and "256" in out
-    # the per-layer table: a row per layer, and the counts add up
+    # the per-layer table: identical layers collapse into one row naming their range, and the counts add up
     rows = [line for line in out.splitlines() if "attention" in line and "│" in line and "GQA" in line]
-    assert len(rows) == spec.num_layers == 2
+    assert len(rows) == 1 and "0-1" in rows[0] and spec.num_layers == 2
     model = mlxc.load("preset:tiny")
     assert sum(p.size for _, p in mlx_params(model)) == n
 
@@ -188,13 +188,13 @@ def test_compile_and_run_artifact(capsys, artifact):
     expected = np.array(mlxc.load(artifact).generate(mx.array([[1, 2, 3]]), max_new_tokens=5))[0, 3:].tolist()
     assert ids == expected
     # the artifact holds the seed-3 random weights of the preset
-    code, again, _ = _run(capsys, "run", "preset:tiny", "--seed", "3", "--tokens", "1,2,3", "--max-new-tokens", "5")
+    code, again, _ = _run(capsys, "run", "preset:tiny", "--init-seed", "3", "--tokens", "1,2,3", "--max-new-tokens", "5")
     assert code == 0 and again == out
 
 
 def test_run_sampling_flags(capsys):
     argv = ["run", "preset:tiny", "--tokens", "4,5,6", "--max-new-tokens", "6", "--temperature", "1.0",
-            "--top-k", "20", "--sample-seed", "7", "--stop", ""]
+            "--top-k", "20", "--seed", "7", "--stop", ""]
     code, a, _ = _run(capsys, *argv)
     code2, b, _ = _run(capsys, *argv)
     assert code == code2 == 0 and a == b
@@ -232,11 +232,11 @@ def test_compile_dump_dir(capsys, tmp_path):
 
 def test_compile_existing_dir_needs_force(capsys, tmp_path):
     out_dir = tmp_path / "art"
-    assert main(["compile", "preset:tiny", "-o", str(out_dir), "--seed", "1"]) == 0
+    assert main(["compile", "preset:tiny", "-o", str(out_dir), "--init-seed", "1"]) == 0
     capsys.readouterr()
-    code, _, err = _run(capsys, "compile", "preset:tiny", "-o", str(out_dir), "--seed", "2")
+    code, _, err = _run(capsys, "compile", "preset:tiny", "-o", str(out_dir), "--init-seed", "2")
     assert code == 1 and "already exists" in err and "--force" in err
-    code, _, _ = _run(capsys, "compile", "preset:tiny", "-o", str(out_dir), "--seed", "2", "--force")
+    code, _, _ = _run(capsys, "compile", "preset:tiny", "-o", str(out_dir), "--init-seed", "2", "--force")
     assert code == 0
     logits = mlxc.load(out_dir)([[1, 2]]).logits
     np.testing.assert_array_equal(np.array(logits), np.array(mlxc.load("tiny", seed=2)([[1, 2]]).logits))

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import mlxc
-from mlxc.api import pipeline
 from mlxc.ir import DType, Quant, TensorType, parse_program, verify
 from mlxc.ir.errors import MlxcError, VerifyError
-from mlxc.passes import Quantize, SelectKernels, StorageTypes, run_pipeline
+from mlxc.passes import Quantize, SelectKernels, StorageTypes, build_pipeline, run_pipeline
 
 SPEC = mlxc.ModelSpec(
     name="q", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -91,14 +90,14 @@ def test_select_kernels_dequantizes_on_cpu_only():
 
 def test_user_quantize_takes_the_place_of_kernel_selection():
     """Asking for quantization is the kernel choice: `quantize` replaces `select-kernels`, after fusion."""
-    names = [getattr(p, "name", p) for p in pipeline(None, 4, 32)]
+    names = [getattr(p, "name", p) for p in build_pipeline(quantize=4, group_size=32)]
     assert "select-kernels" not in names and names.index("fuse-qkv") < names.index("quantize")
 
 
 def test_quantize_keeps_checkpoint_quantized_weights_as_stored():
     """A weight the checkpoint stores quantized is not dequantized and quantized again on the way."""
     stored = {name: Quant(4, 32) for name, p in mlxc.lower(SPEC).parameters() if name.endswith("proj.weight")}
-    program = run_pipeline(mlxc.lower(SPEC), [StorageTypes(quant=stored)] + pipeline(None, 8, 32))
+    program = run_pipeline(mlxc.lower(SPEC), [StorageTypes(quant=stored)] + build_pipeline(quantize=8, group_size=32))
     text = str(program)
     assert "dequantize" not in text and "quantize(%qkv_proj.weight)" not in text
     assert "f32[128, 64] q4g32" in text  # the fused QKV weight, as stored
@@ -129,6 +128,6 @@ def test_quantized_artifact_round_trip(tmp_path):
 
 def test_bad_quantization_request():
     with pytest.raises(MlxcError, match="bits"):
-        pipeline(None, 5, 64)
+        build_pipeline(quantize=7, group_size=64)
     with pytest.raises(MlxcError, match="group size"):
-        pipeline(None, 4, 48)
+        build_pipeline(quantize=4, group_size=48)

@@ -1,0 +1,42 @@
+"""A multi-turn conversation on stdin; the model's state carries over between turns."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.text import Text
+
+from .common import add_passes, add_sampling, add_source, build_options, consoles, progress, sampling
+
+HELP = "a multi-turn conversation on stdin; the KV cache carries over between turns"
+
+
+def add_parser(p) -> None:
+    add_source(p)
+    add_passes(p)
+    add_sampling(p)
+    p.add_argument("--system", "--system-prompt", dest="system", help="system prompt")
+
+
+def run(args) -> int:
+    from ..api import load
+    from ..runtime.chat import ChatSession
+
+    model = load(args.src, **build_options(args), progress=progress)
+    session = ChatSession(model, system=args.system, **sampling(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        consoles.err.print(Text("Type a message; an empty line or Ctrl-D ends the chat.", style="dim"))
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        sys.stdout.write("assistant> " if interactive else "")
+        for piece in session.send(line.rstrip("\n")):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        consoles.err.print(Text(f"({session.reused} prompt tokens reused from the cache)", style="dim"))

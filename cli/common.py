@@ -1,0 +1,168 @@
+"""What every command shares: the consoles, argument types and the flag groups (source, passes, sampling).
+
+Flags follow mlx-lm's names where mlx-lm has the same flag (`--seed`, `--temp`, `--max-tokens`, `--max-kv-size`,
+`--system-prompt`, `--ignore-chat-template`); mlxc's longer names stay as aliases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.text import Text
+
+from ..ir.errors import MlxcError
+
+
+def _console(stream) -> Console:
+    """A terminal gets rich's usual layout; a pipe or file gets lines that are never wrapped."""
+    tty = stream.isatty()
+    return Console(file=stream, highlight=False, soft_wrap=not tty, width=None if tty else 100_000)
+
+
+class _Consoles:
+    """Built on first use, so tests that swap sys.stdout / sys.stderr (capsys) see the output."""
+
+    @property
+    def out(self) -> Console:
+        return _console(sys.stdout)
+
+    @property
+    def err(self) -> Console:
+        return _console(sys.stderr)
+
+
+consoles = _Consoles()
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def progress(msg: str) -> None:
+    consoles.err.print(Text(f"· {msg}", style="dim"))
+
+
+def note(msg: str) -> None:
+    """A remark on stderr (what a flag did, where a file went): never mixed into machine-readable stdout."""
+    consoles.err.print(Text(msg), soft_wrap=True)
+
+
+def write(text: str) -> None:
+    """Machine-readable output: plain text on stdout, exactly as given."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+def positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ flag groups
+
+
+def add_source(p: argparse.ArgumentParser, build_flags: bool = True) -> None:
+    """The model source, and (unless `build_flags=False`) the flags that decide how it is built."""
+    p.add_argument("src", help="HF checkpoint dir, .gguf file, mlxc artifact dir, preset:NAME, pkg:NAME, "
+                               "spec .yaml/.json, or hub id org/name")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="parameter and activation dtype (default float32)")
+    if not build_flags:
+        return
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights instead of the checkpoint's (presets and spec files always use them)")
+    p.add_argument("--init-seed", type=int, default=None, help="seed for random weights (default 0)")
+    p.add_argument("--init-scale", type=float, default=None, help="std of random weights (default 0.02)")
+
+
+def add_passes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--merge-lora", action="store_true", help="fold the adapter into the weights at load time")
+    p.add_argument("--passes", help="comma-separated pass pipeline (default: the standard pipeline)")
+    p.add_argument("--no-opt", action="store_true", help="run no passes")
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8),
+                   help="store matmul and embedding weights in this many bits")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                   help="quantization group size (default 64)")
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "--max-tokens", "-m", dest="max_new_tokens", type=non_negative_int, default=64,
+                   help="at most this many new tokens")
+    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", "--sample-seed", dest="seed", type=non_negative_int, default=None,
+                   help="seed for sampling (same seed, same tokens)")
+    p.add_argument("--stop", type=int_list, default=None, help="comma-separated stop token ids (default: eos)")
+
+
+def sampling(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop_tokens=args.stop,
+    )
+
+
+def build_options(args) -> dict:
+    """The keyword arguments of `mlxc.load` / `mlxc.compile` that the given flags ask for, and only those, so the
+    API can tell what a user set (an artifact refuses build flags it cannot honour)."""
+    given = {
+        "dtype": getattr(args, "dtype", None),
+        "random_init": getattr(args, "random_init", False) or None,
+        "seed": getattr(args, "init_seed", None),
+        "init_scale": getattr(args, "init_scale", None),
+        "adapter": getattr(args, "adapter", None),
+        "merge_lora": getattr(args, "merge_lora", False) or None,
+        "quantize": getattr(args, "quantize", None),
+        "group_size": getattr(args, "group_size", None),
+    }
+    no_opt, passes = getattr(args, "no_opt", False), getattr(args, "passes", None)
+    if no_opt and passes is not None:
+        raise MlxcError("--no-opt runs no passes and --passes names some: give one of them")
+    if passes is not None:
+        from ..passes import parse_pipeline
+
+        names = parse_pipeline(passes)
+        if not names:
+            raise MlxcError("--passes is empty; name at least one pass, or use --no-opt to run none")
+        given["passes"] = names
+    elif no_opt:
+        given["passes"] = []
+    return {k: v for k, v in given.items() if v is not None}
