@@ -419,7 +419,7 @@ def save_adapter(model: CompiledModel, path: str | Path) -> Path:
         raise MlxcError("this model has no LoRA adapters to save")
     tensors = {n: a for n, a in tree_flatten(model.net.parameters()) if ".lora_A." in n or ".lora_B." in n}
     if not tensors:
-        raise MlxcError("the adapters were merged into the weights; load with merge_lora=False to save them")
+        raise MlxcError("the adapters were merged into the weights (--merge-lora); load without merging to save them")
     return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source)
 
 

@@ -6,6 +6,7 @@ object; one reaching several takes a list and hands each callee its share.
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,14 @@ MX_DTYPES = {
     DType.I32: "mx.int32", DType.I64: "mx.int64", DType.U32: "mx.uint32", DType.BOOL: "mx.bool_",
 }
 
-_RESERVED = {"self", "cache", "offset", "mx", "nn", "np", "math", "attention", "RoPE", "layer", "layer_cache"}
+# Names a generated method must not bind locally: the module's imports and helpers (templates/*.j2), the method's
+# own plumbing, and Python's builtins (a value called `zip` would break the layer loop). `ROPE_<n>` constants are
+# reserved by pattern.
+_RESERVED = {
+    "self", "cache", "offset", "layer", "layer_cache", "mx", "nn", "np", "math", "attention", "dropout", "RoPE",
+    "rope_inv_freq", "yarn_attention_factor", "CACHE_WINDOWS",
+} | set(dir(builtins))
+_RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 
 
 class CodegenError(MlxcError):
@@ -120,7 +128,7 @@ class _Emitter:
             base = re.sub(r"\W", "_", v.name)
             if base[0].isdigit():
                 base = "v" + base
-            if keyword.iskeyword(base) or base in taken:
+            if keyword.iskeyword(base) or base in taken or _RESERVED_PATTERN.fullmatch(base):
                 base += "_"
             name, i = base, 1
             while name in taken:
@@ -158,43 +166,38 @@ class _Emitter:
         slot = 0
         ops = fn.ops
         i = 0
-        children: list[str] = []
+        children = self._children(fn)
         while i < len(ops):
             o = ops[i]
             run = self._layer_run(ops, i) if o.op == "call" else None
             if run:
                 attr, calls = run
-                kinds = [class_name(c.attrs["callee"]) for c in calls]
-                if len(set(kinds)) == 1:
-                    children.append(f"self.{attr} = [{kinds[0]}() for _ in range({len(calls)})]")
-                else:
-                    children.append(f"self.{attr} = [{', '.join(k + '()' for k in kinds)}]")
                 x_in = names[calls[0].operands[0]]
+                extra = "".join(f", {names[v]}" for v in calls[0].operands[1:])  # the same for every layer
                 out = local(calls[-1].result)
                 per = self.slot_count(self.program[calls[0].attrs["callee"]])
+                first = int(calls[0].attrs["prefix"].rsplit(".", 1)[1])
+                layers = f"self.{attr}" if (first, len(calls)) == (0, self._list_len(fn, attr)) else \
+                    f"self.{attr}[{first}:{first + len(calls)}]"
                 if out != x_in:
                     body.append(f"{out} = {x_in}")
                 if per:
-                    body.append(f"for layer, layer_cache in zip(self.{attr}, cache[{slot}:{slot + len(calls)}]):")
-                    body.append(f"    {out} = layer({out}, layer_cache)")
+                    body.append(f"for layer, layer_cache in zip({layers}, cache[{slot}:{slot + len(calls)}]):")
+                    body.append(f"    {out} = layer({out}{extra}, layer_cache)")
                     slot += len(calls)
                 else:
-                    body.append(f"for layer in self.{attr}:")
-                    body.append(f"    {out} = layer({out})")
+                    body.append(f"for layer in {layers}:")
+                    body.append(f"    {out} = layer({out}{extra})")
                 i += len(calls)
                 continue
             args = [names[v] for v in o.operands]
             if o.op == "call":
                 callee = self.program[o.attrs["callee"]]
-                prefix = o.attrs["prefix"]
-                if not prefix.isidentifier():
-                    raise CodegenError(f"@{fn.name}: call prefix {prefix!r} must be an identifier or part of a layer run")
-                children.append(f"self.{prefix} = {class_name(callee.name)}()")
                 n = self.slot_count(callee)
                 if n:
                     args.append(self._slot_expr(as_list, slot, n))
                     slot += n
-                expr = f"self.{prefix}({_expr_list(args)})"
+                expr = f"{self._call_target(o.attrs['prefix'])}({_expr_list(args)})"
             elif o.op == "attention":
                 self.parts.uses_attention = True
                 cache = self._slot_expr(as_list, slot, 1)
@@ -236,24 +239,63 @@ class _Emitter:
             return "cache"
         return f"cache[{start}]" if n == 1 else f"cache[{start}:{start + n}]"
 
+    _LIST_ITEM = re.compile(r"([A-Za-z_]\w*)\.(\d+)")
+
+    def _children(self, fn: Function) -> list[str]:
+        """Submodule declarations: one attribute per identifier prefix, one list per `name.<i>` family of prefixes
+        (which must number its members 0..n-1)."""
+        lines, lists = [], {}
+        for o in fn.ops:
+            if o.op != "call":
+                continue
+            prefix, cls = o.attrs["prefix"], class_name(o.attrs["callee"])
+            m = self._LIST_ITEM.fullmatch(prefix)
+            if m:
+                lists.setdefault(m.group(1), {})[int(m.group(2))] = cls
+            elif prefix.isidentifier() and not keyword.iskeyword(prefix):
+                lines.append(f"self.{prefix} = {cls}()")
+            else:
+                raise CodegenError(f"@{fn.name}: call prefix {prefix!r} must be an identifier or `name.<index>`")
+        for attr, members in lists.items():
+            if sorted(members) != list(range(len(members))):
+                raise CodegenError(f"@{fn.name}: calls `{attr}.<i>` must number 0..{len(members) - 1}, "
+                                   f"got {sorted(members)}")
+            kinds = [members[k] for k in range(len(members))]
+            if len(set(kinds)) == 1:
+                lines.append(f"self.{attr} = [{kinds[0]}() for _ in range({len(kinds)})]")
+            else:
+                lines.append(f"self.{attr} = [{', '.join(k + '()' for k in kinds)}]")
+        return lines
+
+    def _list_len(self, fn: Function, attr: str) -> int:
+        return sum(1 for o in fn.ops if o.op == "call" and (m := self._LIST_ITEM.fullmatch(o.attrs["prefix"]))
+                   and m.group(1) == attr)
+
+    def _call_target(self, prefix: str) -> str:
+        m = self._LIST_ITEM.fullmatch(prefix)
+        return f"self.{m.group(1)}[{m.group(2)}]" if m else f"self.{prefix}"
+
     def _layer_run(self, ops: list[Operation], i: int):
-        """Consecutive calls `prefix.0 .. prefix.n-1`, each feeding the next: emitted as a list and a loop."""
-        m = re.fullmatch(r"([A-Za-z_]\w*)\.0", ops[i].attrs["prefix"])
+        """Consecutive calls `name.k, name.k+1, ...`, each feeding its result to the next as first input and passing
+        the same other inputs: emitted as a loop over the submodule list."""
+        m = self._LIST_ITEM.fullmatch(ops[i].attrs["prefix"])
         if not m:
             return None
-        attr, calls = m.group(1), []
+        attr, start, calls = m.group(1), int(m.group(2)), []
         prev = None
         for o in ops[i:]:
-            if o.op != "call" or o.attrs["prefix"] != f"{attr}.{len(calls)}":
+            if o.op != "call" or o.attrs["prefix"] != f"{attr}.{start + len(calls)}":
                 break
             callee = self.program[o.attrs["callee"]]
-            if len(o.operands) != 1 or len(o.results) != 1 or (prev is not None and o.operands[0] is not prev):
+            if len(o.results) != 1 or (prev is not None and o.operands[0] is not prev):
+                break
+            if calls and [id(v) for v in o.operands[1:]] != [id(v) for v in calls[0].operands[1:]]:
                 break
             if self.slot_count(callee) > 1:
                 break
             calls.append(o)
             prev = o.result
-        return (attr, calls) if calls else None
+        return (attr, calls) if len(calls) > 1 else None
 
     @staticmethod
     def _symbolic_dims(fn: Function) -> set[str]:

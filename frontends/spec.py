@@ -6,7 +6,7 @@ Every frontend (presets, YAML/JSON specs, Hugging Face configs, GGUF metadata) p
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +44,11 @@ class Activation(str, enum.Enum):
 class PositionEmbedding(str, enum.Enum):
     ROPE = "rope"
     NONE = "none"
+
+
+_MAX_LAYERS = 100_000  # far beyond any real model; a larger count is a malformed config, refused before building
+Count = Annotated[int, Field(strict=True, gt=0)]  # "3" or 3.0 in a config is a mistake to report, not to coerce
+TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
 class _Frozen(BaseModel):
@@ -94,14 +99,14 @@ class ModelSpec(_Frozen):
 
     name: str = "model"
     family: str = "llama"
-    vocab_size: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: Optional[int] = Field(None, gt=0)
-    head_dim: Optional[int] = Field(None, gt=0)
-    max_position_embeddings: int = Field(4096, gt=0)
+    vocab_size: Count
+    hidden_size: Count
+    intermediate_size: Count
+    num_layers: Count
+    num_heads: Count
+    num_kv_heads: Optional[Count] = None
+    head_dim: Optional[Count] = None
+    max_position_embeddings: Count = 4096
     norm: NormType = NormType.RMS
     norm_eps: float = Field(1e-5, gt=0)
     ffn: FFNType = FFNType.GATED
@@ -111,18 +116,21 @@ class ModelSpec(_Frozen):
     attention_bias: bool = False
     attention_out_bias: Optional[bool] = None  # defaults to attention_bias
     mlp_bias: bool = False
-    sliding_window: Optional[int] = Field(None, gt=0)
+    sliding_window: Optional[Count] = None
     layers: tuple[LayerSpec, ...] = ()
     tie_word_embeddings: bool = False
-    bos_token_id: Optional[int] = None
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[TokenId] = None
+    eos_token_ids: tuple[TokenId, ...] = ()
+    pad_token_id: Optional[TokenId] = None
 
     @model_validator(mode="before")
     @classmethod
     def _fill_layers(cls, data):
-        """An empty `layers` means every layer is a full-attention block (sliding-window if a window is set)."""
-        if isinstance(data, dict) and not data.get("layers") and data.get("num_layers"):
+        """An empty `layers` means every layer is a full-attention block (sliding-window if a window is set).
+
+        Only a well-formed count is expanded; anything else is left for field validation to report by name."""
+        count = data.get("num_layers") if isinstance(data, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= _MAX_LAYERS and not data.get("layers"):
             kind = AttentionType.SLIDING_WINDOW if data.get("sliding_window") else AttentionType.FULL
             data = {**data, "layers": tuple(LayerSpec(attention=kind) for _ in range(data["num_layers"]))}
         return data
