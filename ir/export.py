@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import shutil
 import subprocess
 from typing import TYPE_CHECKING, Any
 
-from .errors import MlxcError, ParseError
+from .attrs import STRUCT_TAGS
+from .errors import MlxcError, ParseError, TypeRuleError
 from .graph import Function, Operation, Program, Value
 from .opdef import lookup
-from .parser import _Tokens, _parse_attr_value, _parse_type
-from .printer import format_attr, format_op
+from .parser import _Tokens, _parse_type
+from .printer import format_op
 
 if TYPE_CHECKING:
     import networkx
@@ -21,14 +23,30 @@ def _type_from_text(text: str):
     return _parse_type(_Tokens(text))
 
 
+def _json_attr(value: Any) -> Any:
+    """An attribute as a plain JSON value: numbers, booleans, strings (enums by value, symbols by name), lists, and
+    structs as objects of their non-default fields. The op declaration gives it back its kind when read."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_attr(v) for v in value]
+    if type(value) in STRUCT_TAGS:
+        return {k: _json_attr(v) for k, v in value.non_default_items()}
+    raise TypeError(f"cannot write attribute value {value!r} as JSON")
+
+
 def to_json(program: Program) -> str:
-    """Each attribute is stored in its text form, so JSON needs no second encoding of attribute kinds."""
+    """The program as JSON; attributes are typed JSON values (see `_json_attr`)."""
 
     def op_dict(o: Operation) -> dict[str, Any]:
         return {
             "op": o.op,
             "operands": [v.name for v in o.operands],
-            "attrs": {k: format_attr(v) for k, v in o.attrs.items()},
+            "attrs": {k: _json_attr(v) for k, v in o.attrs.items()},
             "results": [{"name": r.name, "type": str(r.type)} for r in o.results],
         }
 
@@ -42,7 +60,7 @@ def to_json(program: Program) -> str:
             "outputs": [v.name for v in fn.outputs],
         }
 
-    return json.dumps({"format": "mlxc-ir", "version": 1, "functions": [fn_dict(f) for f in program.functions]}, indent=1)
+    return json.dumps({"format": "mlxc-ir", "version": 2, "functions": [fn_dict(f) for f in program.functions]}, indent=1)
 
 
 def from_json(text: str) -> Program:
@@ -63,8 +81,7 @@ def from_json(text: str) -> Program:
             params = [define(d) for d in f["params"]]
             def read_op(o: dict[str, Any]) -> Operation:
                 operands = [scope[n] for n in o["operands"]]
-                attrs = {k: _parse_attr_value(_Tokens(v)) for k, v in o["attrs"].items()}
-                attrs = lookup(o["op"]).normalize_attrs(attrs)
+                attrs = lookup(o["op"]).normalize_attrs(o["attrs"])
                 return Operation(o["op"], operands, attrs, [define(r) for r in o["results"]])
 
             derived = [read_op(o) for o in f.get("derived", [])]
@@ -73,6 +90,8 @@ def from_json(text: str) -> Program:
         return program
     except MlxcError:
         raise
+    except TypeRuleError as e:
+        raise ParseError(f"malformed IR JSON: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ParseError(f"malformed IR JSON: {type(e).__name__}: {e}") from None
 
@@ -97,7 +116,7 @@ def to_graph(fn: Function) -> networkx.DiGraph:
         for r in o.results:
             producer[r] = node
     for i, v in enumerate(fn.outputs):
-        g.add_node(f"out{i}", label=f"return {i}", shape="ellipse", kind="output")
+        g.add_node(f"out{i}", label=f"return %{v.name}", shape="ellipse", kind="output")
         g.add_edge(producer[v], f"out{i}", label=str(v.type))
     return g
 
