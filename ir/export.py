@@ -39,6 +39,18 @@ def _json_attr(value: Any) -> Any:
     raise TypeError(f"cannot write attribute value {value!r} as JSON")
 
 
+def _struct_from_json(d, name: str, value: Any) -> Any:
+    """A struct attribute written as a JSON object becomes the struct again; everything else the op's declaration
+    coerces itself."""
+    kind = next((a.kind for a in d.attrs if a.name == name), None)
+    if isinstance(value, dict) and kind in STRUCT_TAGS:
+        try:
+            return kind(**value)
+        except (TypeError, ValueError) as e:
+            raise ParseError(f"malformed IR JSON: {d.name} attribute {name!r}: bad {kind.__name__} {value}: {e}") from None
+    return value
+
+
 def to_json(program: Program) -> str:
     """The program as JSON; attributes are typed JSON values (see `_json_attr`)."""
 
@@ -81,7 +93,8 @@ def from_json(text: str) -> Program:
             params = [define(d) for d in f["params"]]
             def read_op(o: dict[str, Any]) -> Operation:
                 operands = [scope[n] for n in o["operands"]]
-                attrs = lookup(o["op"]).normalize_attrs(o["attrs"])
+                d = lookup(o["op"])
+                attrs = d.normalize_attrs({k: _struct_from_json(d, k, v) for k, v in o["attrs"].items()})
                 return Operation(o["op"], operands, attrs, [define(r) for r in o["results"]])
 
             derived = [read_op(o) for o in f.get("derived", [])]

@@ -87,11 +87,6 @@ class AttrDef:
         elif k in STRUCT_TAGS:
             if isinstance(value, k):
                 return value
-            if isinstance(value, dict):  # e.g. read from JSON: the struct's fields by name
-                try:
-                    return k(**value)
-                except (TypeError, ValueError) as e:
-                    raise TypeRuleError(f"attribute {self.name!r}: bad {k.__name__} {value!r}: {e}") from None
         raise TypeRuleError(f"attribute {self.name!r} expects {_kind_name(k)}, got {value!r}")
 
 
