@@ -174,3 +174,46 @@ def test_merge_requantizes_a_stored_quantized_base_for_quantized_targets():
     text = str(model.program)
     assert "quantize(%o_proj_merged.weight) {bits = 4, group_size = 32}" in text
     assert model.net.layers[0].attn.o_proj_merged_q.weight.dtype == mx.uint32
+
+
+def test_merge_into_a_fused_weight_with_derived_quantized_slices_keeps_valid_ir():
+    """Merging a float adapter into one slice of a concat whose other slices are quantized *derived* values: their
+    dequantizes must come after those values are defined (a review found them inserted at the top of the derive
+    section). The merged program must also compute what the unmerged one does."""
+    from mlxc.ir import parse_program, verify
+    from mlxc.runtime import weights as W
+
+    text = """
+func @main(%x: f32[2, 64]) -> f32[2, 32] {
+  param %q_proj.weight: f32[32, 64]
+  param %k_proj.weight: f32[32, 64]
+  param %q_proj.lora_A.weight: f32[2, 64]
+  param %q_proj.lora_B.weight: f32[32, 2]
+  derive %qq.weight = quantize(%q_proj.weight) {bits = 8, group_size = 32} : f32[32, 64] q8g32
+  derive %kq.weight = quantize(%k_proj.weight) {bits = 8, group_size = 32} : f32[32, 64] q8g32
+  derive %qk.weight = concat(%qq.weight, %kq.weight) {axis = 0} : f32[64, 64] q8g32
+  %qk = linear(%x, %qk.weight) : f32[2, 64]
+  %q, %k = split(%qk) {sizes = [32, 32]} : f32[2, 32], f32[2, 32]
+  %a = linear(%x, %q_proj.lora_A.weight) : f32[2, 2]
+  %b = linear(%a, %q_proj.lora_B.weight) : f32[2, 32]
+  %d = scale(%b) {factor = 0.5} : f32[2, 32]
+  %q_out = add(%q, %d) : f32[2, 32]
+  %y = add(%q_out, %k) : f32[2, 32]
+  return %y
+}
+"""
+    program = verify(parse_program(text))
+    merged = run_pipeline(program, [MergeLoRA(requantize=False)])
+    assert "lora_A" in str(merged) and "= linear(%a" not in str(merged)
+    rng = np.random.default_rng(0)
+    tensors = {n: mx.array(rng.normal(size=p.type.shape).astype(np.float32)) for n, p in program.parameters()}
+    x = mx.array(rng.normal(size=(2, 64)).astype(np.float32))
+
+    def run(p):
+        from mlxc.codegen import generate_module, import_module, write_module
+
+        net = import_module(write_module(generate_module(p))).Model()
+        net.load_weights(W.bind(p, tensors))
+        return np.array(net(x))
+
+    np.testing.assert_allclose(run(merged), run(program), atol=1e-4, rtol=1e-4)
