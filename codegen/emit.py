@@ -12,14 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..ir import DType, Function, Operation, Program, Quant, Value
+from ..ir import Function, Operation, Program, Quant, Value
 from ..ir.errors import MlxcError
 from ..ir.printer import format_attr
-
-MX_DTYPES = {
-    DType.F32: "mx.float32", DType.F16: "mx.float16", DType.BF16: "mx.bfloat16",
-    DType.I32: "mx.int32", DType.I64: "mx.int64", DType.U32: "mx.uint32", DType.BOOL: "mx.bool_",
-}
+from .mlx_ops import IMPLEMENTATIONS, MX_DTYPES
 
 # Names a generated method must not bind locally: the module's imports and helpers (templates/*.j2), the method's
 # own plumbing, and Python's builtins (a value called `zip` would break the layer loop). `ROPE_<n>` constants are
@@ -52,36 +48,12 @@ class EmittedClass:
 class ModuleParts:
     classes: list[EmittedClass] = field(default_factory=list)
     ropes: dict[str, str] = field(default_factory=dict)  # constructor source -> constant name
-    uses_attention: bool = False
-    uses_dropout: bool = False
+    helpers: set[str] = field(default_factory=set)  # templates/<name>.py.j2 the module needs
     cache_windows: list[int | None] = field(default_factory=list)
 
 
 def _expr_list(values) -> str:
     return ", ".join(values)
-
-
-# op -> fragment; each receives the operand expressions and the op's attributes
-Fragment = Callable[[list[str], dict], str]
-FRAGMENTS: dict[str, Fragment] = {
-    "embed": lambda a, k: f"{a[1]}[{a[0]}]",
-    "linear": lambda a, k: f"{a[0]} @ {a[1]}.T" + (f" + {a[2]}" if len(a) > 2 else ""),
-    "rms_norm": lambda a, k: f"mx.fast.rms_norm({a[0]}, {a[1]}, {k['eps']!r})",
-    "layer_norm": lambda a, k: f"mx.fast.layer_norm({a[0]}, {a[1] if len(a) > 1 else 'None'}, "
-    f"{a[2] if len(a) > 2 else 'None'}, {k['eps']!r})",
-    "silu": lambda a, k: f"nn.silu({a[0]})",
-    "gelu": lambda a, k: f"nn.gelu({a[0]})",
-    "gelu_tanh": lambda a, k: f"nn.gelu_approx({a[0]})",
-    "relu": lambda a, k: f"nn.relu({a[0]})",
-    "add": lambda a, k: f"{a[0]} + {a[1]}",
-    "mul": lambda a, k: f"{a[0]} * {a[1]}",
-    "reshape": lambda a, k: f"{a[0]}.reshape({_expr_list(map(str, k['shape']))})",
-    "transpose": lambda a, k: f"{a[0]}.transpose({_expr_list(map(str, k['perm']))})",
-    "concat": lambda a, k: f"mx.concatenate([{_expr_list(a)}], axis={k['axis']})",
-    "cast": lambda a, k: f"{a[0]}.astype({MX_DTYPES[k['dtype']]})",
-    "scale": lambda a, k: f"{a[0]} * {k['factor']!r}",
-    "dropout": lambda a, k: f"dropout({a[0]}, {k['p']!r}, self.training)",
-}
 
 
 class _Emitter:
@@ -199,32 +171,23 @@ class _Emitter:
                     slot += n
                 expr = f"{self._call_target(o.attrs['prefix'])}({_expr_list(args)})"
             elif o.op == "attention":
-                self.parts.uses_attention = True
+                self.parts.helpers.add("attention")
                 cache = self._slot_expr(as_list, slot, 1)
                 slot += 1
                 window = f", window={o.attrs['window']}" if o.attrs["window"] is not None else ""
                 expr = f"attention({_expr_list(args)}, {cache}, scale={o.attrs['scale']!r}{window})"
             elif o.op == "rope":
                 expr = f"{self.rope_constant(o.attrs)}({args[0]}, offset)"
-            elif o.op == "split":
-                cuts, acc = [], 0
-                for s in o.attrs["sizes"][:-1]:
-                    acc += s
-                    cuts.append(str(acc))
-                outs = [local(r) for r in o.results]
-                body.append(f"{_expr_list(outs)} = mx.split({args[0]}, [{_expr_list(cuts)}], axis={o.attrs['axis']})")
-                i += 1
-                continue
-            elif o.op == "dropout":
-                self.parts.uses_dropout = True
-                expr = FRAGMENTS["dropout"](args, o.attrs)
-            elif (quantized := _quantized(o, args)) is not None:
-                expr = quantized
             else:
-                frag = FRAGMENTS.get(o.op)
-                if frag is None:
-                    raise CodegenError(f"@{fn.name}: no MLX lowering for op {o.op!r}")
-                expr = frag(args, o.attrs)
+                impl = IMPLEMENTATIONS.get(o.op)
+                if impl is None:
+                    raise CodegenError(f"@{fn.name}: no MLX implementation for op {o.op!r}")
+                self.parts.helpers.update(impl.helpers)
+                expr = impl.fragment(args, o.attrs, [v.type for v in o.operands])
+                if len(o.results) > 1:
+                    body.append(f"{_expr_list(local(r) for r in o.results)} = {expr}")
+                    i += 1
+                    continue
             body.append(f"{local(o.result)} = {expr}")
             i += 1
         body.append("return " + _expr_list(names[v] for v in fn.outputs))
@@ -328,20 +291,6 @@ class _Emitter:
 def _zeros(shape, dtype: str) -> str:
     dims = ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "")
     return f"mx.zeros(({dims}), dtype={dtype})"
-
-
-def _quantized(op: Operation, args: list[str]) -> str | None:
-    """MLX's quantized kernels for a matmul or lookup whose weight operand is stored quantized."""
-    if op.op not in ("linear", "embed") or op.operands[1].type.quant is None:
-        return None
-    q = op.operands[1].type.quant
-    codes, scales, biases = Quant.storage_names(args[1])
-    kw = f"group_size={q.group_size}, bits={q.bits}"
-    if op.op == "embed":
-        ids = args[0]
-        return f"mx.dequantize({codes}[{ids}], {scales}[{ids}], {biases}[{ids}], {kw})"
-    expr = f"mx.quantized_matmul({args[0]}, {codes}, {scales}, {biases}, transpose=True, {kw})"
-    return expr + (f" + {args[2]}" if len(args) > 2 else "")
 
 
 def emit_program(program: Program) -> ModuleParts:

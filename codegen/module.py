@@ -38,10 +38,8 @@ def generate_module(program: Program, title: str = "A language model compiled by
     if parts.ropes:
         blocks.append(_ENV.get_template("rope.py.j2").render().rstrip("\n"))
         blocks.append("\n".join(f"{name} = {src}" for src, name in parts.ropes.items()))
-    if parts.uses_dropout:
-        blocks.append(_ENV.get_template("dropout.py.j2").render().rstrip("\n"))
-    if parts.uses_attention:
-        blocks.append(_ENV.get_template("attention.py.j2").render().rstrip("\n"))
+    for helper in sorted(parts.helpers):
+        blocks.append(_ENV.get_template(f"{helper}.py.j2").render().rstrip("\n"))
     blocks += [_ENV.get_template("class.py.j2").render(cls=c).rstrip("\n") for c in parts.classes]
     src = "\n\n\n".join(blocks) + "\n"
     compile(src, "<generated>", "exec")  # a codegen bug should fail here, not at first use

@@ -81,6 +81,10 @@ _unary("silu", "x * sigmoid(x)")
 _unary("gelu", "exact (erf) GELU")
 _unary("gelu_tanh", "tanh-approximated GELU")
 _unary("relu", "max(x, 0)")
+_unary("sigmoid", "1 / (1 + exp(-x))")
+_unary("tanh", "hyperbolic tangent")
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # the unary ops a feed-forward block or an expert may apply
 
 
 def _broadcast(a: TensorType, b: TensorType) -> TensorType:
@@ -161,9 +165,33 @@ def _concat(*xs: TensorType, axis: int):
     return first.with_shape(first.shape[:ax] + (sum(t.shape[ax] for t in xs),) + first.shape[ax + 1 :])
 
 
+@op("stack", OpGroup.SHAPE, ("*xs",), (AttrDef("axis", int, 0),))
+def _stack(*xs: TensorType, axis: int):
+    """Join equal-shaped tensors along a new axis (e.g. one checkpoint tensor per expert into one [E, ...] weight)."""
+    require(len(xs) > 0, "stack needs at least one operand")
+    first = xs[0]
+    for t in xs[1:]:
+        require(t == first, f"cannot stack {first} with {t}")
+    ax = _axis(axis, first.rank + 1)
+    return first.with_shape(first.shape[:ax] + (len(xs),) + first.shape[ax:])
+
+
 @op("scale", OpGroup.UNARY, ("x",), (AttrDef("factor", float),))
 def _scale(x: TensorType, factor: float):
     """x * factor, a constant known at compile time (e.g. LoRA's alpha / r)."""
+    return x
+
+
+@op("shift", OpGroup.UNARY, ("x",), (AttrDef("value", float),))
+def _shift(x: TensorType, value: float):
+    """x + value, a constant known at compile time (e.g. Gemma's norm weights stored as w - 1)."""
+    return x
+
+
+@op("softcap", OpGroup.UNARY, ("x",), (AttrDef("cap", float),))
+def _softcap(x: TensorType, cap: float):
+    """cap * tanh(x / cap): squashes logits smoothly into (-cap, cap) (Gemma 2's logit soft-capping)."""
+    require(cap > 0, f"soft-cap must be positive, got {cap}")
     return x
 
 
@@ -240,6 +268,43 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window
         require(hq % hkv == 0, f"{hq} query heads are not a multiple of {hkv} kv heads")
     require(window is None or window > 0, f"window must be positive, got {window}")
     return q.with_shape(q.shape[:3] + (v.shape[3],))
+
+
+# ---------------------------------------------------------------- mixtures of experts and task heads
+
+
+@op("moe", OpGroup.MATMUL, ("x", "router_logits", "gate", "up", "down"),
+    (AttrDef("top_k", int), AttrDef("normalize", bool, False), AttrDef("activation", str, "silu")))
+def _moe(x: TensorType, router_logits: TensorType, gate: TensorType, up: TensorType, down: TensorType, top_k: int,
+         normalize: bool, activation: str):
+    """A mixture of gated experts: each token goes to its `top_k` experts by softmax(router_logits) (computed in
+    float32; renormalized over the chosen ones when `normalize`), and their outputs `down(act(gate x) * up x)`
+    are summed with those weights. gate/up are [E, I, H], down [E, H, I]. Only chosen experts run."""
+    require(activation in ACTIVATIONS, f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+    require(gate.rank == up.rank == down.rank == 3, "expert weights must be [experts, out, in]")
+    e, i, h = gate.shape
+    require(up.shape == gate.shape, f"up {up} and gate {gate} disagree")
+    require(down.shape == (e, h, i), f"down {down} does not match gate {gate}")
+    require(x.shape[-1] == h, f"input features {x.shape[-1]} do not match experts {gate}")
+    require(router_logits.shape == x.shape[:-1] + (e,), f"router logits {router_logits} do not match {e} experts")
+    require(0 < top_k <= e, f"top_k {top_k} must be in 1..{e}")
+    require(x.dtype == gate.dtype == up.dtype == down.dtype, "expert weights and input must share a dtype")
+    return x
+
+
+POOLING = ("last", "first", "mean")
+
+
+@op("pool", OpGroup.DATA, ("x", "ids"),
+    (AttrDef("mode", str, "last"), AttrDef("pad_token_id", int, None, optional=True)))
+def _pool(x: TensorType, ids: TensorType, mode: str, pad_token_id: int | None):
+    """One vector per sequence from x [B, T, C]: the last (or first) non-padding position, or the mean over the
+    non-padding positions; padding is `ids == pad_token_id` (none when it is unset)."""
+    require(mode in POOLING, f"unknown pooling {mode!r}; expected one of {list(POOLING)}")
+    require(x.rank == 3 and ids.rank == 2 and x.shape[:2] == ids.shape, f"pool expects x [B, T, C] and ids [B, T], "
+                                                                          f"got {x} and {ids}")
+    require(not ids.dtype.is_float, f"ids must be integers, got {ids.dtype.value}")
+    return x.with_shape((x.shape[0], x.shape[2]))
 
 
 # ---------------------------------------------------------------- calls

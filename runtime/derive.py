@@ -1,64 +1,61 @@
 """Runs a program's load-time `derive` ops (fused weight concats, quantize/dequantize, LoRA merges) on weights.
 
 This is the one place weight transforms execute; an artifact stores their results, so they run once per compile.
+Each op runs through its MLX implementation in `codegen/mlx_ops.py`, the same fragment the generated module uses;
+only quantized storage (concatenating codes, quantizing) is handled here, because only loaded weights carry it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+import math
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Iterator, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from ..codegen.mlx_ops import IMPLEMENTATIONS
 from ..ir import Function, Operation, Program, Value
 from ..ir.errors import MlxcError
 from .weights import QuantizedTensor, Tensor, conform
 
 
-def _float(x: Tensor) -> mx.array:
-    return x.dequantize() if isinstance(x, QuantizedTensor) else x
+def _concat(xs: list[Tensor], axis: int) -> QuantizedTensor:
+    """Quantized rows joined as stored: codes, scales and biases each concatenated (groups stay intact)."""
+    parts = [mx.concatenate([getattr(x, f) for x in xs], axis=axis) for f in ("codes", "scales", "biases")]
+    return QuantizedTensor(*parts, xs[0].quant)
 
 
-def _concat(xs: list[Tensor], axis: int) -> Tensor:
-    if all(isinstance(x, QuantizedTensor) for x in xs) and len({x.quant for x in xs}) == 1:
-        parts = [mx.concatenate([getattr(x, f) for x in xs], axis=axis) for f in ("codes", "scales", "biases")]
-        return QuantizedTensor(*parts, xs[0].quant)
-    return mx.concatenate([_float(x) for x in xs], axis=axis)
+@lru_cache(maxsize=512)
+def _compiled(source: str):
+    return compile(source, "<derive>", "eval")
 
 
-def _linear(args: list[Tensor]) -> mx.array:
-    y = _float(args[0]) @ _float(args[1]).T
-    return y + _float(args[2]) if len(args) > 2 else y
-
-
-_OPS: dict[str, Callable[[list[Tensor], dict], object]] = {
-    "concat": lambda a, k: _concat(a, k["axis"]),
-    "split": lambda a, k: mx.split(_float(a[0]), [sum(k["sizes"][: i + 1]) for i in range(len(k["sizes"]) - 1)],
-                                   axis=k["axis"]),
-    "quantize": lambda a, k: a[0],  # conform() below quantizes to the result type
-    "dequantize": lambda a, k: _float(a[0]),
-    "cast": lambda a, k: _float(a[0]),
-    "add": lambda a, k: _float(a[0]) + _float(a[1]),
-    "mul": lambda a, k: _float(a[0]) * _float(a[1]),
-    "linear": lambda a, k: _linear(a),
-    "transpose": lambda a, k: _float(a[0]).transpose(*k["perm"]),
-    "reshape": lambda a, k: _float(a[0]).reshape(*k["shape"]),
-    "silu": lambda a, k: nn.silu(_float(a[0])),
-    "gelu": lambda a, k: nn.gelu(_float(a[0])),
-    "gelu_tanh": lambda a, k: nn.gelu_approx(_float(a[0])),
-    "relu": lambda a, k: nn.relu(_float(a[0])),
-    "scale": lambda a, k: _float(a[0]) * k["factor"],
-    "embed": lambda a, k: _float(a[1])[_float(a[0])],
-    "rms_norm": lambda a, k: mx.fast.rms_norm(_float(a[0]), _float(a[1]), k["eps"]),
-    "layer_norm": lambda a, k: mx.fast.layer_norm(*(_float(x) for x in a), *([None] * (3 - len(a))), k["eps"]),
-}
+_GLOBALS = {"mx": mx, "nn": nn, "np": np, "math": math}
 
 
 def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
-    fn = _OPS.get(op.op)
-    if fn is None:
-        raise MlxcError(f"op {op.op} cannot run at load time")
-    out = fn(args, op.attrs)
+    """One load-time op on weights, through the op's MLX implementation (the fragment codegen writes)."""
+    if op.op == "quantize":
+        out = args[0]  # conform() below quantizes to the result type with MLX's quantizer
+    elif op.op == "concat" and any(isinstance(a, QuantizedTensor) for a in args):
+        out = _concat(args, op.attrs["axis"])
+    else:
+        impl = IMPLEMENTATIONS.get(op.op)
+        if impl is None or impl.helpers or op.opdef.effects:
+            raise MlxcError(f"op {op.op} cannot run at load time")
+        env, names = {}, []
+        for i, a in enumerate(args):
+            if isinstance(a, QuantizedTensor):  # its storage arrays, reachable the way generated code names them
+                env[f"q{i}"] = SimpleNamespace(weight=a.codes, scales=a.scales, biases=a.biases)
+                names.append(f"q{i}.weight")
+            else:
+                env[f"a{i}"] = a
+                names.append(f"a{i}")
+        source = impl.fragment(names, op.attrs, [v.type for v in op.operands])
+        out = eval(_compiled(source), _GLOBALS, env)  # noqa: S307 - mlxc's own fragments, not user text
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     return [conform(x, r.type) for x, r in zip(outs, op.results)]
 

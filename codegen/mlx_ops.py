@@ -1,0 +1,192 @@
+"""Each op's MLX implementation, written once: a source fragment that the code generator writes into a model file
+and that the load-time interpreter (`runtime/derive.py`) evaluates. An op's meaning is its declaration in
+`ir/ops.py` plus its fragment here; nothing else spells it out again.
+
+A fragment is a function of the operand expressions, the op's attributes and the operand types (so a matmul on a
+quantized weight can choose MLX's quantized kernel); it returns one Python expression. Multi-result ops return an
+expression giving a sequence. Helpers a fragment calls (`attention`, `moe`, ...) are module-level functions from
+`templates/`, named in `helpers`.
+
+Stateful ops (attention, rope: they read the call's cache) are written by the emitter itself, which owns the cache
+plumbing; every other op is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ..ir import DType, Quant, TensorType
+
+MX_DTYPES = {
+    DType.F32: "mx.float32", DType.F16: "mx.float16", DType.BF16: "mx.bfloat16",
+    DType.I32: "mx.int32", DType.I64: "mx.int64", DType.U32: "mx.uint32", DType.BOOL: "mx.bool_",
+}
+
+Fragment = Callable[[list[str], dict, Sequence[TensorType]], str]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    fragment: Fragment
+    helpers: tuple[str, ...] = ()  # templates/<name>.py.j2 the fragment calls
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {}
+
+
+def implements(op: str, helpers: tuple[str, ...] = ()):
+    """Register the decorated fragment as `op`'s MLX implementation."""
+
+    def register(fragment: Fragment) -> Fragment:
+        if op in IMPLEMENTATIONS:
+            raise ValueError(f"op {op!r} has two MLX implementations")
+        IMPLEMENTATIONS[op] = Implementation(fragment, helpers)
+        return fragment
+
+    return register
+
+
+def _list(items) -> str:
+    return ", ".join(map(str, items))
+
+
+def _qargs(expr: str, quant: Quant) -> tuple[str, str, str, str]:
+    """The packed codes, scales and biases of a quantized weight expression, and the kernel's keyword arguments."""
+    codes, scales, biases = Quant.storage_names(expr)
+    return codes, scales, biases, f"group_size={quant.group_size}, bits={quant.bits}"
+
+
+# ---------------------------------------------------------------------------------------------- data and matmul
+
+
+@implements("embed")
+def _embed(a, k, t):
+    q = t[1].quant
+    if q is None:
+        return f"{a[1]}[{a[0]}]"
+    codes, scales, biases, kw = _qargs(a[1], q)
+    ids = a[0]
+    return f"mx.dequantize({codes}[{ids}], {scales}[{ids}], {biases}[{ids}], {kw})"
+
+
+@implements("linear")
+def _linear(a, k, t):
+    bias = f" + {a[2]}" if len(a) > 2 else ""
+    q = t[1].quant
+    if q is None:
+        return f"{a[0]} @ {a[1]}.T{bias}"
+    codes, scales, biases, kw = _qargs(a[1], q)
+    return f"mx.quantized_matmul({a[0]}, {codes}, {scales}, {biases}, transpose=True, {kw}){bias}"
+
+
+@implements("dequantize")
+def _dequantize(a, k, t):
+    codes, scales, biases, kw = _qargs(a[0], t[0].quant)
+    return f"mx.dequantize({codes}, {scales}, {biases}, {kw})"
+
+
+# ---------------------------------------------------------------------------------------------- normalization
+
+
+@implements("rms_norm")
+def _rms_norm(a, k, t):
+    return f"mx.fast.rms_norm({a[0]}, {a[1]}, {k['eps']!r})"
+
+
+@implements("layer_norm")
+def _layer_norm(a, k, t):
+    weight = a[1] if len(a) > 1 else "None"
+    bias = a[2] if len(a) > 2 else "None"
+    return f"mx.fast.layer_norm({a[0]}, {weight}, {bias}, {k['eps']!r})"
+
+
+# ---------------------------------------------------------------------------------------------- elementwise
+
+for _op, _fn in (("silu", "nn.silu"), ("gelu", "nn.gelu"), ("gelu_tanh", "nn.gelu_approx"), ("relu", "nn.relu"),
+                 ("sigmoid", "mx.sigmoid"), ("tanh", "mx.tanh")):
+    implements(_op)(lambda a, k, t, _fn=_fn: f"{_fn}({a[0]})")
+
+
+@implements("add")
+def _add(a, k, t):
+    return f"{a[0]} + {a[1]}"
+
+
+@implements("mul")
+def _mul(a, k, t):
+    return f"{a[0]} * {a[1]}"
+
+
+@implements("scale")
+def _scale(a, k, t):
+    return f"{a[0]} * {k['factor']!r}"
+
+
+@implements("shift")
+def _shift(a, k, t):
+    return f"{a[0]} + {k['value']!r}"
+
+
+@implements("softcap")
+def _softcap(a, k, t):
+    return f"mx.tanh({a[0]} / {k['cap']!r}) * {k['cap']!r}"
+
+
+@implements("cast")
+def _cast(a, k, t):
+    return f"{a[0]}.astype({MX_DTYPES[k['dtype']]})"
+
+
+@implements("dropout", helpers=("dropout",))
+def _dropout(a, k, t):
+    return f"dropout({a[0]}, {k['p']!r}, self.training)"
+
+
+# ---------------------------------------------------------------------------------------------- shape
+
+
+@implements("reshape")
+def _reshape(a, k, t):
+    return f"{a[0]}.reshape({_list(k['shape'])})"
+
+
+@implements("transpose")
+def _transpose(a, k, t):
+    return f"{a[0]}.transpose({_list(k['perm'])})"
+
+
+@implements("split")
+def _split(a, k, t):
+    cuts, acc = [], 0
+    for s in k["sizes"][:-1]:
+        acc += s
+        cuts.append(acc)
+    return f"mx.split({a[0]}, [{_list(cuts)}], axis={k['axis']})"
+
+
+@implements("concat")
+def _concat(a, k, t):
+    return f"mx.concatenate([{_list(a)}], axis={k['axis']})"
+
+
+@implements("stack")
+def _stack(a, k, t):
+    return f"mx.stack([{_list(a)}], axis={k['axis']})"
+
+
+# ---------------------------------------------------------------------------------------------- mixtures and heads
+
+
+@implements("moe", helpers=("moe",))
+def _moe(a, k, t):
+    return (f"moe({_list(a)}, top_k={k['top_k']}, normalize={k['normalize']}, "
+            f"activation={_ACTIVATIONS[k['activation']]})")
+
+
+_ACTIVATIONS = {"silu": "nn.silu", "gelu": "nn.gelu", "gelu_tanh": "nn.gelu_approx", "relu": "nn.relu"}
+
+
+@implements("pool", helpers=("pool",))
+def _pool(a, k, t):
+    return f"pool({a[0]}, {a[1]}, {k['mode']!r}, {k['pad_token_id']!r})"
