@@ -46,6 +46,21 @@ def generate_module(program: Program, title: str = "A language model compiled by
     return src
 
 
+def helper_namespace(names) -> dict:
+    """The helper functions named (templates/<name>.py.j2), defined in a namespace with the module's imports: what
+    the load-time interpreter needs to run a fragment that calls a helper."""
+    import math
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    namespace = {"mx": mx, "nn": nn, "np": np, "math": math}
+    for name in sorted(names):
+        exec(compile(_ENV.get_template(f"{name}.py.j2").render(), f"<{name} helper>", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
 def _version() -> str:
     """mlxc's installed version, read from package metadata (codegen does not import the package's top level)."""
     try:

@@ -7,16 +7,14 @@ only quantized storage (concatenating codes, quantizing) is handled here, becaus
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Iterator, Mapping
 
 import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
 
 from ..codegen.mlx_ops import IMPLEMENTATIONS
+from ..codegen.module import helper_namespace
 from ..ir import Function, Operation, Program, Value
 from ..ir.errors import MlxcError
 from .weights import QuantizedTensor, Tensor, conform
@@ -33,7 +31,9 @@ def _compiled(source: str):
     return compile(source, "<derive>", "eval")
 
 
-_GLOBALS = {"mx": mx, "nn": nn, "np": np, "math": math}
+@lru_cache(maxsize=64)
+def _globals(helpers: tuple[str, ...]) -> dict:
+    return helper_namespace(helpers)
 
 
 def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
@@ -44,7 +44,7 @@ def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
         out = _concat(args, op.attrs["axis"])
     else:
         impl = IMPLEMENTATIONS.get(op.op)
-        if impl is None or impl.helpers or op.opdef.effects:
+        if impl is None or op.opdef.effects:
             raise MlxcError(f"op {op.op} cannot run at load time")
         env, names = {}, []
         for i, a in enumerate(args):
@@ -55,7 +55,7 @@ def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
                 env[f"a{i}"] = a
                 names.append(f"a{i}")
         source = impl.fragment(names, op.attrs, [v.type for v in op.operands])
-        out = eval(_compiled(source), _GLOBALS, env)  # noqa: S307 - mlxc's own fragments, not user text
+        out = eval(_compiled(source), _globals(impl.helpers), env)  # noqa: S307 - mlxc's own fragments
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     return [conform(x, r.type) for x, r in zip(outs, op.results)]
 
