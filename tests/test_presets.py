@@ -1,17 +1,25 @@
-"""Presets: published sizes, published hyperparameters, and name lookup."""
+"""Presets: every preset against transformers' own model for the same config, published sizes, and name lookup.
+
+The reference for sizes is transformers: each preset's fields become a transformers config, the model is built on
+the meta device (no memory) and its parameters are counted and their shapes compared with the parameters mlxc's
+lowering of the preset declares. The published checkpoints' parameter counts are a second, outside reference.
+"""
 
 from __future__ import annotations
 
 import logging
+from math import prod
 
 import pytest
 
+import mlxc
+from mlxc.frontends.hf import hf_to_ir_name
 from mlxc.frontends.presets import PRESETS, get_preset
 from mlxc.frontends.spec import AttentionType, ModelSpec
 from mlxc.ir.attrs import RopeKind
 from mlxc.ir.errors import MlxcError
 
-# Parameter counts of the published checkpoints (sum of tensor sizes in their safetensors).
+# Parameter counts of the published checkpoints (sum of tensor sizes in their safetensors; a tied LM head once).
 PUBLISHED = {
     "llama2-7b": 6_738_415_616,
     "llama2-13b": 13_015_864_320,
@@ -30,38 +38,88 @@ PUBLISHED = {
 }
 
 
-def test_every_preset_is_listed() -> None:
+def test_every_preset_has_a_published_size() -> None:
     assert set(PRESETS) == set(PUBLISHED) | {"tiny"}
     for name, spec in PRESETS.items():
         assert isinstance(spec, ModelSpec) and spec.name == name
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_published_parameter_counts(name: str) -> None:
-    assert PRESETS[name].num_parameters() == pytest.approx(PUBLISHED[name], rel=1e-4)
-
-
 def _hf_config(spec: ModelSpec):
-    """The transformers config these hyperparameters describe, to count parameters independently."""
+    """The transformers config a preset's fields describe, written here from the fields (not mlxc's exporter)."""
     from transformers import LlamaConfig, MistralConfig
 
-    cls = MistralConfig if spec.family == "mistral" else LlamaConfig
-    return cls(
+    rope = spec.rope
+    scaling = None
+    if rope.kind != RopeKind.DEFAULT:
+        assert rope.kind == RopeKind.LLAMA3, "extend this test for other rope kinds"
+        scaling = dict(rope_type="llama3", factor=rope.factor, low_freq_factor=rope.low_freq_factor,
+                       high_freq_factor=rope.high_freq_factor,
+                       original_max_position_embeddings=rope.original_max_position_embeddings)
+    eos = list(spec.eos_token_ids)
+    fields = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.kv_heads,
-        head_dim=spec.dim_per_head, tie_word_embeddings=spec.tie_word_embeddings,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=spec.norm_eps,
+        rope_theta=rope.theta, rope_scaling=scaling, tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=spec.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
     )
+    if spec.family == "mistral":
+        return MistralConfig(**fields, sliding_window=spec.sliding_window)
+    assert spec.family == "llama" and spec.sliding_window is None
+    return LlamaConfig(**fields, attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2-135m", "llama3.2-1b", "mistral-7b", "llama2-70b"])
-def test_parameter_count_matches_transformers(name: str) -> None:
+@pytest.fixture(scope="module")
+def transformers_models():
+    """Each preset's transformers model, on the meta device: {name: {parameter name: shape}}."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    log = logging.getLogger("transformers")
+    handler, level = Collect(logging.WARNING), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    models = {}
+    try:
+        for name, spec in PRESETS.items():
+            warnings.clear()
+            config = _hf_config(spec)
+            # transformers validates the rope block against the context length (e.g. an original length beyond it)
+            assert not [w for w in warnings if "rope" in w.lower()], (name, warnings)
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            models[name] = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head appears once
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return models
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_count_matches_transformers(name: str, transformers_models) -> None:
+    """The preset's own count, and the sum over the parameters its lowered program declares, both equal what
+    transformers counts for the same config."""
+    want = sum(prod(shape) for shape in transformers_models[name].values())
     spec = PRESETS[name]
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(_hf_config(spec))
-    assert spec.num_parameters() == sum(p.numel() for p in model.parameters())
+    declared = sum(prod(p.type.shape) for _, p in mlxc.lower(spec).parameters())
+    assert declared == want
+    assert spec.num_parameters() == want
+    if name in PUBLISHED:
+        assert want == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_shapes_match_transformers(name: str, transformers_models) -> None:
+    """Tensor by tensor, through the name map the checkpoint loader uses: the same tensors with the same shapes (so
+    a preset's K/V width, head_dim or tied head cannot be compensated elsewhere and still pass on the total)."""
+    ours = {n: tuple(p.type.shape) for n, p in mlxc.lower(PRESETS[name]).parameters()}
+    theirs = {hf_to_ir_name(n): shape for n, shape in transformers_models[name].items()}
+    assert theirs == ours
 
 
 def test_published_hyperparameters() -> None:
