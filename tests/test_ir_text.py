@@ -13,10 +13,18 @@ from pathlib import Path
 
 import pytest
 
+import json
+
 from mlxc.ir import (
+    DType,
+    FunctionBuilder,
     MlxcError,
     ParseError,
     Program,
+    Quant,
+    RopeKind,
+    RopeScaling,
+    TensorType,
     VerifyError,
     from_json,
     parse_program,
@@ -169,6 +177,168 @@ def test_malformed_json():
         from_json('{"format": "mlxc-ir", "functions": [{"name": "main"}]}')
 
 
-def test_errors_are_mlxc_errors():
-    assert issubclass(ParseError, MlxcError) and issubclass(VerifyError, MlxcError)
-    assert isinstance(Program(), Program)
+def test_parse_and_verify_errors_are_caught_as_mlxc_errors():
+    """The CLI prints any MlxcError as one line: a real parse failure and a real verify failure are both caught as one,
+    and keep their own class."""
+    with pytest.raises(MlxcError) as parse_info:
+        parse_program("func @main(%x: f32[4]) -> f32[4] {\n  return %nope\n}\n")
+    assert type(parse_info.value) is ParseError
+    assert str(parse_info.value) == "line 2, column 10: use of undefined value %nope"
+    with pytest.raises(MlxcError) as verify_info:
+        verify(parse_program("func @main(%x: f32[4]) -> f32[4] {\n  %y = transpose(%x) {perm = [1, 0]} : f32[4]\n"
+                             "  return %y\n}\n"))
+    assert type(verify_info.value) is VerifyError
+    assert str(verify_info.value).startswith("@main: `%y = transpose(%x) {perm = [1, 0]} : f32[4]`: ")
+    assert "perm [1, 0] is not a permutation of 1 axes" in str(verify_info.value)
+
+
+# A program built op by op with the builder (types inferred by the type rules, never parsed), and the text it must
+# print, written by hand: defaults left out (split's axis, rope's traditional, attention's window), attributes in
+# declaration order, quantized types, derive lines after params, several results, a call with a prefix.
+EXPECTED_BUILT = """func @layer(%x: f32[B, T, 16]) -> (f32[B, T, 16], f32[B, T, 8]) {
+  param %w.weight: f32[24, 16]
+  param %norm.weight: f32[16]
+  derive %w_q.weight = quantize(%w.weight) {bits = 4, group_size = 16} : f32[24, 16] q4g16
+  %n = rms_norm(%x, %norm.weight) {eps = 1e-06} : f32[B, T, 16]
+  %h = linear(%n, %w_q.weight) : f32[B, T, 24]
+  %a, %b = split(%h) {sizes = [16, 8]} : f32[B, T, 16], f32[B, T, 8]
+  %q = reshape(%a) {shape = [B, T, 2, 8]} : f32[B, T, 2, 8]
+  %qt = transpose(%q) {perm = [0, 2, 1, 3]} : f32[B, 2, T, 8]
+  %r = rope(%qt) {dims = 8, base = 500000.0, scaling = #rope<kind = llama3, factor = 8.0, original_max_position_embeddings = 8192>} : f32[B, 2, T, 8]
+  %o = attention(%r, %r, %r) {scale = 0.125} : f32[B, 2, T, 8]
+  %ot = transpose(%o) {perm = [0, 2, 1, 3]} : f32[B, T, 2, 8]
+  %flat = reshape(%ot) {shape = [B, T, 16]} : f32[B, T, 16]
+  %y = add(%x, %flat) : f32[B, T, 16]
+  return %y, %b
+}
+
+func @main(%ids: i32[B, T]) -> f32[B, T, 16] {
+  param %embed.weight: f32[100, 16]
+  %e = embed(%ids, %embed.weight) : f32[B, T, 16]
+  %y, %side = call(%e) {callee = @layer, prefix = "layers.0"} : f32[B, T, 16], f32[B, T, 8]
+  %g = gelu_tanh(%y) : f32[B, T, 16]
+  %z = cast(%g) {dtype = bf16} : bf16[B, T, 16]
+  %back = cast(%z) {dtype = f32} : f32[B, T, 16]
+  return %back
+}
+"""
+
+
+def _built() -> Program:
+    program = Program()
+    f32 = lambda *shape: TensorType(DType.F32, shape)  # noqa: E731
+    fb = FunctionBuilder("layer", program)
+    x = fb.input("x", f32("B", "T", 16))
+    w = fb.param("w.weight", f32(24, 16))
+    norm = fb.param("norm.weight", f32(16))
+    wq = fb.derive("quantize", w, name="w_q.weight", bits=4, group_size=16)
+    n = fb.op("rms_norm", x, norm, name="n", eps=1e-6)
+    h = fb.op("linear", n, wq, name="h")
+    a, b = fb.op("split", h, name=["a", "b"], sizes=[16, 8], axis=-1)
+    q = fb.op("reshape", a, name="q", shape=["B", "T", 2, 8])
+    qt = fb.op("transpose", q, name="qt", perm=[0, 2, 1, 3])
+    scaling = RopeScaling(kind=RopeKind.LLAMA3, factor=8.0, original_max_position_embeddings=8192)
+    r = fb.op("rope", qt, name="r", dims=8, base=500000.0, scaling=scaling, traditional=False)
+    o = fb.op("attention", r, r, r, name="o", scale=0.125, window=None)
+    ot = fb.op("transpose", o, name="ot", perm=[0, 2, 1, 3])
+    flat = fb.op("reshape", ot, name="flat", shape=["B", "T", 16])
+    y = fb.op("add", x, flat, name="y")
+    fb.build(y, b)
+    fb = FunctionBuilder("main", program)
+    ids = fb.input("ids", TensorType(DType.I32, ("B", "T")))
+    table = fb.param("embed.weight", f32(100, 16))
+    e = fb.op("embed", ids, table, name="e")
+    y, _ = fb.op("call", e, name=["y", "side"], callee="layer", prefix="layers.0")
+    g = fb.op("gelu_tanh", y, name="g")
+    z = fb.op("cast", g, name="z", dtype=DType.BF16)
+    fb.build(fb.op("cast", z, name="back", dtype=DType.F32))
+    return program
+
+
+def test_builder_program_prints_the_hand_written_text():
+    program = verify(_built())
+    assert print_program(program) == EXPECTED_BUILT
+    # the inferred types are the ones written by hand, e.g. the quantized weight's
+    assert program["layer"].derived[0].results[0].type == TensorType(DType.F32, (24, 16), Quant(4, 16))
+
+
+def test_parsed_structure_is_what_the_text_says():
+    """Parsing, checked without the printer: ops, operand identity (SSA uses point at their definitions), typed
+    attribute values and the declared types."""
+    program = verify(parse_program(EXPECTED_BUILT))
+    layer, main = program["layer"], program["main"]
+    assert [o.op for o in layer.derived] == ["quantize"]
+    assert [o.op for o in layer.ops] == ["rms_norm", "linear", "split", "reshape", "transpose", "rope", "attention",
+                                         "transpose", "reshape", "add"]
+    x, w, norm = layer.inputs[0], layer.params[0], layer.params[1]
+    quantize, (rms, linear, split, *_, add) = layer.derived[0], layer.ops
+    assert quantize.operands == [w] and quantize.attrs == {"bits": 4, "group_size": 16}
+    assert rms.operands[0] is x and rms.operands[1] is norm and rms.attrs["eps"] == 1e-6
+    assert linear.operands[1] is quantize.results[0]
+    assert list(split.attrs["sizes"]) == [16, 8] and split.attrs["axis"] == -1  # the default, not printed
+    assert [r.name for r in split.results] == ["a", "b"] and layer.outputs[1] is split.results[1]
+    assert add.operands[0] is x and layer.outputs[0] is add.results[0]
+    rope = layer.ops[5]
+    assert rope.attrs["scaling"] == RopeScaling(kind=RopeKind.LLAMA3, factor=8.0, original_max_position_embeddings=8192)
+    assert rope.attrs["traditional"] is False and layer.ops[6].attrs["window"] is None
+    assert main.inputs[0].type == TensorType(DType.I32, ("B", "T"))
+    call = main.ops[1]
+    assert call.attrs["callee"] == "layer" and call.attrs["prefix"] == "layers.0"
+    assert [r.type for r in call.results] == [TensorType(DType.F32, ("B", "T", 16)), TensorType(DType.F32, ("B", "T", 8))]
+    assert main.ops[3].attrs["dtype"] == DType.BF16 and main.ops[3].results[0].type.dtype == DType.BF16
+    assert [n for n, _ in program.parameters()] == ["embed.weight", "layers.0.w.weight", "layers.0.norm.weight"]
+    assert [n for n, _ in program.runtime_parameters()] == ["embed.weight", "layers.0.norm.weight",
+                                                            "layers.0.w_q.weight"]
+
+
+def test_json_is_the_documented_form():
+    """The JSON export of a small program, compared with the document written by hand (attributes as typed JSON
+    values, defaults included)."""
+    text = ("func @main(%x: f32[B, 8]) -> (f32[B, 4], f32[B, 4]) {\n"
+            "  param %w.weight: f32[8, 8]\n"
+            "  derive %wq.weight = quantize(%w.weight) {bits = 8, group_size = 8} : f32[8, 8] q8g8\n"
+            "  %y = linear(%x, %wq.weight) : f32[B, 8]\n"
+            "  %a, %b = split(%y) {sizes = [4, 4]} : f32[B, 4], f32[B, 4]\n"
+            "  return %a, %b\n"
+            "}\n")
+    doc = json.loads(to_json(verify(parse_program(text))))
+    assert doc["format"] == "mlxc-ir"
+    assert doc["functions"] == [{
+        "name": "main",
+        "inputs": [{"name": "x", "type": "f32[B, 8]"}],
+        "params": [{"name": "w.weight", "type": "f32[8, 8]"}],
+        "derived": [{"op": "quantize", "operands": ["w.weight"], "attrs": {"bits": 8, "group_size": 8},
+                     "results": [{"name": "wq.weight", "type": "f32[8, 8] q8g8"}]}],
+        "ops": [{"op": "linear", "operands": ["x", "wq.weight"], "attrs": {},
+                 "results": [{"name": "y", "type": "f32[B, 8]"}]},
+                {"op": "split", "operands": ["y"], "attrs": {"sizes": [4, 4], "axis": -1},
+                 "results": [{"name": "a", "type": "f32[B, 4]"}, {"name": "b", "type": "f32[B, 4]"}]}],
+        "outputs": ["a", "b"],
+    }]
+
+
+@pytest.mark.parametrize("text,message", [
+    # each position counted by hand: line and column of the offending token, 1-based
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %y = relu(%x) : f32[4]\n  %y = relu(%x) : f32[4]\n  return %y\n}\n",
+     "line 3, column 3: %y defined twice"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %y = relu(%z) : f32[4]\n  return %y\n}\n",
+     "line 2, column 13: use of undefined value %z"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %y = relux(%x) : f32[4]\n  return %y\n}\n",
+     "line 2, column 8: unknown op 'relux'"),
+    ("func @main(%x: f32[4, -1]) -> f32[4] {\n  return %x\n}\n",
+     "line 1, column 23: bad dimension '-1'"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %a, %b = relu(%x) : f32[4]\n  return %a\n}\n",
+     "line 2, column 12: relu defines 2 values but lists 1 types"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %y = relu(%x) : f32[4]\n  return %y, %x\n}\n",
+     "line 3, column 3: @main returns ['f32[4]', 'f32[4]'] but declares ['f32[4]']"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %y = rms_norm(%x, %x) {eps = #nope<a = 1>} : f32[4]\n  return %y\n}\n",
+     "line 2, column 32: unknown attribute struct #nope"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n  %y = relu(%x) : f32[4]\n",
+     "line 3, column 1: expected a value, found 'end of input'"),
+    ("func @main(%x: f32[4]) -> f32[4] {\n\treturn %x;\n}\n",
+     "line 2, column 11: unexpected character ';'"),
+])
+def test_parse_error_positions(text, message):
+    with pytest.raises(ParseError) as info:
+        parse_program(text)
+    assert str(info.value) == message
