@@ -174,8 +174,8 @@ class _Emitter:
                 self.parts.helpers.add("attention")
                 cache = self._slot_expr(as_list, slot, 1)
                 slot += 1
-                window = f", window={o.attrs['window']}" if o.attrs["window"] is not None else ""
-                expr = f"attention({_expr_list(args)}, {cache}, scale={o.attrs['scale']!r}{window})"
+                extra = "".join(f", {k}={o.attrs[k]!r}" for k in ("window", "softcap") if o.attrs[k] is not None)
+                expr = f"attention({_expr_list(args)}, {cache}, scale={o.attrs['scale']!r}{extra})"
             elif o.op == "rope":
                 expr = f"{self.rope_constant(o.attrs)}({args[0]}, offset)"
             else:

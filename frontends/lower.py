@@ -1,22 +1,22 @@
-"""Lower a ModelSpec into IR: @attention and @mlp blocks, a @decoder_layer calling them, and @main.
+"""Lower a ModelSpec into IR: block builders for attention, feed-forward (dense, gated, mixture of experts), the
+decoder layer around them, and @main with embeddings and the task head.
 
-Each distinct layer configuration becomes one function that @main calls once per layer with prefix `layers.{i}`,
-so a 32-layer model is one layer body and 32 calls, not 32 pasted copies.
+Each distinct layer configuration (`ModelSpec.layer(i)`) becomes one function that @main calls once per layer with
+prefix `layers.{i}`, so a 32-layer model is one layer body and 32 calls; Gemma 2's alternating sliding and global
+layers are two bodies.
+
+Parameter names follow Llama's checkpoint roles: `input_norm` before attention and `post_attention_norm` before the
+FFN; sandwich blocks add `attn_out_norm` and `ffn_out_norm` on the two outputs. Families map their checkpoint names
+onto these (frontends/families/).
 """
 
 from __future__ import annotations
 
 from ..ir import DType, FunctionBuilder, Program, TensorType, Value, verify
-from .spec import Activation, FFNType, ModelSpec, NormType, PositionEmbedding
+from .spec import (AttentionConfig, FFNConfig, FFNType, HeadKind, LayerConfig, ModelSpec, NormConfig, NormType,
+                   Residual)
 
 B, T = "B", "T"
-
-_ACT_OPS = {
-    Activation.SILU: "silu",
-    Activation.GELU: "gelu",
-    Activation.GELU_TANH: "gelu_tanh",
-    Activation.RELU: "relu",
-}
 
 
 class _Lowering:
@@ -27,92 +27,180 @@ class _Lowering:
     def t(self, *shape) -> TensorType:
         return TensorType(self.dtype, tuple(shape))
 
-    def norm(self, b: FunctionBuilder, x: Value, prefix: str, name: str) -> Value:
-        h = self.spec.hidden_size
-        w = b.param(f"{prefix}.weight", self.t(h))
-        if self.spec.norm == NormType.RMS:
-            return b.op("rms_norm", x, w, eps=self.spec.norm_eps, name=name)
-        bias = b.param(f"{prefix}.bias", self.t(h))
-        return b.op("layer_norm", x, w, bias, eps=self.spec.norm_eps, name=name)
+    # ------------------------------------------------------------------------------------------------ components
+
+    def norm(self, b: FunctionBuilder, x: Value, prefix: str, name: str, cfg: NormConfig, size: int) -> Value:
+        w = b.param(f"{prefix}.weight", self.t(size))
+        if cfg.unit_offset:
+            w = b.derive("shift", w, value=1.0, name=f"{prefix}.gain")
+        if cfg.kind == NormType.RMS:
+            return b.op("rms_norm", x, w, eps=cfg.eps, name=name)
+        bias = b.param(f"{prefix}.bias", self.t(size))
+        return b.op("layer_norm", x, w, bias, eps=cfg.eps, name=name)
 
     def linear(self, b: FunctionBuilder, x: Value, prefix: str, out: int, inp: int, bias: bool, name: str) -> Value:
         w = b.param(f"{prefix}.weight", self.t(out, inp))
         bb = b.param(f"{prefix}.bias", self.t(out)) if bias else None
         return b.op("linear", x, w, bb, name=name)
 
-    def attention(self, fname: str, window: int | None) -> str:
-        s = self.spec
-        h, d, nq, nkv = s.hidden_size, s.dim_per_head, s.num_heads, s.kv_heads
+    # ------------------------------------------------------------------------------------------------ blocks
+
+    def attention(self, fname: str, a: AttentionConfig, norm: NormConfig) -> str:
+        h, d, nq, nkv = self.spec.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads
         b = FunctionBuilder(fname, self.program)
         x = b.input("x", self.t(B, T, h))
-        q = self.linear(b, x, "q_proj", nq * d, h, s.attention_bias, "q")
-        k = self.linear(b, x, "k_proj", nkv * d, h, s.attention_bias, "k")
-        v = self.linear(b, x, "v_proj", nkv * d, h, s.attention_bias, "v")
+        q = self.linear(b, x, "q_proj", nq * d, h, a.bias, "q")
+        k = self.linear(b, x, "k_proj", nkv * d, h, a.bias, "k")
+        v = self.linear(b, x, "v_proj", nkv * d, h, a.bias, "v")
         heads = []
         for val, n, nm in ((q, nq, "q"), (k, nkv, "k"), (v, nkv, "v")):
             r = b.op("reshape", val, shape=[B, T, n, d], name=f"{nm}_heads")
+            if a.qk_norm and nm != "v":  # over each head's features, before rope (Qwen3, Gemma 3)
+                r = self.norm(b, r, f"{nm}_norm", f"{nm}_normed", NormConfig(NormType.RMS, norm.eps, norm.unit_offset),
+                              d)
             heads.append(b.op("transpose", r, perm=[0, 2, 1, 3], name=f"{nm}_t"))
         q, k, v = heads
-        if s.position == PositionEmbedding.ROPE:
-            rope = dict(dims=d, base=s.rope.theta, scaling=s.rope.scaling(s.max_position_embeddings))
+        if a.rope is not None:
+            rope = dict(dims=a.rope_dims, base=a.rope_theta, scaling=a.rope)
             q = b.op("rope", q, name="q_rot", **rope)
             k = b.op("rope", k, name="k_rot", **rope)
-        o = b.op("attention", q, k, v, scale=d**-0.5, window=window, name="attn")
+        o = b.op("attention", q, k, v, scale=a.scale, window=a.window, softcap=a.softcap, name="attn")
         o = b.op("transpose", o, perm=[0, 2, 1, 3], name="attn_t")
         o = b.op("reshape", o, shape=[B, T, nq * d], name="attn_flat")
-        out = self.linear(b, o, "o_proj", h, nq * d, s.out_bias, "out")
+        out = self.linear(b, o, "o_proj", h, nq * d, a.out_bias, "out")
         b.build(out)
         return fname
 
-    def mlp(self) -> str:
-        s = self.spec
-        h, i = s.hidden_size, s.intermediate_size
-        b = FunctionBuilder("mlp", self.program)
-        x = b.input("x", self.t(B, T, h))
-        act = _ACT_OPS[s.activation]
-        if s.ffn == FFNType.GATED:
-            gate = self.linear(b, x, "gate_proj", i, h, s.mlp_bias, "gate")
-            up = self.linear(b, x, "up_proj", i, h, s.mlp_bias, "up")
-            hidden = b.op("mul", b.op(act, gate, name="gate_act"), up, name="hidden")
-        else:
-            up = self.linear(b, x, "up_proj", i, h, s.mlp_bias, "up")
-            hidden = b.op(act, up, name="hidden")
-        b.build(self.linear(b, hidden, "down_proj", h, i, s.mlp_bias, "out"))
-        return "mlp"
+    def _gated(self, b: FunctionBuilder, x: Value, prefix: str, size: int, act: str, bias: bool) -> Value:
+        h = self.spec.hidden_size
+        p = f"{prefix}." if prefix else ""
+        n = f"{prefix}_" if prefix else ""
+        gate = self.linear(b, x, f"{p}gate_proj", size, h, bias, f"{n}gate")
+        up = self.linear(b, x, f"{p}up_proj", size, h, bias, f"{n}up")
+        hidden = b.op("mul", b.op(act, gate, name=f"{n}gate_act"), up, name=f"{n}hidden")
+        return self.linear(b, hidden, f"{p}down_proj", h, size, bias, f"{n}out")
 
-    def decoder_layer(self, fname: str, attn_fn: str, mlp_fn: str) -> str:
+    def ffn(self, fname: str, f: FFNConfig) -> str:
+        h, i = self.spec.hidden_size, f.intermediate_size
         b = FunctionBuilder(fname, self.program)
-        x = b.input("x", self.t(B, T, self.spec.hidden_size))
-        h = self.norm(b, x, "input_norm", "h")
+        x = b.input("x", self.t(B, T, h))
+        act = f.activation.value
+        if f.kind == FFNType.GATED:
+            out = self._gated(b, x, "", i, act, f.bias)
+        elif f.kind == FFNType.DENSE:
+            up = self.linear(b, x, "up_proj", i, h, f.bias, "up")
+            hidden = b.op(act, up, name="hidden")
+            out = self.linear(b, hidden, "down_proj", h, i, f.bias, "out")
+        else:
+            out = self.moe(b, x, f)
+        b.build(out)
+        return fname
+
+    def moe(self, b: FunctionBuilder, x: Value, f: FFNConfig) -> Value:
+        m, h = f.moe, self.spec.hidden_size
+        e, i = m.num_experts, m.intermediate_size
+        logits = self.linear(b, x, "router", e, h, m.router_bias, "router_logits")
+        gate = b.param("experts.gate_proj.weight", self.t(e, i, h))
+        up = b.param("experts.up_proj.weight", self.t(e, i, h))
+        down = b.param("experts.down_proj.weight", self.t(e, h, i))
+        out = b.op("moe", x, logits, gate, up, down, top_k=m.top_k, normalize=m.normalize,
+                   activation=f.activation.value, name="experts_out")
+        if m.shared_expert_intermediate_size is None:
+            return out
+        shared = self._gated(b, x, "shared_expert", m.shared_expert_intermediate_size, f.activation.value, False)
+        if m.shared_expert_gate:
+            g = self.linear(b, x, "shared_expert_gate", 1, h, False, "shared_gate_logit")
+            shared = b.op("mul", b.op("sigmoid", g, name="shared_gate"), shared, name="shared_gated")
+        return b.op("add", out, shared, name="out")
+
+    def decoder_layer(self, fname: str, cfg: LayerConfig, attn_fn: str, ffn_fn: str) -> str:
+        size = self.spec.hidden_size
+        b = FunctionBuilder(fname, self.program)
+        x = b.input("x", self.t(B, T, size))
+        h = self.norm(b, x, "input_norm", "h", cfg.norm, size)
         a = b.op("call", h, callee=attn_fn, prefix="attn", name="attn")
+        if cfg.residual == Residual.PARALLEL:  # one norm feeds both; both add to the same residual
+            m = b.op("call", h, callee=ffn_fn, prefix="mlp", name="mlp")
+            b.build(b.op("add", b.op("add", x, a, name="x_attn"), m, name="out"))
+            return fname
+        if cfg.residual == Residual.SANDWICH:
+            a = self.norm(b, a, "attn_out_norm", "attn_normed", cfg.norm, size)
         x = b.op("add", x, a, name="x_attn")
-        h = self.norm(b, x, "post_attention_norm", "h_mlp")
-        m = b.op("call", h, callee=mlp_fn, prefix="mlp", name="mlp")
+        h = self.norm(b, x, "post_attention_norm", "h_mlp", cfg.norm, size)
+        m = b.op("call", h, callee=ffn_fn, prefix="mlp", name="mlp")
+        if cfg.residual == Residual.SANDWICH:
+            m = self.norm(b, m, "ffn_out_norm", "mlp_normed", cfg.norm, size)
         b.build(b.op("add", x, m, name="out"))
         return fname
 
+    # ------------------------------------------------------------------------------------------------ the model
+
     def lower(self) -> Program:
         s = self.spec
-        mlp_fn = self.mlp()
-        layer_fns: dict[int | None, str] = {}
-        windows = [s.window_of(i) for i in range(s.num_layers)]
-        for w in dict.fromkeys(windows):
-            suffix = "" if len(set(windows)) == 1 else ("_local" if w else "_global")
-            attn = self.attention("attention" + suffix, w)
-            layer_fns[w] = self.decoder_layer("decoder_layer" + suffix, attn, mlp_fn)
+        configs = [s.layer(i) for i in range(s.num_layers)]
+        attn_fns = _names("attention", [c.attention for c in configs], lambda a: a.window)
+        ffn_fns = _names("mlp", [c.ffn for c in configs], lambda f: f.kind.value)
+        layer_fns = _names("decoder_layer", configs, lambda c: c.attention.window)
+        made: set[str] = set()
+        for c in configs:
+            attn, ffn, layer = attn_fns[c.attention], ffn_fns[c.ffn], layer_fns[c]
+            if attn not in made:
+                self.attention(attn, c.attention, c.norm)
+            if ffn not in made:
+                self.ffn(ffn, c.ffn)
+            if layer not in made:
+                self.decoder_layer(layer, c, attn, ffn)
+            made |= {attn, ffn, layer}
 
         b = FunctionBuilder("main", self.program)
         ids = b.input("input_ids", TensorType(DType.I32, (B, T)))
         table = b.param("embed_tokens.weight", self.t(s.vocab_size, s.hidden_size))
         h = b.op("embed", ids, table, name="h")
-        for i, w in enumerate(windows):
-            h = b.op("call", h, callee=layer_fns[w], prefix=f"layers.{i}", name="h")
-        h = self.norm(b, h, "norm", "h_final")
-        head = table if s.tie_word_embeddings else b.param("lm_head.weight", self.t(s.vocab_size, s.hidden_size))
-        b.build(b.op("linear", h, head, name="logits"))
+        if s.embedding_multiplier is not None:
+            h = b.op("scale", h, factor=s.embedding_multiplier, name="h_scaled")
+        for i, c in enumerate(configs):
+            h = b.op("call", h, callee=layer_fns[c], prefix=f"layers.{i}", name="h")
+        h = self.norm(b, h, "norm", "h_final", configs[0].norm if configs else _model_norm(s), s.hidden_size)
+        b.build(self.head(b, h, ids, table))
         # callees first, entry last: reads top-down like a source file
         self.program.functions.sort(key=lambda f: f.name == "main")
         return verify(self.program)
+
+    def head(self, b: FunctionBuilder, h: Value, ids: Value, table: Value) -> Value:
+        s, head = self.spec, self.spec.head
+        if head.kind == HeadKind.CAUSAL_LM:
+            weight = table if s.tie_word_embeddings else b.param("lm_head.weight", self.t(s.vocab_size, s.hidden_size))
+            bias = b.param("lm_head.bias", self.t(s.vocab_size)) if s.lm_head_bias else None
+            logits = b.op("linear", h, weight, bias, name="logits")
+            if s.final_logit_softcap is not None:
+                logits = b.op("softcap", logits, cap=s.final_logit_softcap, name="logits_capped")
+            return logits
+        if head.kind == HeadKind.SEQUENCE_CLASSIFICATION:
+            h = b.op("pool", h, ids, mode=head.pooling.value, pad_token_id=s.pad_token_id, name="pooled")
+        if head.classifier_hidden_size is not None:
+            hid = self.linear(b, h, "classifier.dense", head.classifier_hidden_size, s.hidden_size, True, "cls_hidden")
+            h = b.op(head.classifier_activation.value, hid, name="cls_act")
+            return self.linear(b, h, "classifier.out_proj", head.num_labels, head.classifier_hidden_size, True,
+                               "logits")
+        return self.linear(b, h, "score", head.num_labels, s.hidden_size, head.bias, "logits")
+
+
+def _model_norm(spec: ModelSpec) -> NormConfig:
+    return NormConfig(spec.norm, spec.norm_eps, spec.norm_unit_offset)
+
+
+def _names(base: str, configs: list, distinguish) -> dict:
+    """One function name per distinct configuration: `base` alone, `base_local` / `base_global` when two kinds differ
+    by sliding window (or `base_<kind>` by the given feature), else numbered."""
+    distinct = list(dict.fromkeys(configs))
+    if len(distinct) == 1:
+        return {distinct[0]: base}
+    keys = [distinguish(c) for c in distinct]
+    if len(keys) == 2 and sum(k is None for k in keys) == 1 and all(k is None or isinstance(k, int) for k in keys):
+        return {c: base + ("_global" if k is None else "_local") for c, k in zip(distinct, keys)}
+    if len(set(keys)) == len(keys) and all(isinstance(k, str) for k in keys):
+        return {c: f"{base}_{k}" for c, k in zip(distinct, keys)}
+    return {c: f"{base}_{i}" for i, c in enumerate(distinct)}
 
 
 def lower(spec: ModelSpec, dtype: DType | str = DType.F32) -> Program:

@@ -1,12 +1,19 @@
 """ModelSpec: the architecture of a model, validated and frozen, independent of where it came from.
 
 Every frontend (presets, YAML/JSON specs, Hugging Face configs, GGUF metadata) produces one; `lower.py` turns it into IR.
+
+The model-level fields describe every layer; a `LayerSpec` overrides some of them for one layer (sliding vs global
+attention, a layer-specific rope, a dense FFN in a mixture-of-experts model). `ModelSpec.layer(i)` resolves both
+into one frozen `LayerConfig`, which is all lowering reads, and layers with equal configurations share one IR
+function.
 """
 
 from __future__ import annotations
 
 import enum
 from typing import Annotated, Optional
+
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -27,6 +34,37 @@ class AttentionType(str, enum.Enum):
 class FFNType(str, enum.Enum):
     GATED = "gated"  # down(act(gate(x)) * up(x)): SwiGLU, GeGLU
     DENSE = "dense"  # down(act(up(x)))
+    MOE = "moe"  # a mixture of gated experts (see MoESpec)
+
+
+class Residual(str, enum.Enum):
+    """How norms and the residual stream wrap a layer's attention and FFN."""
+
+    PRE_NORM = "pre_norm"  # x += attn(norm(x)); x += ffn(norm(x))                     (Llama, Qwen, Mistral)
+    SANDWICH = "sandwich"  # x += norm(attn(norm(x))); x += norm(ffn(norm(x)))          (Gemma 2, Gemma 3)
+    PARALLEL = "parallel"  # x += attn(norm(x)) + ffn(norm(x)), one norm for both        (Phi-2, GPT-J)
+
+
+class HeadKind(str, enum.Enum):
+    """What the model computes from the final hidden states."""
+
+    CAUSAL_LM = "causal_lm"  # next-token logits [B, T, vocab]
+    SEQUENCE_CLASSIFICATION = "sequence_classification"  # one row per sequence [B, num_labels], pooled
+    TOKEN_CLASSIFICATION = "token_classification"  # a row per token [B, T, num_labels]
+
+
+class ProblemType(str, enum.Enum):
+    """transformers' `problem_type`: which loss the labels mean."""
+
+    REGRESSION = "regression"  # mean squared error
+    SINGLE_LABEL = "single_label_classification"  # cross-entropy over num_labels classes
+    MULTI_LABEL = "multi_label_classification"  # binary cross-entropy per label
+
+
+class Pooling(str, enum.Enum):
+    LAST = "last"  # the last non-padding token (transformers' *ForSequenceClassification)
+    FIRST = "first"
+    MEAN = "mean"
 
 
 class NormType(str, enum.Enum):
@@ -57,6 +95,9 @@ class _Frozen(BaseModel):
 
 class RopeSpec(_Frozen):
     theta: float = Field(10000.0, gt=0)
+    # longrope (Phi-3): per-frequency divisors, the short ones within the original context, the long ones beyond
+    short_factor: Optional[tuple[float, ...]] = None
+    long_factor: Optional[tuple[float, ...]] = None
     kind: RopeKind = RopeKind.DEFAULT
     factor: float = Field(1.0, gt=0)
     low_freq_factor: float = 1.0
@@ -86,12 +127,112 @@ class RopeSpec(_Frozen):
             mscale=self.mscale,
             mscale_all_dim=self.mscale_all_dim,
             truncate=self.truncate,
+            short_factor=self.short_factor,
+            long_factor=self.long_factor,
         )
 
 
+class MoESpec(_Frozen):
+    """A mixture of gated experts: a router picks `top_k` of `num_experts` per token (softmax in float32,
+    renormalized over the chosen ones when `normalize`); an optional shared expert runs for every token, scaled by
+    a sigmoid gate when `shared_expert_gate`."""
+
+    num_experts: Count
+    top_k: Count
+    intermediate_size: Count  # of each expert
+    normalize: bool = False
+    shared_expert_intermediate_size: Optional[Count] = None
+    shared_expert_gate: bool = False
+    router_bias: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        if self.shared_expert_gate and self.shared_expert_intermediate_size is None:
+            raise ValueError("shared_expert_gate needs a shared expert (shared_expert_intermediate_size)")
+        return self
+
+
+class HeadSpec(_Frozen):
+    """The task head over the final hidden states. Classification heads project to `num_labels` with a linear
+    layer (`score`), or an MLP (`classifier_hidden_size` set) when built from a spec."""
+
+    kind: HeadKind = HeadKind.CAUSAL_LM
+    num_labels: Optional[Count] = None
+    problem_type: Optional[ProblemType] = None  # None: regression for one label, else single-label
+    pooling: Pooling = Pooling.LAST
+    bias: bool = False
+    classifier_hidden_size: Optional[Count] = None
+    classifier_activation: Activation = Activation.GELU
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind != HeadKind.CAUSAL_LM and self.num_labels is None:
+            raise ValueError(f"a {self.kind.value} head needs num_labels")
+        if self.kind == HeadKind.CAUSAL_LM and (self.num_labels is not None or self.classifier_hidden_size):
+            raise ValueError("a causal LM head projects to the vocabulary: num_labels and a classifier do not apply")
+        return self
+
+    @property
+    def problem(self) -> Optional[ProblemType]:
+        if self.kind == HeadKind.CAUSAL_LM:
+            return None
+        if self.problem_type is not None:
+            return self.problem_type
+        return ProblemType.REGRESSION if self.num_labels == 1 else ProblemType.SINGLE_LABEL
+
+
 class LayerSpec(_Frozen):
+    """One layer's overrides of the model-level settings; None keeps the model's."""
+
     block: BlockKind = BlockKind.ATTENTION
     attention: AttentionType = AttentionType.FULL
+    rope: Optional[RopeSpec] = None  # e.g. Gemma 3's local rope base on sliding layers
+    ffn: Optional[FFNType] = None  # e.g. a dense layer in a mixture-of-experts model
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    kind: NormType
+    eps: float
+    unit_offset: bool  # the checkpoint stores w - 1 (Gemma): the norm multiplies by 1 + w
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    bias: bool
+    out_bias: bool
+    window: Optional[int]
+    rope: Optional[RopeScaling]  # None: no rotary embedding
+    rope_theta: float
+    rope_dims: int  # rotated features of each head (partial rotary when < head_dim)
+    scale: float  # query scaling before the softmax
+    softcap: Optional[float]
+    qk_norm: bool
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    kind: FFNType
+    intermediate_size: int
+    activation: Activation
+    bias: bool
+    moe: Optional[MoESpec]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Everything lowering needs for one layer; equal configurations share one IR function."""
+
+    block: BlockKind
+    residual: Residual
+    norm: NormConfig
+    attention: AttentionConfig
+    ffn: FFNConfig
 
 
 class ModelSpec(_Frozen):
@@ -109,15 +250,26 @@ class ModelSpec(_Frozen):
     max_position_embeddings: Count = 4096
     norm: NormType = NormType.RMS
     norm_eps: float = Field(1e-5, gt=0)
+    norm_unit_offset: bool = False  # norms multiply by (1 + w): Gemma's convention
+    residual: Residual = Residual.PRE_NORM
     ffn: FFNType = FFNType.GATED
     activation: Activation = Activation.SILU
+    moe: Optional[MoESpec] = None
     position: PositionEmbedding = PositionEmbedding.ROPE
     rope: RopeSpec = RopeSpec()
+    partial_rotary_factor: float = Field(1.0, gt=0, le=1)  # the share of each head's features that rotate
     attention_bias: bool = False
     attention_out_bias: Optional[bool] = None  # defaults to attention_bias
+    query_scale: Optional[float] = Field(None, gt=0)  # default head_dim ** -0.5
+    attn_logit_softcap: Optional[float] = Field(None, gt=0)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before rope (Qwen3, Gemma 3)
     mlp_bias: bool = False
     sliding_window: Optional[Count] = None
     layers: tuple[LayerSpec, ...] = ()
+    embedding_multiplier: Optional[float] = None  # embeddings scaled in the compute dtype (Gemma: sqrt(hidden))
+    final_logit_softcap: Optional[float] = Field(None, gt=0)
+    lm_head_bias: bool = False
+    head: HeadSpec = HeadSpec()
     tie_word_embeddings: bool = False
     bos_token_id: Optional[TokenId] = None
     eos_token_ids: tuple[TokenId, ...] = ()
@@ -148,9 +300,54 @@ class ModelSpec(_Frozen):
             raise ValueError(f"layers lists {len(self.layers)} entries but num_layers is {self.num_layers}")
         if any(l.attention == AttentionType.SLIDING_WINDOW for l in self.layers) and not self.sliding_window:
             raise ValueError("a layer uses sliding-window attention but sliding_window is not set")
-        if self.position == PositionEmbedding.ROPE and self.dim_per_head % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.dim_per_head}")
+        if self.position == PositionEmbedding.ROPE and self.rope_dims % 2:
+            raise ValueError(f"rotary embeddings need an even number of rotated features, got {self.rope_dims}")
+        uses_moe = self.ffn == FFNType.MOE or any(layer.ffn == FFNType.MOE for layer in self.layers)
+        if uses_moe and self.moe is None:
+            raise ValueError("an FFN of kind moe needs the moe settings (num_experts, top_k, ...)")
+        if self.residual == Residual.PARALLEL and self.norm == NormType.RMS and self.norm_unit_offset:
+            raise ValueError("unit-offset norms are a Gemma convention; Gemma blocks are sandwich, not parallel")
+        if self.head.kind != HeadKind.CAUSAL_LM and self.tie_word_embeddings:
+            raise ValueError("only a causal LM head can be tied to the embeddings")
         return self
+
+    @property
+    def rope_dims(self) -> int:
+        """Rotated features per head: head_dim times partial_rotary_factor, as transformers computes it."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
+    def layer(self, i: int) -> LayerConfig:
+        """Layer i's settings: the model's, with the layer's overrides applied."""
+        layer = self.layers[i]
+        d = self.dim_per_head
+        rope = layer.rope or self.rope
+        ffn = layer.ffn or self.ffn
+        return LayerConfig(
+            block=layer.block,
+            residual=self.residual,
+            norm=NormConfig(self.norm, self.norm_eps, self.norm_unit_offset),
+            attention=AttentionConfig(
+                num_heads=self.num_heads,
+                num_kv_heads=self.kv_heads,
+                head_dim=d,
+                bias=self.attention_bias,
+                out_bias=self.out_bias,
+                window=self.window_of(i),
+                rope=rope.scaling(self.max_position_embeddings) if self.position == PositionEmbedding.ROPE else None,
+                rope_theta=rope.theta,
+                rope_dims=self.rope_dims,
+                scale=self.query_scale if self.query_scale is not None else d**-0.5,
+                softcap=self.attn_logit_softcap,
+                qk_norm=self.qk_norm,
+            ),
+            ffn=FFNConfig(
+                kind=ffn,
+                intermediate_size=self.intermediate_size,
+                activation=self.activation,
+                bias=self.mlp_bias,
+                moe=self.moe if ffn == FFNType.MOE else None,
+            ),
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -175,18 +372,9 @@ class ModelSpec(_Frozen):
         return self.sliding_window if self.layers[layer].attention == AttentionType.SLIDING_WINDOW else None
 
     def num_parameters(self) -> int:
-        h, d, i = self.hidden_size, self.dim_per_head, self.intermediate_size
-        q, kv = self.num_heads * d, self.kv_heads * d
-        attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attn += q + 2 * kv
-        if self.out_bias:
-            attn += h
-        mlp = (3 if self.ffn == FFNType.GATED else 2) * h * i
-        if self.mlp_bias:
-            mlp += (2 * i if self.ffn == FFNType.GATED else i) + h
-        norm = h if self.norm == NormType.RMS else 2 * h
-        per_layer = attn + mlp + 2 * norm
-        embed = self.vocab_size * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return embed + self.num_layers * per_layer + norm + head
+        """Every checkpoint parameter of the lowered program, counted once (a tied head is the embedding table)."""
+        from math import prod
+
+        from .lower import lower
+
+        return sum(prod(p.type.shape) for _, p in lower(self).parameters())

@@ -18,6 +18,7 @@ class RopeKind(str, enum.Enum):
     DYNAMIC = "dynamic"
     LLAMA3 = "llama3"
     YARN = "yarn"
+    LONGROPE = "longrope"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    # longrope: per-frequency divisors of the rotary frequencies, within / beyond the original context
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Canonical field types, so printing and parsing agree (configs often give `factor: 8` as an int).
@@ -49,6 +53,10 @@ class RopeScaling:
             v = getattr(self, name)
             if isinstance(v, int) and not isinstance(v, bool):
                 object.__setattr__(self, name, float(v))
+        for name in ("short_factor", "long_factor"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in v))
 
     def non_default_items(self) -> list[tuple[str, object]]:
         """(name, value) pairs that differ from the defaults, `kind` always first."""

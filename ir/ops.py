@@ -252,14 +252,18 @@ def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, tradition
     "attention",
     OpGroup.ATTENTION,
     ("q", "k", "v"),
-    (AttrDef("scale", float), AttrDef("window", int, None, optional=True)),
+    (AttrDef("scale", float), AttrDef("window", int, None, optional=True),
+     AttrDef("softcap", float, None, optional=True)),
     effects=True,
 )
-def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None):
+def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None,
+               softcap: float | None):
     """Causal softmax attention of q [B, Hq, T, D] over the call's cached keys followed by k, v [B, Hkv, T, D].
 
-    `window` limits each query to the last `window` positions (itself included), as sliding-window models do.
+    `window` limits each query to the last `window` positions (itself included), as sliding-window models do;
+    `softcap` squashes the scaled scores with cap * tanh(s / cap) before the softmax (Gemma 2).
     """
+    require(softcap is None or softcap > 0, f"softcap must be positive, got {softcap}")
     require(q.rank == k.rank == v.rank == 4, "attention expects [B, heads, T, head_dim] operands")
     require(k.shape == v.shape[:3] + (k.shape[3],), f"k {k} and v {v} disagree")
     require(q.shape[3] == k.shape[3], f"q {q} and k {k} head dims differ")
