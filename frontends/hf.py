@@ -183,8 +183,10 @@ def _rope(config: Mapping[str, Any], max_pos: int, theta_default: float, where: 
     try:
         kind = RopeKind(kind_name)
     except ValueError:
-        kinds = ", ".join(k.value for k in RopeKind)
-        raise MlxcError(f"{where}: unsupported rope type {kind_name!r} in `{key}`; supported: {kinds}") from None
+        kind = None
+    if kind is None or kind == RopeKind.LONGROPE:  # longrope: not yet read from Hugging Face configs
+        kinds = ", ".join(k.value for k in RopeKind if k != RopeKind.LONGROPE)
+        raise MlxcError(f"{where}: unsupported rope type {kind_name!r} in `{key}`; supported: {kinds}")
 
     def need(name: str) -> Any:
         if params.get(name) is None:
@@ -285,6 +287,97 @@ def load_hf_spec(path: PathLike, name: Optional[str] = None) -> ModelSpec:
     p = Path(path)
     file = p / "config.json" if p.is_dir() else p
     return spec_from_hf_config(load_hf_config(file), name or file.resolve().parent.name, source=file)
+
+
+_HF_ACTIVATION: Final[Mapping[Activation, str]] = {
+    Activation.SILU: "silu", Activation.GELU: "gelu", Activation.GELU_TANH: "gelu_pytorch_tanh",
+    Activation.RELU: "relu",
+}
+_ARCH_CLASS: Final[Mapping[str, str]] = {a.family: a.architectures[0] for a in ARCHITECTURES}
+
+
+def _rope_parameters(spec: ModelSpec) -> dict[str, Any]:
+    """`rope_parameters` (transformers 5) for the spec's rope; `_rope` reads it back to the same RopeSpec."""
+    r = spec.rope
+    out: dict[str, Any] = {"rope_type": r.kind.value, "rope_theta": r.theta}
+    if r.kind in (RopeKind.LINEAR, RopeKind.DYNAMIC):
+        out["factor"] = r.factor
+    elif r.kind == RopeKind.LLAMA3:
+        out.update(factor=r.factor, low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                   original_max_position_embeddings=r.original_max_position_embeddings or spec.max_position_embeddings)
+    elif r.kind == RopeKind.YARN:
+        out.update(factor=r.factor, beta_fast=r.beta_fast, beta_slow=r.beta_slow,
+                   original_max_position_embeddings=r.original_max_position_embeddings or spec.max_position_embeddings)
+        out.update({k: v for k in ("attention_factor", "mscale", "mscale_all_dim") if (v := getattr(r, k)) is not None})
+        if not r.truncate:
+            out["truncate"] = False
+    return out
+
+
+def hf_config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
+    """The `config.json` transformers builds this spec's model from (the inverse of `spec_from_hf_config`).
+
+    Llama unless every layer uses one sliding window (Mistral, which has no biases). A spec transformers' Llama or
+    Mistral cannot express (layer norm, a dense FFN, no rotary embedding, an output bias without the others, some
+    layers windowed and others not) is an MlxcError naming what has no equivalent.
+    """
+    from .spec import AttentionType, BlockKind, FFNType, NormType, PositionEmbedding
+
+    problems = []
+    if spec.norm != NormType.RMS:
+        problems.append(f"{spec.norm.value} norm (Llama and Mistral use RMSNorm)")
+    if spec.ffn != FFNType.GATED:
+        problems.append(f"a {spec.ffn.value} FFN (Llama and Mistral use a gated MLP)")
+    if spec.position != PositionEmbedding.ROPE:
+        problems.append(f"position embedding {spec.position.value!r} (Llama and Mistral use rotary embeddings)")
+    if spec.out_bias != spec.attention_bias:
+        problems.append("an attention output bias that differs from the q/k/v biases (`attention_bias` sets all four)")
+    if any(layer.block != BlockKind.ATTENTION for layer in spec.layers):
+        problems.append("layers that are not attention blocks")
+    windowed = [layer.attention == AttentionType.SLIDING_WINDOW for layer in spec.layers]
+    family = spec.family if spec.family in _ARCH_CLASS else "llama"
+    if any(windowed):
+        if not all(windowed):
+            problems.append("sliding-window attention on some layers only")
+        elif spec.attention_bias or spec.mlp_bias:
+            problems.append("sliding-window attention together with biases (Mistral has no biases)")
+        family = "mistral"
+    elif family == "mistral" and (spec.attention_bias or spec.mlp_bias):
+        family = "llama"  # Mistral's modeling code ignores the bias keys; Llama's honours them
+    if problems:
+        raise MlxcError(f"model {spec.name!r} has no Hugging Face (Llama/Mistral) equivalent: {'; '.join(problems)}")
+    eos = list(spec.eos_token_ids)
+    rope = _rope_parameters(spec)
+    config: dict[str, Any] = {
+        "architectures": [_ARCH_CLASS[family]],
+        "model_type": family,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.dim_per_head,
+        "hidden_act": _HF_ACTIVATION[spec.activation],
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.norm_eps,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": spec.pad_token_id,
+        # transformers 5 reads rope_parameters; transformers 4 and mlx-lm read rope_theta and rope_scaling
+        "rope_parameters": rope,
+        "rope_theta": spec.rope.theta,
+        "rope_scaling": None if spec.rope.kind == RopeKind.DEFAULT else {k: v for k, v in rope.items()
+                                                                         if k != "rope_theta"},
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    if family == "mistral":
+        config["sliding_window"] = spec.sliding_window if any(windowed) else None
+    else:
+        config.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------
