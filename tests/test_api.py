@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -168,9 +170,11 @@ def test_artifact_contents(artifact):
     assert manifest["format"] == "mlxc-artifact"
     assert manifest["dtype"] == "f32"  # the IR dtype name
     assert manifest["spec"]["vocab_size"] == VOCAB
-    program = mlxc.ir.parse_program((artifact / "program.mlxc").read_text())
-    assert program.main.name == "main"
-    assert "func @main" in (artifact / "program.mlxc").read_text()
+    # the stored IR is the program the model runs, and it parses and verifies on its own
+    text = (artifact / "program.mlxc").read_text()
+    assert mlxc.ir.print_program(mlxc.ir.verify(mlxc.ir.parse_program(text))) == text
+    assert text == str(mlxc.load(artifact).program)
+    assert text.count("func @main(%input_ids: i32[B, T]) -> f32[B, T, 300]") == 1
     # nothing but the artifact was left next to it (no temporary directories)
     assert [p.name for p in artifact.parent.iterdir()] == [artifact.name]
 
@@ -241,22 +245,28 @@ def test_load_async_matches_load(hf_dir, hf_loaded):
 
 
 def test_load_async_keeps_event_loop_running():
+    """While the model loads, the event loop runs other tasks: the load's progress callback waits until a task on
+    the loop has run. A load_async that blocked the loop (loading on the loop's own thread) would make that wait
+    time out, since the task cannot run until the load returns."""
+    loop_ran = threading.Event()
+    seen: list[tuple[bool, bool]] = []  # (on the main thread, the loop had run by then) per progress message
+
+    def progress(message: str) -> None:
+        seen.append((threading.current_thread() is threading.main_thread(), loop_ran.wait(timeout=0 if seen else 5)))
+
     async def main():
-        ticks = 0
+        async def other_task():
+            await asyncio.sleep(0)
+            loop_ran.set()
 
-        async def ticker():
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
+        task = asyncio.create_task(other_task())
+        model = await mlxc.load_async("preset:tiny", seed=2, progress=progress)
+        await task
+        return model
 
-        task = asyncio.create_task(ticker())
-        model = await mlxc.load_async("preset:tiny", seed=2)
-        task.cancel()
-        return model, ticks
-
-    model, ticks = asyncio.run(main())
-    assert ticks > 0
+    model = asyncio.run(main())
+    assert seen, "load reported no progress"
+    assert all(not on_main and ran for on_main, ran in seen), seen
     np.testing.assert_array_equal(_logits(model, [[5, 6]]), _logits(mlxc.load("tiny", seed=2), [[5, 6]]))
 
 
@@ -387,20 +397,55 @@ def test_stop_tokens_stop_early(hf_loaded):
     assert streamed == stopped
 
 
-def test_default_stop_is_eos_from_spec(hf_loaded):
-    assert hf_loaded.spec.eos_token_ids == (2,)
+def test_default_stop_is_the_checkpoints_eos(hf_model, hf_dir, hf_loaded, tmp_path):
+    """The checkpoint's eos_token_id stops generation by default, right after its first occurrence. The eos is
+    chosen from an unconstrained run, so it does appear; the reference is transformers' own greedy generate with
+    that eos."""
+    assert hf_loaded.spec.eos_token_ids == (2,)  # read from config.json
     prompt = IDS[:1, :5]
     free = np.array(hf_loaded.generate(prompt, max_new_tokens=12, stop_tokens=()))[0, 5:].tolist()
-    default = np.array(hf_loaded.generate(prompt, max_new_tokens=12))[0, 5:].tolist()
-    expected = free[: free.index(2) + 1] if 2 in free else free
-    assert default == expected
+    eos = free[4]
+    first = free.index(eos)
+    # the same weights, with that token declared as the end of sequence
+    shutil.copytree(hf_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["eos_token_id"] = eos
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    model = mlxc.load(tmp_path / "m")
+    assert model.spec.eos_token_ids == (eos,)
+    default = np.array(model.generate(prompt, max_new_tokens=12))[0, 5:].tolist()
+    assert default == free[: first + 1] and len(default) < 12  # the eos is emitted, nothing after it
+    streamed = [int(step[0].item()) for step in model.stream(prompt, max_new_tokens=12)]
+    assert streamed == default
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                pad_token_id=0)
+    assert default == ref[0, 5:].tolist()
 
 
-def test_program_prints_ir(hf_loaded):
+def test_stream_yields_what_generate_returns(hf_loaded):
+    """One [batch] array per step, max_new_tokens of them when nothing stops it, equal to generate's new tokens, for
+    sampling with a seed as for greedy."""
+    prompt = IDS[:, :4]
+    for kw in (dict(), dict(temperature=0.9, top_p=0.95, seed=11)):
+        steps = list(hf_loaded.stream(prompt, max_new_tokens=7, stop_tokens=(), **kw))
+        assert len(steps) == 7 and all(step.shape == (2,) for step in steps)
+        streamed = np.stack([np.array(step) for step in steps], axis=1)
+        generated = np.array(hf_loaded.generate(prompt, max_new_tokens=7, stop_tokens=(), **kw))
+        np.testing.assert_array_equal(streamed, generated[:, 4:])
+
+
+def test_program_and_repr(hf_model, hf_dir, hf_loaded):
+    """The program's parameters are the checkpoint's tensors (through the name map), shape for shape; its text
+    round-trips; the repr names the class, the source and the generated module."""
+    from mlxc.frontends.hf import ir_to_hf_name
+
+    params = {ir_to_hf_name(name): tuple(p.type.shape) for name, p in hf_loaded.program.parameters()}
+    assert params == {name: tuple(t.shape) for name, t in hf_model.state_dict().items()}
     text = str(hf_loaded.program)
-    assert "func @main" in text
     assert mlxc.ir.print_program(mlxc.ir.parse_program(text)) == text
-    assert "mlxc" in repr(hf_loaded).lower() or "CompiledModel" in repr(hf_loaded)
+    r = repr(hf_loaded)
+    assert r.startswith("CompiledModel(") and repr(str(hf_dir)) in r and repr(hf_loaded.module_path) in r
 
 
 def test_progress_callback_reports_stages():
@@ -455,19 +500,42 @@ def test_tokenizer_encode_decode(tok_dir):
 
 
 def test_generate_text_chat(tok_dir):
+    """The streamed text is transformers' decoding of the tokens generate() picks for the prompt transformers
+    templates and encodes. This model's first tokens contain no end of sequence (asserted), so the text compared is
+    never empty."""
     model = mlxc.load(str(tok_dir))
-    tok = model.tokenizer
+    ref = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    eos = ref.eos_token_id
     pieces = list(model.generate_text("hi", chat=True, max_new_tokens=5))
     assert all(isinstance(p, str) for p in pieces)
-    # the streamed text is the decoding of the tokens generate() picks for the templated prompt
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    assert prompt.startswith("<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    ids = tok.encode(prompt, add_special_tokens=False)
+    prompt = ref.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True) == prompt
+    ids = ref.encode(prompt, add_special_tokens=False)
     new = np.array(model.generate([ids], max_new_tokens=5))[0, len(ids):].tolist()
-    new = [t for t in new if t not in tok.eos_token_ids]
-    assert "".join(pieces) == tok.decode(new)
-    plain = list(model.generate_text("hello", max_new_tokens=4))
-    assert all(isinstance(p, str) for p in plain)
+    assert len(new) == 5 and eos not in new
+    assert "".join(pieces) == ref.decode(new) != ""
+    # a raw prompt: the tokenizer's own encoding, no template
+    plain = "".join(model.generate_text("hello", max_new_tokens=4))
+    hello = ref.encode("hello")
+    new = np.array(model.generate([hello], max_new_tokens=4))[0, len(hello):].tolist()
+    assert len(new) == 4 and eos not in new
+    assert plain == ref.decode(new) != ""
+
+
+def test_generate_text_stops_at_eos_without_showing_it(tok_dir, tmp_path):
+    """With an end-of-sequence token that does occur (chosen from an unconstrained run), the text stops right
+    before it: transformers' decoding of the tokens up to it."""
+    ref = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    model = mlxc.load(str(tok_dir))
+    hello = ref.encode("hello")
+    free = np.array(model.generate([hello], max_new_tokens=8, stop_tokens=()))[0, len(hello):].tolist()
+    stop = free[3]
+    first = free.index(stop)
+    collected: list[int] = []
+    text = "".join(model.stream_text(hello, generated=collected, max_new_tokens=8, stop_tokens=[stop]))
+    assert collected == free[: first + 1]  # sampled up to and including the stop token, nothing after
+    assert text == ref.decode(free[:first])
 
 
 def test_artifact_keeps_tokenizer(tok_dir, tmp_path):
@@ -478,4 +546,4 @@ def test_artifact_keeps_tokenizer(tok_dir, tmp_path):
     assert model.tokenizer.encode("hi there") == mlxc.load(str(tok_dir)).tokenizer.encode("hi there")
     a = "".join(model.generate_text("hi", chat=True, max_new_tokens=5))
     b = "".join(mlxc.load(str(tok_dir)).generate_text("hi", chat=True, max_new_tokens=5))
-    assert a == b
+    assert a == b != ""
