@@ -195,30 +195,30 @@ def test_parse_and_verify_errors_are_caught_as_mlxc_errors():
 # A program built op by op with the builder (types inferred by the type rules, never parsed), and the text it must
 # print, written by hand: defaults left out (split's axis, rope's traditional, attention's window), attributes in
 # declaration order, quantized types, derive lines after params, several results, a call with a prefix.
-EXPECTED_BUILT = """func @layer(%x: f32[B, T, 16]) -> (f32[B, T, 16], f32[B, T, 8]) {
-  param %w.weight: f32[24, 16]
-  param %norm.weight: f32[16]
-  derive %w_q.weight = quantize(%w.weight) {bits = 4, group_size = 16} : f32[24, 16] q4g16
-  %n = rms_norm(%x, %norm.weight) {eps = 1e-06} : f32[B, T, 16]
-  %h = linear(%n, %w_q.weight) : f32[B, T, 24]
-  %a, %b = split(%h) {sizes = [16, 8]} : f32[B, T, 16], f32[B, T, 8]
-  %q = reshape(%a) {shape = [B, T, 2, 8]} : f32[B, T, 2, 8]
-  %qt = transpose(%q) {perm = [0, 2, 1, 3]} : f32[B, 2, T, 8]
-  %r = rope(%qt) {dims = 8, base = 500000.0, scaling = #rope<kind = llama3, factor = 8.0, original_max_position_embeddings = 8192>} : f32[B, 2, T, 8]
-  %o = attention(%r, %r, %r) {scale = 0.125} : f32[B, 2, T, 8]
-  %ot = transpose(%o) {perm = [0, 2, 1, 3]} : f32[B, T, 2, 8]
-  %flat = reshape(%ot) {shape = [B, T, 16]} : f32[B, T, 16]
-  %y = add(%x, %flat) : f32[B, T, 16]
+EXPECTED_BUILT = """func @layer(%x: f32[B, T, 32]) -> (f32[B, T, 32], f32[B, T, 16]) {
+  param %w.weight: f32[48, 32]
+  param %norm.weight: f32[32]
+  derive %w_q.weight = quantize(%w.weight) {bits = 4, group_size = 32} : f32[48, 32] q4g32
+  %n = rms_norm(%x, %norm.weight) {eps = 1e-06} : f32[B, T, 32]
+  %h = linear(%n, %w_q.weight) : f32[B, T, 48]
+  %a, %b = split(%h) {sizes = [32, 16]} : f32[B, T, 32], f32[B, T, 16]
+  %q = reshape(%a) {shape = [B, T, 4, 8]} : f32[B, T, 4, 8]
+  %qt = transpose(%q) {perm = [0, 2, 1, 3]} : f32[B, 4, T, 8]
+  %r = rope(%qt) {dims = 8, base = 500000.0, scaling = #rope<kind = llama3, factor = 8.0, original_max_position_embeddings = 8192>} : f32[B, 4, T, 8]
+  %o = attention(%r, %r, %r) {scale = 0.125} : f32[B, 4, T, 8]
+  %ot = transpose(%o) {perm = [0, 2, 1, 3]} : f32[B, T, 4, 8]
+  %flat = reshape(%ot) {shape = [B, T, 32]} : f32[B, T, 32]
+  %y = add(%x, %flat) : f32[B, T, 32]
   return %y, %b
 }
 
-func @main(%ids: i32[B, T]) -> f32[B, T, 16] {
-  param %embed.weight: f32[100, 16]
-  %e = embed(%ids, %embed.weight) : f32[B, T, 16]
-  %y, %side = call(%e) {callee = @layer, prefix = "layers.0"} : f32[B, T, 16], f32[B, T, 8]
-  %g = gelu_tanh(%y) : f32[B, T, 16]
-  %z = cast(%g) {dtype = bf16} : bf16[B, T, 16]
-  %back = cast(%z) {dtype = f32} : f32[B, T, 16]
+func @main(%ids: i32[B, T]) -> f32[B, T, 32] {
+  param %embed.weight: f32[100, 32]
+  %e = embed(%ids, %embed.weight) : f32[B, T, 32]
+  %y, %side = call(%e) {callee = @layer, prefix = "layers.0"} : f32[B, T, 32], f32[B, T, 16]
+  %g = gelu_tanh(%y) : f32[B, T, 32]
+  %z = cast(%g) {dtype = bf16} : bf16[B, T, 32]
+  %back = cast(%z) {dtype = f32} : f32[B, T, 32]
   return %back
 }
 """
@@ -228,25 +228,25 @@ def _built() -> Program:
     program = Program()
     f32 = lambda *shape: TensorType(DType.F32, shape)  # noqa: E731
     fb = FunctionBuilder("layer", program)
-    x = fb.input("x", f32("B", "T", 16))
-    w = fb.param("w.weight", f32(24, 16))
-    norm = fb.param("norm.weight", f32(16))
-    wq = fb.derive("quantize", w, name="w_q.weight", bits=4, group_size=16)
+    x = fb.input("x", f32("B", "T", 32))
+    w = fb.param("w.weight", f32(48, 32))
+    norm = fb.param("norm.weight", f32(32))
+    wq = fb.derive("quantize", w, name="w_q.weight", bits=4, group_size=32)
     n = fb.op("rms_norm", x, norm, name="n", eps=1e-6)
     h = fb.op("linear", n, wq, name="h")
-    a, b = fb.op("split", h, name=["a", "b"], sizes=[16, 8], axis=-1)
-    q = fb.op("reshape", a, name="q", shape=["B", "T", 2, 8])
+    a, b = fb.op("split", h, name=["a", "b"], sizes=[32, 16], axis=-1)
+    q = fb.op("reshape", a, name="q", shape=["B", "T", 4, 8])
     qt = fb.op("transpose", q, name="qt", perm=[0, 2, 1, 3])
     scaling = RopeScaling(kind=RopeKind.LLAMA3, factor=8.0, original_max_position_embeddings=8192)
     r = fb.op("rope", qt, name="r", dims=8, base=500000.0, scaling=scaling, traditional=False)
     o = fb.op("attention", r, r, r, name="o", scale=0.125, window=None)
     ot = fb.op("transpose", o, name="ot", perm=[0, 2, 1, 3])
-    flat = fb.op("reshape", ot, name="flat", shape=["B", "T", 16])
+    flat = fb.op("reshape", ot, name="flat", shape=["B", "T", 32])
     y = fb.op("add", x, flat, name="y")
     fb.build(y, b)
     fb = FunctionBuilder("main", program)
     ids = fb.input("ids", TensorType(DType.I32, ("B", "T")))
-    table = fb.param("embed.weight", f32(100, 16))
+    table = fb.param("embed.weight", f32(100, 32))
     e = fb.op("embed", ids, table, name="e")
     y, _ = fb.op("call", e, name=["y", "side"], callee="layer", prefix="layers.0")
     g = fb.op("gelu_tanh", y, name="g")
@@ -259,7 +259,7 @@ def test_builder_program_prints_the_hand_written_text():
     program = verify(_built())
     assert print_program(program) == EXPECTED_BUILT
     # the inferred types are the ones written by hand, e.g. the quantized weight's
-    assert program["layer"].derived[0].results[0].type == TensorType(DType.F32, (24, 16), Quant(4, 16))
+    assert program["layer"].derived[0].results[0].type == TensorType(DType.F32, (48, 32), Quant(4, 32))
 
 
 def test_parsed_structure_is_what_the_text_says():
@@ -272,10 +272,10 @@ def test_parsed_structure_is_what_the_text_says():
                                          "transpose", "reshape", "add"]
     x, w, norm = layer.inputs[0], layer.params[0], layer.params[1]
     quantize, (rms, linear, split, *_, add) = layer.derived[0], layer.ops
-    assert quantize.operands == [w] and quantize.attrs == {"bits": 4, "group_size": 16}
+    assert quantize.operands == [w] and quantize.attrs == {"bits": 4, "group_size": 32}
     assert rms.operands[0] is x and rms.operands[1] is norm and rms.attrs["eps"] == 1e-6
     assert linear.operands[1] is quantize.results[0]
-    assert list(split.attrs["sizes"]) == [16, 8] and split.attrs["axis"] == -1  # the default, not printed
+    assert list(split.attrs["sizes"]) == [32, 16] and split.attrs["axis"] == -1  # the default, not printed
     assert [r.name for r in split.results] == ["a", "b"] and layer.outputs[1] is split.results[1]
     assert add.operands[0] is x and layer.outputs[0] is add.results[0]
     rope = layer.ops[5]
@@ -284,7 +284,7 @@ def test_parsed_structure_is_what_the_text_says():
     assert main.inputs[0].type == TensorType(DType.I32, ("B", "T"))
     call = main.ops[1]
     assert call.attrs["callee"] == "layer" and call.attrs["prefix"] == "layers.0"
-    assert [r.type for r in call.results] == [TensorType(DType.F32, ("B", "T", 16)), TensorType(DType.F32, ("B", "T", 8))]
+    assert [r.type for r in call.results] == [TensorType(DType.F32, ("B", "T", 32)), TensorType(DType.F32, ("B", "T", 16))]
     assert main.ops[3].attrs["dtype"] == DType.BF16 and main.ops[3].results[0].type.dtype == DType.BF16
     assert [n for n, _ in program.parameters()] == ["embed.weight", "layers.0.w.weight", "layers.0.norm.weight"]
     assert [n for n, _ in program.runtime_parameters()] == ["embed.weight", "layers.0.norm.weight",
@@ -294,9 +294,9 @@ def test_parsed_structure_is_what_the_text_says():
 def test_json_is_the_documented_form():
     """The JSON export of a small program, compared with the document written by hand (attributes as typed JSON
     values, defaults included)."""
-    text = ("func @main(%x: f32[B, 8]) -> (f32[B, 4], f32[B, 4]) {\n"
-            "  param %w.weight: f32[8, 8]\n"
-            "  derive %wq.weight = quantize(%w.weight) {bits = 8, group_size = 8} : f32[8, 8] q8g8\n"
+    text = ("func @main(%x: f32[B, 32]) -> (f32[B, 4], f32[B, 4]) {\n"
+            "  param %w.weight: f32[8, 32]\n"
+            "  derive %wq.weight = quantize(%w.weight) {bits = 8, group_size = 32} : f32[8, 32] q8g32\n"
             "  %y = linear(%x, %wq.weight) : f32[B, 8]\n"
             "  %a, %b = split(%y) {sizes = [4, 4]} : f32[B, 4], f32[B, 4]\n"
             "  return %a, %b\n"
@@ -305,10 +305,10 @@ def test_json_is_the_documented_form():
     assert doc["format"] == "mlxc-ir"
     assert doc["functions"] == [{
         "name": "main",
-        "inputs": [{"name": "x", "type": "f32[B, 8]"}],
-        "params": [{"name": "w.weight", "type": "f32[8, 8]"}],
-        "derived": [{"op": "quantize", "operands": ["w.weight"], "attrs": {"bits": 8, "group_size": 8},
-                     "results": [{"name": "wq.weight", "type": "f32[8, 8] q8g8"}]}],
+        "inputs": [{"name": "x", "type": "f32[B, 32]"}],
+        "params": [{"name": "w.weight", "type": "f32[8, 32]"}],
+        "derived": [{"op": "quantize", "operands": ["w.weight"], "attrs": {"bits": 8, "group_size": 32},
+                     "results": [{"name": "wq.weight", "type": "f32[8, 32] q8g32"}]}],
         "ops": [{"op": "linear", "operands": ["x", "wq.weight"], "attrs": {},
                  "results": [{"name": "y", "type": "f32[B, 8]"}]},
                 {"op": "split", "operands": ["y"], "attrs": {"sizes": [4, 4], "axis": -1},
