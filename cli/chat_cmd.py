@@ -6,7 +6,7 @@ import sys
 
 from rich.text import Text
 
-from .common import add_passes, add_sampling, add_source, build_options, consoles, progress, sampling
+from .common import add_passes, add_sampling, add_source, build_options, consoles, note, progress, sampling
 
 HELP = "a multi-turn conversation on stdin; the KV cache carries over between turns"
 
@@ -16,14 +16,23 @@ def add_parser(p) -> None:
     add_passes(p)
     add_sampling(p)
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file used instead of the model's")
 
 
 def run(args) -> int:
     from ..api import load
     from ..runtime.chat import ChatSession
+    from .run_cmd import _read_template
 
+    template = _read_template(args.chat_template)
     model = load(args.src, **build_options(args), progress=progress)
-    session = ChatSession(model, system=args.system, **sampling(args))
+    options = sampling(args)
+    ctx = model.context_length
+    if ctx is not None and options["max_kv_size"] is None and options["max_new_tokens"] > ctx:
+        note(f"--max-new-tokens {options['max_new_tokens']} clipped to the model's context of {ctx} "
+             "(--max-kv-size N lifts this)")
+        options["max_new_tokens"] = ctx
+    session = ChatSession(model, system=args.system, chat_template=template, **options)
     interactive = sys.stdin.isatty()
     if interactive:
         consoles.err.print(Text("Type a message; an empty line or Ctrl-D ends the chat.", style="dim"))

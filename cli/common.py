@@ -130,13 +130,21 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", "--sample-seed", dest="seed", type=non_negative_int, default=None,
                    help="seed for sampling (same seed, same tokens)")
-    p.add_argument("--stop", type=int_list, default=None, help="comma-separated stop token ids (default: eos)")
+    p.add_argument("--stop", type=int_list, default=None,
+                   help="comma-separated stop token ids (default: the end-of-sequence ids; '' for none)")
+    p.add_argument("--stop-string", dest="stop_strings", action="append", default=None, metavar="TEXT",
+                   help="end the text just before TEXT (repeatable; needs a text prompt)")
+    p.add_argument("--max-kv-size", type=positive_int, default=None, metavar="N",
+                   help="keep only the last N positions in the KV cache (every token attends to at most N), so "
+                        "generation can run past the model's context")
 
 
 def sampling(args) -> dict:
+    """The generation keyword arguments of `CompiledModel.stream_text` that the sampling flags give."""
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop_tokens=args.stop,
+        stop_strings=args.stop_strings, max_kv_size=args.max_kv_size,
     )
 
 

@@ -180,6 +180,24 @@ class RotatingKVCache:
         return f"RotatingKVCache(window={self.window}, offset={self.offset}, nbytes={self.nbytes})"
 
 
-def make_caches(windows: list[int | None], step: int = _STEP) -> list[KVCache | RotatingKVCache]:
-    """One cache per layer: `None` means full attention (KVCache), an int the layer's sliding window."""
+def check_max_kv_size(n) -> int | None:
+    """None (unbounded) or a positive number of positions a query may see, itself included."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MlxcError(f"max_kv_size must be a positive integer (positions kept in the KV cache), got {n!r}")
+    return n
+
+
+def make_caches(windows: list[int | None], step: int = _STEP,
+                max_kv_size: int | None = None) -> list[KVCache | RotatingKVCache]:
+    """One cache per layer: `None` means full attention (KVCache), an int the layer's sliding window.
+
+    `max_kv_size` bounds every layer to that many positions (mlx-lm's `--max-kv-size`): full-attention layers get a
+    rotating cache of that size and sliding-window layers keep the smaller of the two. The generated attention reads
+    the bound from the cache, so a query never sees more than that many positions, in prefill as in decode.
+    """
+    limit = check_max_kv_size(max_kv_size)
+    if limit is not None:
+        windows = [limit if w is None else min(w, limit) for w in windows]
     return [KVCache(step) if w is None else RotatingKVCache(w, step) for w in windows]

@@ -20,13 +20,30 @@ class ChatSession:
     """A conversation with a model. The chat template is re-rendered every turn; the longest prefix already in the
     cache is reused, so a turn costs its own tokens, not the whole history."""
 
-    def __init__(self, model, system: str | None = None, **sampling):
-        if model.tokenizer is None or model.tokenizer.chat_template is None:
-            raise MlxcError("chat needs a tokenizer with a chat template; this model has none")
+    def __init__(self, model, system: str | None = None, *, chat_template: str | None = None,
+                 max_kv_size: int | None = None, **sampling):
+        """`chat_template` replaces the tokenizer's; `max_kv_size` bounds the cache (old turns fall out of
+        attention); the rest (`max_new_tokens`, `temperature`, `stop_strings`, ...) goes to `stream_text`."""
+        if model.tokenizer is None:
+            raise MlxcError("chat needs a tokenizer; this model has none")
+        self.template = chat_template if chat_template is not None else model.tokenizer.chat_template
+        if self.template is None:
+            raise MlxcError("chat needs a chat template and this model's tokenizer has none; give one "
+                            "(--chat-template FILE, or chat_template=)")
+        if "logprobs" in sampling:
+            raise MlxcError("a chat session streams text; logprobs are not available here")
+        if sampling.get("stop_tokens") is not None:  # fail now, not after the user typed the first message
+            from .generate import check_stop_tokens
+
+            check_stop_tokens(model.stop_tokens(sampling["stop_tokens"]), model.vocab_size)
+        from .model import _StopStrings
+
+        _StopStrings(sampling.get("stop_strings"))
         self.model = model
         self.sampling = sampling
+        self.max_kv_size = max_kv_size
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        self.cache = model.make_cache()
+        self.cache = model.make_cache(max_kv_size)
         self.cached: list[int] = []  # the token ids the cache holds, in order
         self.reused = 0  # tokens of the last prompt served from the cache
 
@@ -38,7 +55,7 @@ class ChatSession:
                 for c in self.cache:
                     c.trim(drop)
             except MlxcError:  # a rotating cache may no longer hold what is needed: start over
-                self.cache, keep = self.model.make_cache(), 0
+                self.cache, keep = self.model.make_cache(self.max_kv_size), 0
         self.cached = self.cached[:keep]
         return keep
 
@@ -46,14 +63,26 @@ class ChatSession:
         """Add a user message and stream the assistant's reply as text pieces."""
         tok = self.model.tokenizer
         self.messages.append({"role": "user", "content": text})
-        ids = tok.encode(tok.apply_chat_template(self.messages, add_generation_prompt=True), add_special_tokens=False)
+        text = tok.apply_chat_template(self.messages, add_generation_prompt=True, chat_template=self.template)
+        ids = tok.encode(text, add_special_tokens=False)
         keep = _common_prefix(ids, self.cached)
         if keep == len(ids):  # always feed at least one token so there are logits to sample from
             keep -= 1
         keep = self.reused = self._rewind(keep)
         generated: list[int] = []
-        yield from self.model.stream_text(ids[keep:], generated, cache=self.cache, **self.sampling)
-        # the cache holds everything fed so far: the prompt and every generated token but the last
-        self.cached = ids + generated[:-1]
-        stops = set(self.model.stop_tokens(self.sampling.get("stop_tokens")))
-        self.messages.append({"role": "assistant", "content": tok.decode([t for t in generated if t not in stops])})
+        reply: list[str] = []
+        finished = False
+        try:
+            for piece in self.model.stream_text(ids[keep:], generated, cache=self.cache, **self.sampling):
+                reply.append(piece)
+                yield piece
+            finished = True
+        finally:
+            # Also when the caller stops reading: the cache then holds the prompt and every generated token but the
+            # last, and the reply is the text shown (cut at a stop string), which the next turn's template renders.
+            if generated:
+                self.cached = ids + generated[:-1]
+            if generated or finished:
+                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            else:  # failed before generating: the turn did not happen
+                self.messages.pop()

@@ -7,11 +7,16 @@ Like mlx-lm, step n+1 is queued with `mx.async_eval` before token n is handed to
 Cache contract: when the stream ends (max tokens, all sequences stopped, or the consumer stops iterating), the cache
 holds the prompt plus every yielded token except the last one, i.e. the last yielded token is the one to feed next.
 The speculative extra step is undone with `cache.trim(1)`.
+
+Log-probabilities (`logprobs=N`) follow mlx-lm's convention: the log-softmax of the model's raw logits, before the
+repetition penalty, temperature or any filter, so they describe the model, not the sampler.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +25,89 @@ from mlxc.ir.errors import MlxcError
 from mlxc.runtime.sampling import Sampler, SamplingParams
 
 StepFn = Callable[[mx.array, list], mx.array]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generation step with log-probabilities, for a batch of B sequences (arrays are evaluated).
+
+    `logprobs[b]` is the log-probability of `tokens[b]` under the model (NaN for a row that had already stopped and
+    only repeats its fill token); `top_tokens[b]` are the N most likely ids, most likely first, with their
+    log-probabilities in `top_logprobs[b]`.
+    """
+
+    tokens: mx.array  # [B] int32
+    logprobs: mx.array  # [B] float32
+    top_tokens: mx.array  # [B, N] int32
+    top_logprobs: mx.array  # [B, N] float32
+
+
+@dataclass(frozen=True)
+class TextToken:
+    """One sampled token of a text stream with `logprobs=N`: `text` is what it added to the shown output (possibly
+    '' while held back), `logprob` its log-probability under the model, `top` the N most likely (id, logprob)."""
+
+    text: str
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one generation, filled in as it runs (pass one as `stats=`): what mlx-lm reports after generating.
+
+    The prompt time runs from the start to the first new token (prefill plus one sample); the generation rate counts
+    the tokens after the first over the time since it, so neither rate includes the other phase.
+    """
+
+    prompt_tokens: int = 0  # all rows
+    prompt_seconds: float = 0.0
+    generation_tokens: int = 0  # steps x batch, the first token and any stop token included
+    generation_seconds: float = 0.0  # from the first new token to the last
+    batch: int = 1
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float | None:
+        """Tokens per second after the first one; None when fewer than two steps ran (nothing to time)."""
+        later = self.generation_tokens - self.batch
+        return later / self.generation_seconds if later > 0 and self.generation_seconds > 0 else None
+
+
+def check_logprobs(n, vocab_size: int | None = None) -> int | None:
+    """`logprobs` is None (off) or how many alternatives to report per step (0: only the chosen token's)."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise MlxcError(f"logprobs must be None or an integer >= 0 (how many top alternatives), got {n!r}")
+    if vocab_size is not None and n > vocab_size:
+        raise MlxcError(f"logprobs={n} asks for more alternatives than the vocabulary has ({vocab_size})")
+    return int(n)
+
+
+def check_stop_tokens(stops: Sequence[int], vocab_size: int) -> None:
+    """A stop id the model can never produce is a mistake (a typo, another model's id): say so."""
+    for t in stops:
+        if not 0 <= t < vocab_size:
+            raise MlxcError(f"stop token {t} is outside the vocabulary of {vocab_size} ids (0..{vocab_size - 1})")
+
+
+def _log_softmax_top(logits: mx.array, y: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Log-probability of the chosen ids `y` under `logits`, and the top-n ids and log-probabilities (sorted)."""
+    x = logits.astype(mx.float32)
+    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, y[:, None], axis=-1)[:, 0]
+    if n == 0:
+        batch = lp.shape[0]
+        return chosen, mx.zeros((batch, 0), mx.int32), mx.zeros((batch, 0), mx.float32)
+    idx = mx.argpartition(-lp, kth=n - 1, axis=-1)[:, :n]
+    vals = mx.take_along_axis(lp, idx, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return chosen, mx.take_along_axis(idx, order, axis=-1).astype(mx.int32), mx.take_along_axis(vals, order, axis=-1)
 
 
 def _as_prompt(prompt: mx.array | Sequence[int] | Sequence[Sequence[int]]) -> mx.array:
@@ -70,21 +158,32 @@ def generate_stream(
     *,
     vocab_size: int | None = None,
     pad_token_id: int | None = None,
-) -> Iterator[mx.array]:
-    """Yield the next token ids `[B]` (int32, evaluated) for each of up to `max_new_tokens` steps.
+    logprobs: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[mx.array] | Iterator[TokenLogprobs]:
+    """Yield the next token ids `[B]` (int32, evaluated) for each of up to `max_new_tokens` steps, or with
+    `logprobs=N` a `TokenLogprobs` per step (the ids plus their log-probabilities and the top N alternatives).
 
     Stops early once every sequence has produced one of `params.stop_tokens`; a sequence that stopped keeps emitting
     `pad_token_id`, or its own stop token when that is None, so the batch stays rectangular. `vocab_size` bounds
-    the prompt ids (defaults to the logits' last dimension, checked after prefill, before anything is yielded).
+    the prompt and stop ids (defaults to the logits' last dimension, checked after prefill, before anything is
+    yielded). `stats`, when given, is filled in with the prompt and generation timings as the stream runs.
     """
+    start = time.perf_counter()
     params = params or SamplingParams()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise MlxcError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     ids = _as_prompt(prompt)
+    top_n = check_logprobs(logprobs, vocab_size)
     if vocab_size is not None:
         if vocab_size < 1:
             raise MlxcError(f"vocab_size must be positive, got {vocab_size}")
         _check_ids(ids, vocab_size)
+        check_stop_tokens(params.stop_tokens, vocab_size)
+    if stats is not None:
+        stats.prompt_tokens, stats.batch = ids.size, ids.shape[0]
+        stats.prompt_seconds = stats.generation_seconds = 0.0
+        stats.generation_tokens = 0
     if max_new_tokens == 0:
         return
 
@@ -96,10 +195,12 @@ def generate_stream(
     done = mx.zeros((batch,), dtype=mx.bool_)
     fill = mx.zeros((batch,), dtype=mx.int32)  # what a finished sequence emits
 
-    def pick(logits: mx.array) -> tuple[mx.array, mx.array]:
-        """Sample, then mask finished rows; returns the tokens and the finished-mask after them."""
+    def pick(logits: mx.array) -> tuple[mx.array | TokenLogprobs, mx.array]:
+        """Sample, then mask finished rows; returns the tokens (with their log-probabilities when asked) and the
+        finished-mask after them."""
         nonlocal history, done, fill
         y = sampler(logits, history)
+        was_done = done
         if stops is not None:
             y = mx.where(done, fill, y)
             hit = mx.logical_and(mx.any(y[:, None] == stops[None, :], axis=1), mx.logical_not(done))
@@ -107,21 +208,40 @@ def generate_stream(
             done = mx.logical_or(done, hit)
         if penalize:
             history = mx.concatenate([history, y[:, None]], axis=1)
-        return y, done
+        if top_n is None:
+            return y, done
+        chosen, top_ids, top_lp = _log_softmax_top(logits, y, top_n)
+        chosen = mx.where(was_done, mx.array(float("nan"), mx.float32), chosen)
+        return TokenLogprobs(y, chosen, top_ids, top_lp), done
+
+    def arrays(out) -> list[mx.array]:
+        if isinstance(out, TokenLogprobs):
+            return [out.tokens, out.logprobs, out.top_tokens, out.top_logprobs]
+        return [out]
 
     logits = _last_logits(step, ids, cache)
     if vocab_size is None:
         _check_ids(ids, logits.shape[-1])
+        check_stop_tokens(params.stop_tokens, logits.shape[-1])
+        check_logprobs(top_n, logits.shape[-1])
     y, y_done = pick(logits)
-    mx.async_eval(y, y_done)
+    mx.async_eval(*arrays(y), y_done)
     pending = False  # whether the cache already holds `y` (next step queued)
+    first = start  # when the first new token was ready
     try:
         for n in range(max_new_tokens):
             if n + 1 < max_new_tokens:
-                next_y, next_done = pick(_last_logits(step, y[:, None], cache))
-                mx.async_eval(next_y, next_done)
+                tokens = y.tokens if isinstance(y, TokenLogprobs) else y
+                next_y, next_done = pick(_last_logits(step, tokens[:, None], cache))
+                mx.async_eval(*arrays(next_y), next_done)
                 pending = True
-            mx.eval(y)
+            mx.eval(*arrays(y))
+            if stats is not None:
+                now = time.perf_counter()
+                if n == 0:
+                    stats.prompt_seconds, first = now - start, now
+                stats.generation_tokens += stats.batch
+                stats.generation_seconds = now - first
             stop_now = stops is not None and bool(mx.all(y_done).item())
             yield y
             if stop_now:
@@ -135,6 +255,17 @@ def generate_stream(
                     c.trim(1)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What `generate(..., logprobs=N)` returns: the ids as without logprobs, plus per new token its
+    log-probability (NaN after a row stopped) and the top N alternatives."""
+
+    ids: mx.array  # [B, T + n]
+    logprobs: mx.array  # [B, n]
+    top_tokens: mx.array  # [B, n, N]
+    top_logprobs: mx.array  # [B, n, N]
+
+
 def generate(
     step: StepFn,
     prompt: mx.array | Sequence[int] | Sequence[Sequence[int]],
@@ -144,12 +275,22 @@ def generate(
     *,
     vocab_size: int | None = None,
     pad_token_id: int | None = None,
-) -> mx.array:
-    """The prompt followed by the generated tokens, `[B, T + n]` with n <= max_new_tokens (fewer on early stop)."""
+    logprobs: int | None = None,
+    stats: GenerationStats | None = None,
+) -> mx.array | Generation:
+    """The prompt followed by the generated tokens, `[B, T + n]` with n <= max_new_tokens (fewer on early stop);
+    with `logprobs=N` a `Generation` holding those ids and the log-probabilities."""
     ids = _as_prompt(prompt)
-    out = list(
-        generate_stream(step, ids, cache, max_new_tokens, params, vocab_size=vocab_size, pad_token_id=pad_token_id)
-    )
+    out = list(generate_stream(step, ids, cache, max_new_tokens, params, vocab_size=vocab_size,
+                               pad_token_id=pad_token_id, logprobs=logprobs, stats=stats))
+    if logprobs is None:
+        return ids if not out else mx.concatenate([ids, mx.stack(out, axis=1)], axis=1)
+    batch, n = ids.shape[0], check_logprobs(logprobs)
     if not out:
-        return ids
-    return mx.concatenate([ids, mx.stack(out, axis=1)], axis=1)
+        return Generation(ids, mx.zeros((batch, 0)), mx.zeros((batch, 0, n), mx.int32), mx.zeros((batch, 0, n)))
+    return Generation(
+        ids=mx.concatenate([ids, mx.stack([s.tokens for s in out], axis=1)], axis=1),
+        logprobs=mx.stack([s.logprobs for s in out], axis=1),
+        top_tokens=mx.stack([s.top_tokens for s in out], axis=1),
+        top_logprobs=mx.stack([s.top_logprobs for s in out], axis=1),
+    )

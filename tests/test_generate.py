@@ -61,8 +61,9 @@ def test_stop_tokens_end_the_batch_and_pad_finished_rows(pad: int | None) -> Non
     hits = [int(np.argmax(r == stop)) if stop in r else None for r in ref]
     last = max(h if h is not None else 11 for h in hits)
 
+    spare = next(i for i in range(V) if i not in ref)  # a second stop id that never comes up
     model, cache = Bigram(), [KVCache()]
-    out = np.array(generate(model, prompt, cache, 12, SamplingParams(stop_tokens=(stop, 99)), pad_token_id=pad))
+    out = np.array(generate(model, prompt, cache, 12, SamplingParams(stop_tokens=(stop, spare)), pad_token_id=pad))
     assert out.shape == (2, 1 + last + 1)
     for row, h in enumerate(hits):
         gen = out[row, 1:]
