@@ -35,8 +35,9 @@ def add_parser(p) -> None:
                    help="a system message before the prompt (needs a chat template)")
     add_sampling(p)
     p.add_argument("--logprobs", type=non_negative_int, default=None, metavar="N",
-                   help="print each generated token's log-probability and its N most likely alternatives "
-                        "(JSON lines when stdout is not a terminal)")
+                   help="print each generated token's log-probability (log-softmax of the raw logits) and its N "
+                        "most likely alternatives, the stop token included: JSON lines when stdout is not a "
+                        "terminal ('piece' is the token's own text, 'text' what it added to the output)")
 
 
 def _refuse_conflicts(args) -> None:

