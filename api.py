@@ -22,6 +22,7 @@ from .frontends.lower import lower
 from .frontends.spec import ModelSpec
 from .ir import DType, Program, Quant
 from .ir.errors import MlxcError
+from .ir.layout import LayoutRule
 from .passes import LoRAConfig, build_pipeline, describe, run_pipeline
 from .passes.convert_dtype import ConvertDType, compute_dtype
 from .passes.pipeline import PassLike
@@ -146,6 +147,7 @@ class Frontend:
     description: str
     storage: dict[str, Quant] | None = None  # the checkpoint's quantized parameters (global name -> storage type)
     stored_types: dict[str, int] = field(default_factory=dict)  # how the file stores its tensors: type -> count
+    layout: tuple[LayoutRule, ...] = ()  # how its tensors differ from the layout the lowered program reads
 
 
 def read_source(source: Source, weights: bool = True) -> Frontend:
@@ -194,19 +196,17 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
     ckpt = gguf.read_gguf(path)
     tokenizer = gguf.gguf_tokenizer(ckpt)
     native = {n: W.GGUF_NATIVE[i.ggml_type] for n, i in ckpt.tensor_infos.items() if i.ggml_type in W.GGUF_NATIVE}
-    storage = {ir: q for n, q in native.items() if (ir := ckpt.ir_name(n)) is not None}
+    names = {n: gguf.stored_name(ckpt, ir) for n in ckpt.tensor_infos if (ir := ckpt.ir_name(n)) is not None}
+    storage = {names[n]: q for n, q in native.items() if n in names}
     description = f"{path} (gguf {ckpt.architecture})"
     stored = dict(Counter(i.ggml_type for i in ckpt.tensor_infos.values()).most_common())
+    layout = gguf.layout(ckpt)
     if not weights:
-        return Frontend(ckpt.spec, None, tokenizer, description, storage, stored)
-    tensors: dict[str, W.Tensor] = {}
-    for name, block in W.read_gguf_blocks(path, native).items():
-        ir = ckpt.ir_name(name)
-        if ir is not None:
-            order = gguf.row_order(ckpt, ir)
-            tensors[ir] = block if order is None else block.take_rows(order)
-    tensors.update(gguf.gguf_tensors(ckpt, skip=set(native)))
-    return Frontend(ckpt.spec, tensors, tokenizer, description, storage, stored)
+        return Frontend(ckpt.spec, None, tokenizer, description, storage, stored, layout)
+    tensors: dict[str, W.Tensor] = {names[n]: block for n, block in W.read_gguf_blocks(path, native).items()
+                                    if n in names}
+    tensors.update(gguf.gguf_tensors(ckpt, skip=set(native), as_stored=True))
+    return Frontend(ckpt.spec, tensors, tokenizer, description, storage, stored, layout)
 
 
 def _count_types(arrays) -> dict[str, int]:
@@ -297,7 +297,7 @@ class Build:
 
 def _pipeline(front: Frontend, passes, quantize, group_size, lora, merge_lora):
     return build_pipeline(passes, target=target(), quantize=quantize, group_size=group_size, storage=front.storage,
-                          lora=lora, merge_lora=merge_lora)
+                          layout=front.layout, lora=lora, merge_lora=merge_lora)
 
 
 def _read_adapter(adapter, lora: LoRAConfig | None):

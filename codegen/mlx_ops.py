@@ -170,6 +170,13 @@ def _concat(a, k, t):
     return f"mx.concatenate([{_list(a)}], axis={k['axis']})"
 
 
+@implements("deinterleave_rows")
+def _deinterleave_rows(a, k, t):
+    rows, rest = t[0].shape[0], list(t[0].shape[1:])
+    inner = _list([k["groups"], rows // k["groups"] // 2, 2] + rest)
+    return f"{a[0]}.reshape({inner}).swapaxes(1, 2).reshape({_list([rows] + rest)})"
+
+
 @implements("stack")
 def _stack(a, k, t):
     return f"mx.stack([{_list(a)}], axis={k['axis']})"

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from ..ir.attrs import RopeKind
 from ..ir.errors import MlxcError
+from ..ir.layout import DeinterleaveRows, LayoutRule
 from .spec import ModelSpec, RopeSpec
 from .spec_file import validation_message
 
@@ -424,12 +425,34 @@ def row_order(ckpt: GGUFCheckpoint, ir_name: str) -> Optional[np.ndarray]:
     return _unpermute_rows(np.arange(rows), heads)
 
 
-def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None, skip: Iterable[str] = ()) -> dict[str, mx.array]:
+def layout(ckpt: GGUFCheckpoint) -> tuple[LayoutRule, ...]:
+    """How the file's tensors differ from the Hugging Face layout the lowered program reads, for the
+    `checkpoint-layout` pass: Q and K rows in llama.cpp's rotary order, for architectures whose converter permutes
+    them. The tensors are named by `stored_name`."""
+    if not ckpt.arch.permute_qk:
+        return ()
+    spec = ckpt.spec
+    return tuple(DeinterleaveRows(f"{proj}.{leaf}", f"{proj}_interleaved.{leaf}", heads)
+                 for proj, heads in (("q_proj", spec.num_heads), ("k_proj", spec.kv_heads))
+                 for leaf in ("weight", "bias"))
+
+
+def stored_name(ckpt: GGUFCheckpoint, ir_name: str) -> str:
+    """The name a tensor goes by as stored (`layers.0.attn.q_proj_interleaved.weight`), per `layout`."""
+    for rule in layout(ckpt):
+        if ir_name.endswith("." + rule.param):
+            return ir_name[: -len(rule.param)] + rule.stored
+    return ir_name
+
+
+def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None, skip: Iterable[str] = (),
+                 as_stored: bool = False) -> dict[str, mx.array]:
     """Every tensor of the checkpoint as an IR-named `mx.array` in Hugging Face layout.
 
     F32/F16/BF16 keep their stored dtype, quantized types are dequantized to float32, unless `dtype` (an mx
     dtype, or 'float32' / 'float16' / 'bfloat16', or an mlxc DType) asks for one dtype. Q and K are un-permuted
-    for architectures whose converter permutes them. With tied embeddings there is no `lm_head.weight`.
+    for architectures whose converter permutes them, unless `as_stored`: then they keep the file's row order under
+    their `stored_name`, for a program that applies `layout`. With tied embeddings there is no `lm_head.weight`.
     """
     from gguf import GGMLQuantizationType
 
@@ -460,9 +483,11 @@ def gguf_tensors(ckpt: GGUFCheckpoint, dtype: Any = None, skip: Iterable[str] = 
             arr_np = np.asarray(ckpt.raw(name)).view(np.float16).reshape(info.shape)
         else:
             arr_np = _to_numpy_float(ckpt, name)
-        order = row_order(ckpt, ir)
+        order = None if as_stored else row_order(ckpt, ir)
         if order is not None:
             arr_np = arr_np[order]
+        if as_stored:
+            ir = stored_name(ckpt, ir)
         if info.ggml_type == "BF16":
             arr = mx.array(np.ascontiguousarray(arr_np)).view(mx.bfloat16)
         else:

@@ -29,6 +29,9 @@ def _check_groups(w: TensorType) -> None:
     q = w.quant
     if q is not None:
         require(q.bits in Quant.BITS, f"{q.bits}-bit quantization is not supported")
+        require(q.group_size in Quant.GROUP_SIZES,
+                f"group size {q.group_size} is not supported (MLX quantizes in groups of "
+                f"{', '.join(map(str, Quant.GROUP_SIZES))})")
         require(w.shape[-1] % q.group_size == 0, f"{w}: last dim is not a multiple of the group size {q.group_size}")
 
 
@@ -174,6 +177,17 @@ def _stack(*xs: TensorType, axis: int):
         require(t == first, f"cannot stack {first} with {t}")
     ax = _axis(axis, first.rank + 1)
     return first.with_shape(first.shape[:ax] + (len(xs),) + first.shape[ax:])
+
+
+@op("deinterleave_rows", OpGroup.SHAPE, ("x",), (AttrDef("groups", int),), quantized=("x",))
+def _deinterleave_rows(x: TensorType, groups: int):
+    """Reorder rows: within each of `groups` equal row groups, rows (0, h, 1, h+1, ...) go back to (0, 1, ..., 2h-1).
+    Undoes llama.cpp's rotary row order for Q and K; whole rows move, so quantized rows keep their groups."""
+    require(x.rank in (1, 2), f"deinterleave_rows expects a matrix or a vector, got {x}")
+    rows = x.shape[0]
+    require(groups > 0 and isinstance(rows, int) and rows % (2 * groups) == 0,
+            f"{rows} rows do not split into {groups} groups of pairs")
+    return x
 
 
 @op("scale", OpGroup.UNARY, ("x",), (AttrDef("factor", float),))

@@ -41,6 +41,7 @@ class Quant:
     group_size: int
 
     BITS = (2, 3, 4, 5, 6, 8)  # the widths MLX's affine quantization supports
+    GROUP_SIZES = (32, 64, 128)  # and its group sizes
 
     def __str__(self) -> str:
         return f"q{self.bits}g{self.group_size}"

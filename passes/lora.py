@@ -85,22 +85,29 @@ def projections(fn: Function) -> list[Projection]:
     """Every linear's logical projections: itself, or the slices of a fused weight concat split back apart."""
     producer = fn.producers()
     users = fn.users()
+    weights = _weights(fn)
     found = []
     for o in fn.ops:
         if o.op != "linear":
             continue
         w = o.operands[1]
         w_op = producer.get(w)
-        if w in fn.params and w.name.endswith(".weight"):
-            found.append(Projection(w.name[: -len(".weight")], o.operands[0], o.result, w, o))
-        elif w_op is not None and w_op.op == "concat" and all(p in fn.params for p in w_op.operands):
+        if w_op is not None and w_op.op == "concat" and all(p in weights for p in w_op.operands):
             split = next((u for u in users.get(o.result, []) if u.op == "split"), None)
             if split is None or len(split.results) != len(w_op.operands):
                 continue
             for part, piece in zip(w_op.operands, split.results):
                 if part.name.endswith(".weight"):
                     found.append(Projection(part.name[: -len(".weight")], o.operands[0], piece, part, split))
+        elif w in weights and w.name.endswith(".weight"):
+            found.append(Projection(w.name[: -len(".weight")], o.operands[0], o.result, w, o))
     return found
+
+
+def _weights(fn: Function) -> set[Value]:
+    """Checkpoint weights by role: parameters, and what the checkpoint layout derives from them (a split
+    `qkv_proj`, reordered rows) under the parameters' role names."""
+    return set(fn.params) | {r for o in fn.derived for r in o.results}
 
 
 def _module_calls(program: Program, fn: Function, module: str) -> list[str]:
@@ -272,8 +279,10 @@ def _adapter_ops(producer: dict, add: Operation) -> list[Operation]:
 def _base_weight(fn: Function, producer: dict, out: Value) -> Value | None:
     """The checkpoint weight whose matmul produced `out`: a linear's weight, or its slice of a fused concat."""
     op = producer.get(out)
-    if op is not None and op.op == "linear" and op.operands[1] in fn.params:
-        return op.operands[1]
+    if op is not None and op.op == "linear" and op.operands[1] in _weights(fn):
+        producer_of_weight = producer.get(op.operands[1])
+        if producer_of_weight is None or producer_of_weight.op != "concat":
+            return op.operands[1]
     if op is not None and op.op == "split":
         lin = producer.get(op.operands[0])
         cat = producer.get(lin.operands[1]) if lin is not None and lin.op == "linear" else None

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
 
 from ..ir import Program, Quant, print_program, verify
+from ..ir.layout import LayoutRule
 from ..ir.errors import MlxcError
 from .base import Pass, PassReport
+from .checkpoint_layout import CheckpointLayout
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold_shapes import FoldShapes
@@ -44,8 +46,6 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "dce",
 )
 
-GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-
 PassLike = Union[str, Pass]
 
 
@@ -65,11 +65,13 @@ def pass_name(p: PassLike) -> str:
 
 def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "cpu", quantize: int | None = None,
                    group_size: int | None = None, storage: Mapping[str, Quant] | None = None,
-                   lora: LoRAConfig | None = None, merge_lora: bool = False) -> list[Pass]:
+                   layout: Sequence[LayoutRule] = (), lora: LoRAConfig | None = None,
+                   merge_lora: bool = False) -> list[Pass]:
     """Every pass of one compile, configured, in order.
 
-    Phase 0 types parameters as the checkpoint stores them (`storage`: global name -> quantization), so every later
-    decision sees the weights as they are. Phases 1-2 are `passes` (default: DEFAULT_PIPELINE). Adapters (`lora`,
+    Phase 0 makes the checkpoint's tensors the parameters (`layout`: fused, per-expert or reordered tensors, with
+    load-time ops giving the body its view) and types them as the checkpoint stores them (`storage`: global name ->
+    quantization), so every later decision sees the weights as they are. Phases 1-2 are `passes` (default: DEFAULT_PIPELINE). Adapters (`lora`,
     then `merge-lora`) go in after fusion and before the first pass that lifts or re-types weights. Phase 3 is the
     target's kernel selection, or `quantize` in its place when the user asks for quantized weights: that request is
     the kernel choice (quantized matmuls on every target) and weights stored quantized stay as stored.
@@ -79,8 +81,8 @@ def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "c
     if group_size is not None:
         if quantize is None:
             raise MlxcError("--group-size (group_size=) only applies with --quantize")
-        if group_size not in GROUP_SIZES:
-            raise MlxcError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+        if group_size not in Quant.GROUP_SIZES:
+            raise MlxcError(f"group size must be one of {', '.join(map(str, Quant.GROUP_SIZES))}, got {group_size}")
     if merge_lora and lora is None:
         raise MlxcError("--merge-lora (merge_lora=) needs an adapter (--adapter DIR) or a LoRA configuration")
     items = [PASSES[p]() if isinstance(p, str) else p
@@ -98,6 +100,8 @@ def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "c
         items = items[:at] + adapters + items[at:]
     if storage:
         items = [StorageTypes(quant=dict(storage))] + items
+    if layout:
+        items = [CheckpointLayout(rules=tuple(layout))] + items
     return items
 
 

@@ -8,6 +8,7 @@ from typing import Mapping
 
 from ..ir import Function, Operation, Program, Quant, Value
 from .base import Pass, PassReport
+from .rewrite import refresh_types
 
 
 def global_names(program: Program) -> dict[tuple[str, str], list[str]]:
@@ -61,6 +62,7 @@ class StorageTypes(Pass):
                 elif choices and (q := choices.pop()) is not None:
                     p.type = p.type.with_quant(q)
                     report.changes["quantized"] += 1
+            refresh_types(program, fn)
         return program, report
 
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Iterator, Mapping
 
 import mlx.core as mx
+import numpy as np
 
 from ..codegen.mlx_ops import IMPLEMENTATIONS
 from ..codegen.module import helper_namespace
@@ -42,6 +43,9 @@ def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
         out = args[0]  # conform() below quantizes to the result type with MLX's quantizer
     elif op.op == "concat" and any(isinstance(a, QuantizedTensor) for a in args):
         out = _concat(args, op.attrs["axis"])
+    elif op.op == "deinterleave_rows" and isinstance(args[0], QuantizedTensor):
+        rows, groups = args[0].shape[0], op.attrs["groups"]
+        out = args[0].take_rows(np.arange(rows).reshape(groups, rows // groups // 2, 2).swapaxes(1, 2).reshape(-1))
     else:
         impl = IMPLEMENTATIONS.get(op.op)
         if impl is None or op.opdef.effects:

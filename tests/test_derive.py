@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import mlxc
-from mlxc.ir import OPS, parse_program, verify
+from mlxc.ir import OPS, Quant, parse_program, verify
 from mlxc.passes import run_pipeline
 from mlxc.runtime.derive import run_derived
 from mlxc.runtime.weights import QuantizedTensor
@@ -82,7 +82,7 @@ def _close(ours: np.ndarray, want: np.ndarray, rtol=1e-5, atol=1e-6) -> None:
 # to the IR without one fails here (and its test below fails if the interpreter cannot run it).
 TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "linear", "rms_norm", "layer_norm",
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
-          "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool"}
+          "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows"}
 
 
 def needs_op(name: str):
@@ -315,6 +315,36 @@ def test_stack():
                  "%e = stack(%a, %b, %c) : f32[3, 2, 3]", "%m = stack(%a, %b) {axis = 2} : f32[2, 3, 2]")
     np.testing.assert_array_equal(out["e"], np.stack([a, b, c], axis=0))
     np.testing.assert_array_equal(out["m"], np.stack([a, b], axis=2))
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to Q/K rows (HF half-split rotary order -> interleaved), as its source
+    writes it: reshape rows to (head, 2, d/2) and swap the last two axes."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_deinterleave_rows_undoes_llama_cpp_permutation():
+    w, b = _rand(24, 8), _rand(24)
+    out = derive({"w": ("f32[24, 8]", _llama_cpp_permute(w, 3)), "b": ("f32[24]", _llama_cpp_permute(b, 3))},
+                 "%w_hf = deinterleave_rows(%w) {groups = 3} : f32[24, 8]",
+                 "%b_hf = deinterleave_rows(%b) {groups = 3} : f32[24]")
+    np.testing.assert_array_equal(out["w_hf"], w)
+    np.testing.assert_array_equal(out["b_hf"], b)
+
+
+def test_deinterleave_rows_moves_quantized_rows_whole():
+    w = _rand(16, 64)
+    q = QuantizedTensor(*mx.quantize(mx.array(_llama_cpp_permute(w, 2)), group_size=32, bits=4), quant=Quant(4, 32))
+    out = derive({"w": ("f32[16, 64] q4g32", q)}, "%w_hf = deinterleave_rows(%w) {groups = 2} : f32[16, 64] q4g32")
+    rows = np.array(q.dequantize())
+    np.testing.assert_array_equal(np.array(out["w_hf"].dequantize()), _llama_cpp_permute_inverse_rows(rows, 2))
+
+
+def _llama_cpp_permute_inverse_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    order = _llama_cpp_permute(np.arange(rows.shape[0]), n_head)  # where each HF row went
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 @needs_op("pool")

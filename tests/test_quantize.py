@@ -121,13 +121,10 @@ def test_group_size_must_divide_rows():
     with pytest.raises(VerifyError, match="group size"):
         program = mlxc.lower(SPEC)
         w = program["attention"].param("q_proj.weight")
-        w.type = TensorType(DType.F32, (64, 64), Quant(4, 48))
+        w.type = TensorType(DType.F32, (64, 64), Quant(4, 128))  # a supported group size wider than the rows
         verify(program)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the quantized type rule checks only that the group size divides the "
-                   "last dim, so q4g16 verifies, and binding then fails with MLX's raw ValueError (MLX's affine "
-                   "quantization supports group sizes 32, 64 and 128 only)")
 def test_group_size_must_be_one_mlx_supports():
     text = ("func @main(%x: f32[B, 16]) -> f32[B, 8] {\n"
             "  param %w.weight: f32[8, 16]\n"
