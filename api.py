@@ -193,8 +193,10 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
     """GGUF: Q4_0/Q4_1/Q8_0 blocks stay quantized (MLX reads them into its affine layout), the rest as float."""
     from .frontends import gguf
 
+    from .runtime.tokenizer import Tokenizer
+
     ckpt = gguf.read_gguf(path)
-    tokenizer = gguf.gguf_tokenizer(ckpt)
+    tokenizer = Tokenizer.from_parts(gguf.gguf_tokenizer(ckpt))
     native = {n: W.GGUF_NATIVE[i.ggml_type] for n, i in ckpt.tensor_infos.items() if i.ggml_type in W.GGUF_NATIVE}
     names = {n: gguf.stored_name(ckpt, ir) for n in ckpt.tensor_infos if (ir := ckpt.ir_name(n)) is not None}
     storage = {names[n]: q for n, q in native.items() if n in names}
@@ -301,13 +303,17 @@ def _pipeline(front: Frontend, passes, quantize, group_size, lora, merge_lora):
 
 
 def _read_adapter(adapter, lora: LoRAConfig | None):
+    """The LoRA configuration and tensors of a PEFT folder, or the given fresh configuration (no tensors)."""
     if adapter is None:
         return lora, None
     if lora is not None:
         raise MlxcError("give an adapter folder (--adapter, adapter=) or a fresh LoRA configuration (lora=), not both")
     from .frontends.peft import read_peft_adapter
 
-    return read_peft_adapter(adapter)
+    found = read_peft_adapter(adapter)
+    config = LoRAConfig(rank=found.rank, alpha=found.alpha, dropout=found.dropout, targets=found.targets,
+                        rslora=found.rslora)
+    return config, found.tensors
 
 
 def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = None, quantize: int | None = None,
@@ -349,11 +355,7 @@ def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | N
                              adapter=adapter, merge_lora=merge_lora or None, after=stop_after)
         return art.read_program(Path(source.location))
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
-    lora = None
-    if adapter is not None:
-        from .frontends.peft import read_peft_adapter
-
-        lora, _ = read_peft_adapter(adapter)
+    lora, _ = _read_adapter(adapter, None)
     items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
     return run_pipeline(lower(front.spec, _float_dtype(dtype or "float32")), items, stop_after=stop_after,
                         on_report=on_report)

@@ -3,7 +3,7 @@
     ckpt = read_gguf("model.Q4_1.gguf")          # header, metadata and tensor table; data stays memory-mapped
     ckpt.spec                                     # the ModelSpec
     tensors = gguf_tensors(ckpt)                  # IR-named mx.arrays, quantized types dequantized to float
-    tok = gguf_tokenizer(ckpt)                    # runtime.tokenizer.Tokenizer built from the metadata
+    tok = gguf_tokenizer(ckpt)                    # TokenizerParts from the metadata (runtime: Tokenizer.from_parts)
 
 This is the float path: every tensor comes out as a float array in the layout our IR (Hugging Face's) uses.
 Two llama.cpp conventions are undone on the way:
@@ -682,11 +682,23 @@ _TOKENIZER_BUILDERS: Final[Mapping[str, Callable[[GGUFCheckpoint, Mapping[str, A
 }
 
 
-def gguf_tokenizer(ckpt: GGUFCheckpoint):
-    """The runtime Tokenizer described by the file's `tokenizer.*` metadata (vocabulary, merges, special tokens,
-    chat template)."""
-    from ..runtime.tokenizer import Tokenizer
+@dataclass(frozen=True)
+class TokenizerParts:
+    """A tokenizer as a checkpoint describes it: the `tokenizers` object plus the special tokens, chat template and
+    BOS/EOS policy. The runtime wraps it (`runtime.tokenizer.Tokenizer.from_parts`); frontends stop at data."""
 
+    tokenizer: Any
+    bos_token: Optional[str] = None
+    eos_token: Optional[list[str]] = None
+    chat_template: Optional[str] = None
+    special_tokens: Mapping[str, Optional[str]] = field(default_factory=dict)
+    add_bos_token: bool = False
+    add_eos_token: bool = False
+
+
+def gguf_tokenizer(ckpt: GGUFCheckpoint) -> TokenizerParts:
+    """The tokenizer the file's `tokenizer.*` metadata describes (vocabulary, merges, special tokens, chat
+    template)."""
     md = ckpt.metadata
     kind = md.get("tokenizer.ggml.model")
     if kind is None or not md.get("tokenizer.ggml.tokens"):
@@ -709,7 +721,7 @@ def gguf_tokenizer(ckpt: GGUFCheckpoint):
     if add_bos is None:
         add_bos = kind == "llama"  # llama.cpp adds BOS to sentencepiece vocabularies unless told otherwise
     template = md.get("tokenizer.chat_template")
-    return Tokenizer(
+    return TokenizerParts(
         tok,
         bos_token=token("bos_token_id"),
         eos_token=list(dict.fromkeys(eos)) or None,

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -17,7 +18,6 @@ import mlx.core as mx
 
 from ..files import make_sibling_dir
 from ..ir.errors import MlxcError
-from ..passes.lora import LoRAConfig
 from . import hf
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -25,8 +25,21 @@ _PEFT_PREFIX = "base_model.model."
 _ADAPTER = re.compile(r"(.+)\.(lora_[AB])(?:\.default)?\.weight")
 
 
-def read_peft_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, mx.array]]:
-    """The adapter's LoRA configuration and its A/B matrices named like the IR's (`layers.0.attn.q_proj.lora_A.weight`)."""
+@dataclass(frozen=True)
+class PeftAdapter:
+    """What a PEFT LoRA folder holds: the settings the `lora` pass needs and the A/B matrices under IR names
+    (`layers.0.attn.q_proj.lora_A.weight`)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    rslora: bool
+    tensors: dict[str, mx.array]
+
+
+def read_peft_adapter(path: str | Path) -> PeftAdapter:
+    """Read and check a PEFT LoRA adapter folder."""
     d = Path(path)
     if not (d / CONFIG_FILE).is_file():
         raise MlxcError(f"{d} is not a PEFT adapter folder: no {CONFIG_FILE}")
@@ -60,16 +73,17 @@ def read_peft_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, mx.array]
     if not tensors:
         raise MlxcError(f"{weights} holds no LoRA tensors")
     leaves = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in tensors})
-    config = LoRAConfig(
-        rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
-        targets=tuple(leaves), rslora=bool(cfg.get("use_rslora", False)),
-    )
-    return config, tensors
+    try:
+        return PeftAdapter(rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
+                           dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(leaves),
+                           rslora=bool(cfg.get("use_rslora", False)), tensors=tensors)
+    except (TypeError, ValueError) as e:
+        raise MlxcError(f"{d / CONFIG_FILE}: malformed LoRA settings ({e})") from None
 
 
-def save_peft_adapter(path: str | Path, config: LoRAConfig, tensors: Mapping[str, mx.array],
-                      base_model: str = "") -> Path:
-    """Write IR-named adapter tensors as a PEFT folder (names, layout and config as peft expects)."""
+def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array], base_model: str = "") -> Path:
+    """Write IR-named adapter tensors as a PEFT folder (names, layout and config as peft expects). `config` has the
+    adapters' rank, alpha, dropout and rslora (the `lora` pass's LoRAConfig)."""
     d = Path(path)
     if d.exists() and not d.is_dir():
         raise MlxcError(f"{d} exists and is not a directory")

@@ -188,6 +188,13 @@ class Tokenizer:
         return i
 
     @classmethod
+    def from_parts(cls, parts) -> Tokenizer:
+        """From a frontend's description (e.g. `frontends.gguf.TokenizerParts` read from GGUF metadata)."""
+        return cls(parts.tokenizer, bos_token=parts.bos_token, eos_token=parts.eos_token,
+                   chat_template=parts.chat_template, special_tokens=parts.special_tokens,
+                   add_bos_token=parts.add_bos_token, add_eos_token=parts.add_eos_token)
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer saved by transformers (tokenizer.json + tokenizer_config.json + chat template files)."""
         d = Path(path)

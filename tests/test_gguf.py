@@ -18,7 +18,14 @@ import pytest
 gguf = pytest.importorskip("gguf")
 mx = pytest.importorskip("mlx.core")
 
-from mlxc.frontends.gguf import GGUFCheckpoint, gguf_tensors, gguf_tokenizer, read_gguf  # noqa: E402
+from mlxc.frontends.gguf import GGUFCheckpoint, gguf_tensors, read_gguf  # noqa: E402
+from mlxc.frontends import gguf as _gguf  # noqa: E402
+from mlxc.runtime.tokenizer import Tokenizer  # noqa: E402
+
+
+def gguf_tokenizer(ckpt):
+    """The runtime tokenizer of a GGUF file (the frontend describes it, the runtime wraps it)."""
+    return Tokenizer.from_parts(_gguf.gguf_tokenizer(ckpt))
 from mlxc.ir.errors import MlxcError  # noqa: E402
 
 
