@@ -19,6 +19,8 @@ _EXPORTS = {
     "compile": "api", "load": "api", "load_artifact": "api", "load_async": "api", "resolve": "api",
     "save_adapter": "api", "LoRAConfig": "passes.lora", "lower": "frontends.lower", "ModelSpec": "frontends.spec",
     "MlxcError": "ir.errors", "CompiledModel": "runtime.model", "ModelOutput": "runtime.model",
+    "diff": "layer_diff", "DiffReport": "layer_diff", "perplexity": "runtime.perplexity",
+    "Perplexity": "runtime.perplexity", "export": "hf_export",
 }
 _SUBPACKAGES = ("api", "cli", "codegen", "frontends", "ir", "kernels", "passes", "runtime")
 

@@ -12,7 +12,8 @@ import os
 import sys
 
 # One module per command, in the order `mlxc --help` lists them.
-COMMAND_MODULES = ("compile", "dump", "run", "chat", "inspect", "bench", "train", "kernels")
+COMMAND_MODULES = ("compile", "dump", "run", "chat", "inspect", "bench", "train", "kernels", "diff", "perplexity",
+                   "export")
 
 
 def _command(name: str):
