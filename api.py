@@ -152,7 +152,7 @@ class Frontend:
 
 def read_source(source: Source, weights: bool = True) -> Frontend:
     """The spec, and unless `weights=False` the IR-named tensors, of a non-artifact source."""
-    from .frontends import hf, presets, spec_file
+    from .frontends import families, hf, presets, spec_file
 
     kind = source.kind
     if kind == SourceKind.HUB:
@@ -181,11 +181,12 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         raw = W.read_safetensors(files)
         family = hf.detect_architecture(config, raw.keys())
         spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
-        tensors = W.rename(raw, hf.hf_to_ir_name, hf.UNMAPPED)
-        if spec.tie_word_embeddings:
+        tensors = W.rename(raw, lambda n: hf.hf_to_ir_name(n, family), hf.UNMAPPED)
+        if spec.tie_word_embeddings:  # some checkpoints save the tied head anyway; it is the embedding table
             tensors.pop("lm_head.weight", None)
+        layout = families.family(family).checkpoint_layout(spec)
         return Frontend(spec, tensors, tokenizer, f"{path} ({config.get('architectures', ['?'])[0]})",
-                        stored_types=_count_types(raw.values()))
+                        stored_types=_count_types(raw.values()), layout=layout)
     raise MlxcError(f"cannot compile a {kind.value} source")
 
 

@@ -11,7 +11,8 @@ Two llama.cpp conventions are undone on the way:
 - For the `llama` architecture llama.cpp's converter permutes the rows of Q and K within each head from the
   half-split rotary layout (HF) to the interleaved one (its `rope` kernel); we permute them back.
 
-Supported architectures and pre-tokenizers are tables (`ARCHITECTURES`, `_PRE_TOKENIZERS`) so more can plug in.
+Each family file declares its GGUF architecture (a `GGUFArch`: llama.cpp's tensor names and, where needed, the extra
+metadata it reads); pre-tokenizers are a table here (`_PRE_TOKENIZERS`).
 """
 
 from __future__ import annotations
@@ -45,23 +46,26 @@ _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSE
 
 @dataclass(frozen=True)
 class GGUFArch:
-    """How one `general.architecture` maps onto a ModelSpec family.
+    """How one `general.architecture` maps onto a family.
 
-    `permute_qk`: the converter stored Q/K rows in llama.cpp's interleaved rotary order (undone on load).
-    `tensor_rules`: (GGUF name regex, IR name template); a template of None drops the tensor.
+    `tensor_rules`: (GGUF name regex, IR name template); a template of None drops the tensor. `permute_qk`: the
+    converter stored Q/K rows in llama.cpp's interleaved rotary order (undone by a load-time op). `spec_fields`:
+    the family's metadata beyond the common keys, given the metadata, the tensor table and the common fields.
     """
 
     name: str
     family: str
-    permute_qk: bool
     tensor_rules: tuple[tuple[re.Pattern[str], Optional[str]], ...]
+    permute_qk: bool = False
+    spec_fields: Optional[Callable[["GGUFMetadata", dict[str, Any]], dict[str, Any]]] = None
 
 
-def _rules(*pairs: tuple[str, Optional[str]]) -> tuple[tuple[re.Pattern[str], Optional[str]], ...]:
+def tensor_rules(*pairs: tuple[str, Optional[str]]) -> tuple[tuple[re.Pattern[str], Optional[str]], ...]:
     return tuple((re.compile(p), t) for p, t in pairs)
 
 
-_LLAMA_TENSORS: Final = _rules(
+# llama.cpp's names for the tensors every decoder family shares (a family adds its own rows).
+COMMON_TENSORS: Final = (
     (r"token_embd\.weight", "embed_tokens.weight"),
     (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.input_norm.weight"),
     (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"layers.\1.attn.q_proj.\2"),
@@ -78,13 +82,16 @@ _LLAMA_TENSORS: Final = _rules(
     (r"blk\.(\d+)\.attn_rot_embd", None),
 )
 
-ARCHITECTURES: Final[Mapping[str, GGUFArch]] = {
-    "llama": GGUFArch("llama", "llama", permute_qk=True, tensor_rules=_LLAMA_TENSORS),
-}
+
+def architectures() -> dict[str, GGUFArch]:
+    """Every family's GGUF architecture, by `general.architecture`."""
+    from .families import all_families
+
+    return {f.gguf.name: f.gguf for f in all_families() if f.gguf is not None}
 
 
 def _supported() -> str:
-    return ", ".join(sorted(ARCHITECTURES))
+    return ", ".join(sorted(architectures()))
 
 
 # ---------------------------------------------------------------------------------------------------- the file
@@ -115,7 +122,7 @@ class GGUFCheckpoint:
 
     @property
     def arch(self) -> GGUFArch:
-        return ARCHITECTURES[self.architecture]
+        return architectures()[self.architecture]
 
     def ir_name(self, gguf_name: str) -> Optional[str]:
         """The IR parameter name of a GGUF tensor, None if deliberately dropped; MlxcError if unknown."""
@@ -232,16 +239,37 @@ def read_gguf(path: PathLike, name: Optional[str] = None) -> GGUFCheckpoint:
         for t in reader.tensors
     }
     architecture = metadata.get("general.architecture")
-    if architecture not in ARCHITECTURES:
+    known = architectures()
+    if architecture not in known:
         raise MlxcError(
             f"{p}: unsupported GGUF architecture {architecture!r} (general.architecture); supported: {_supported()}"
         )
-    spec = _spec(ARCHITECTURES[architecture], metadata, infos, name or p.name.removesuffix(".gguf"), p)
+    spec = _spec(known[architecture], metadata, infos, name or p.name.removesuffix(".gguf"), p)
     index = {t.name: i for i, t in enumerate(reader.tensors)}
     return GGUFCheckpoint(p, spec, architecture, metadata, infos, reader, index)
 
 
 # ------------------------------------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class GGUFMetadata:
+    """What a family's `spec_fields` hook reads: the metadata (keys under the architecture's prefix via `get`), the
+    tensor table and the file, for error messages."""
+
+    arch: str
+    metadata: Mapping[str, Any]
+    tensors: Mapping[str, GGUFTensorInfo]
+    path: Path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.arch}.{key}", default)
+
+    def has_tensor(self, pattern: str) -> bool:
+        return any(re.fullmatch(pattern, n) for n in self.tensors)
+
+    def error(self, message: str) -> MlxcError:
+        return MlxcError(f"{self.path}: {message}")
 
 
 def _spec(arch: GGUFArch, md: Mapping[str, Any], infos: Mapping[str, GGUFTensorInfo], name: str,
@@ -262,11 +290,7 @@ def _spec(arch: GGUFArch, md: Mapping[str, Any], infos: Mapping[str, GGUFTensorI
     head_dim = md.get(f"{a}.attention.key_length")
     rope_dim = md.get(f"{a}.rope.dimension_count")
     dim = head_dim or (hidden // heads if heads else None)
-    if rope_dim is not None and dim is not None and rope_dim != dim:
-        raise MlxcError(
-            f"{path}: partial rotary embeddings ({a}.rope.dimension_count={rope_dim} of head size {dim}) "
-            "are not supported"
-        )
+    partial = rope_dim / dim if rope_dim is not None and dim and rope_dim != dim else 1.0
     value_length = md.get(f"{a}.attention.value_length")
     if value_length is not None and dim is not None and value_length != dim:
         raise MlxcError(f"{path}: attention.value_length {value_length} differs from key_length {dim}")
@@ -302,6 +326,7 @@ def _spec(arch: GGUFArch, md: Mapping[str, Any], infos: Mapping[str, GGUFTensorI
         max_position_embeddings=max_pos,
         norm_eps=md.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
         rope=_rope(a, md, max_pos, path),
+        partial_rotary_factor=partial,
         attention_bias=any(re.fullmatch(r"blk\.\d+\.attn_[qkv]\.bias", n) for n in infos),
         attention_out_bias=any(re.fullmatch(r"blk\.\d+\.attn_output\.bias", n) for n in infos),
         mlp_bias=any(re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)\.bias", n) for n in infos),
@@ -310,6 +335,8 @@ def _spec(arch: GGUFArch, md: Mapping[str, Any], infos: Mapping[str, GGUFTensorI
         eos_token_ids=eos_ids,
         pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
     )
+    if arch.spec_fields is not None:
+        fields.update(arch.spec_fields(GGUFMetadata(a, md, infos, path), fields))
     try:
         return ModelSpec(**fields)
     except ValidationError as err:
