@@ -339,17 +339,13 @@ def test_max_kv_size_limits_attention_like_a_sliding_window(tmp_path, n, base_wi
     assert out[10:] == logits[9:-1].argmax(-1).tolist()
 
 
-def test_max_kv_size_bad_inputs_and_old_modules(chat_ckpt):
+def test_max_kv_size_bad_inputs(chat_ckpt):
     model = chat_ckpt.model
     for bad in (0, -3, 2.5, True):
         with pytest.raises(MlxcError, match="max_kv_size must be a positive integer"):
             model.make_cache(max_kv_size=bad)
     with pytest.raises(MlxcError, match="not both"):
         list(model.stream([[1, 2]], cache=model.make_cache(), max_kv_size=4))
-    old = types.SimpleNamespace(CACHE_WINDOWS=[None], attention=lambda *a, **k: None)
-    stale = mlxc.CompiledModel(old, model.net, model.program, spec=model.spec, module_path="old/model.py")
-    with pytest.raises(MlxcError, match="older mlxc.*recompile"):
-        stale.make_cache(max_kv_size=4)
 
 
 def test_max_new_tokens_clipped_to_context(capsys):
