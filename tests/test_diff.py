@@ -139,6 +139,24 @@ def test_tiny_gguf_against_transformers(tmp_path):
 # ------------------------------------------------------------------------------------------- two mlxc models
 
 
+def test_gguf_against_the_hf_directory_of_the_same_model(tmp_path, capsys):
+    """The HF directory is written by transformers from the GGUF (its loader un-permutes Q/K independently)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    gguf_path, hf_dir = tmp_path / "tiny.gguf", tmp_path / "hf"
+    write_tiny_gguf(gguf_path, seed=3)
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_path.name,
+                                                              dtype=torch.float32)
+    model.config.save_pretrained(hf_dir)  # save_pretrained refuses GGUF-loaded models: config and tensors by hand
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(hf_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert main(["diff", str(gguf_path), str(hf_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and len(out["rows"]) == 2 + LAYERS + 1
+
+
 def test_localizes_a_perturbed_layer_between_two_checkpoints(ckpt, perturbed, capsys):
     hf_model, path = ckpt
     bad_model, bad_path = perturbed

@@ -94,7 +94,6 @@ def test_smollm2_matches_transformers(smol, reference, context, stride):
     ref, ref_tokens = transformers_perplexity(hf_model, ids, context, stride)
     ours = mlxc.perplexity(smol, TEXT, context=context, stride=stride)
     assert ours.tokens == ref_tokens
-    print("ppl", context, stride, ours.perplexity, ref, abs(ours.perplexity - ref) / ref)
     assert abs(ours.perplexity - ref) / ref <= 1e-3, (ours.perplexity, ref)
     assert 1.5 < ours.perplexity < 200  # an English paragraph under a working model, not a broken one
 
@@ -106,7 +105,6 @@ def test_tiny_checkpoint_matches_transformers(tiny_checkpoint):
     ref, ref_tokens = transformers_perplexity(hf_model, ids, context=16, stride=5)
     ours = mlxc.perplexity(mlxc.load(path), ids=ids, context=16, stride=5)
     assert ours.tokens == ref_tokens == 49
-    print("ppl tiny", ours.perplexity, ref, abs(ours.perplexity - ref) / ref)
     assert abs(ours.perplexity - ref) / ref <= 1e-5, (ours.perplexity, ref)
 
 
@@ -134,7 +132,9 @@ def test_cli_json(smol, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     assert main(["perplexity", str(SMOL), "--file", str(text), "--context", "32", "--stride", "16", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "window 3/3" in captured.err  # progress goes to stderr, never into the JSON
     api = mlxc.perplexity(smol, TEXT, context=32, stride=16)
     assert out["perplexity"] == pytest.approx(api.perplexity, rel=1e-6)
     assert out["tokens"] == api.tokens and out["context"] == 32 and out["stride"] == 16
