@@ -88,8 +88,11 @@ def test_hf_checkpoint_round_trips_through_transformers(checkpoint, tmp_path):
     out = mlxc.export(path, tmp_path / "exported")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [type(model).__name__]
-    err = np.abs(_hf_logits(out, IDS) - _hf_logits(model, IDS)).max()
+    ref = _hf_logits(model, IDS)
+    err = np.abs(_hf_logits(out, IDS) - ref).max()
     assert err <= 1e-6, f"{name}: max |logits diff| {err:.2e}"
+    # mlxc reads the export back as the same model too (rope_parameters and rope_scaling agree)
+    assert np.abs(np.array(mlxc.load(out)(mx.array(IDS)).logits) - ref).max() <= 1e-4
 
 
 def test_fused_artifact_exports_unfused_weights(checkpoint, tmp_path):
