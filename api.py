@@ -303,15 +303,16 @@ def _pipeline(front: Frontend, passes, quantize, group_size, lora, merge_lora):
                           layout=front.layout, lora=lora, merge_lora=merge_lora)
 
 
-def _read_adapter(adapter, lora: LoRAConfig | None):
-    """The LoRA configuration and tensors of a PEFT folder, or the given fresh configuration (no tensors)."""
+def _read_adapter(adapter, lora: LoRAConfig | None, family: str | None = None):
+    """The LoRA configuration and tensors of a PEFT folder for a base of `family`, or the given fresh configuration
+    (no tensors)."""
     if adapter is None:
         return lora, None
     if lora is not None:
         raise MlxcError("give an adapter folder (--adapter, adapter=) or a fresh LoRA configuration (lora=), not both")
     from .frontends.peft import read_peft_adapter
 
-    found = read_peft_adapter(adapter)
+    found = read_peft_adapter(adapter, family)
     config = LoRAConfig(rank=found.rank, alpha=found.alpha, dropout=found.dropout, targets=found.targets,
                         rslora=found.rslora)
     return config, found.tensors
@@ -329,7 +330,7 @@ def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = 
         raise MlxcError(f"{source.location} is already a compiled artifact")
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
-    lora, adapter_tensors = _read_adapter(adapter, lora)
+    lora, adapter_tensors = _read_adapter(adapter, lora, front.spec.family)
     items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
     program = compile_program(front.spec, dtype or "float32", items, dump_dir=dump_dir, on_report=on_report)
     t = _stage(progress, f"lowered and optimized ({', '.join(p.name for p in items) or 'no passes'})", t)
@@ -356,7 +357,7 @@ def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | N
                              adapter=adapter, merge_lora=merge_lora or None, after=stop_after)
         return art.read_program(Path(source.location))
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
-    lora, _ = _read_adapter(adapter, None)
+    lora, _ = _read_adapter(adapter, None, front.spec.family)
     items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
     return run_pipeline(lower(front.spec, _float_dtype(dtype or "float32")), items, stop_after=stop_after,
                         on_report=on_report)
@@ -423,7 +424,8 @@ def save_adapter(model: CompiledModel, path: str | Path) -> Path:
     tensors = {n: a for n, a in tree_flatten(model.net.parameters()) if ".lora_A." in n or ".lora_B." in n}
     if not tensors:
         raise MlxcError("the adapters were merged into the weights (--merge-lora); load without merging to save them")
-    return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source)
+    family = model.spec.family if model.spec is not None else None
+    return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source, family=family)
 
 
 def load_artifact(path: Path, progress: Progress = None, dtype: str | None = None) -> CompiledModel:

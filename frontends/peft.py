@@ -38,8 +38,8 @@ class PeftAdapter:
     tensors: dict[str, mx.array]
 
 
-def read_peft_adapter(path: str | Path) -> PeftAdapter:
-    """Read and check a PEFT LoRA adapter folder."""
+def read_peft_adapter(path: str | Path, family: str | None = None) -> PeftAdapter:
+    """Read and check a PEFT LoRA adapter folder for a base model of `family` (its checkpoint names)."""
     d = Path(path)
     if not (d / CONFIG_FILE).is_file():
         raise MlxcError(f"{d} is not a PEFT adapter folder: no {CONFIG_FILE}")
@@ -66,7 +66,7 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     tensors: dict[str, mx.array] = {}
     for name, arr in raw.items():
         m = _ADAPTER.fullmatch(name.removeprefix(_PEFT_PREFIX))
-        ir_module = hf.hf_to_ir_name(m.group(1) + ".weight") if m else None
+        ir_module = hf.hf_to_ir_name(m.group(1) + ".weight", family) if m else None
         if not m or ir_module in (None, hf.UNMAPPED):
             raise MlxcError(f"{weights}: unexpected adapter tensor {name}")
         tensors[f"{ir_module[: -len('.weight')]}.{m.group(2)}.weight"] = arr
@@ -81,7 +81,8 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
         raise MlxcError(f"{d / CONFIG_FILE}: malformed LoRA settings ({e})") from None
 
 
-def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array], base_model: str = "") -> Path:
+def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array], base_model: str = "",
+                      family: str | None = None) -> Path:
     """Write IR-named adapter tensors as a PEFT folder (names, layout and config as peft expects). `config` has the
     adapters' rank, alpha, dropout and rslora (the `lora` pass's LoRAConfig)."""
     d = Path(path)
@@ -90,7 +91,7 @@ def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array],
     out = {}
     for name, arr in tensors.items():
         module, _, rest = name.partition(".lora_")
-        hf_module = hf.ir_to_hf_name(module + ".weight")[: -len(".weight")]
+        hf_module = hf.ir_to_hf_name(module + ".weight", family)[: -len(".weight")]
         out[f"{_PEFT_PREFIX}{hf_module}.lora_{rest}"] = arr
     targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in tensors})
     cfg = {
