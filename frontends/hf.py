@@ -303,7 +303,45 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict[str, An
     fam = family_named(spec.family) if spec.family in {f.name for f in all_families()} else family_named("llama")
     if fam.to_hf_config is None:
         raise MlxcError(f"exporting a {fam.name} model to the Hugging Face format is not supported yet")
-    return {**fam.to_hf_config(spec), "dtype": dtype, "torch_dtype": dtype}
+    config = {**fam.to_hf_config(spec), "dtype": dtype, "torch_dtype": dtype}
+    _check_expressible(spec, config)
+    return config
+
+
+def _check_expressible(spec: ModelSpec, config: Mapping[str, Any]) -> None:
+    """A family writer states what it knows; whatever else the spec says (a layer norm, a dense FFN, windows on some
+    layers only, ...) would be lost. The config is faithful when the model it reads back to lowers to the same IR
+    as the spec; otherwise the error names the spec fields the config cannot carry."""
+    from ..ir import print_program
+    from .lower import lower
+
+    try:
+        back = spec_from_hf_config(config, name=spec.name)
+    except MlxcError as err:
+        raise MlxcError(f"model {spec.name!r} has no Hugging Face equivalent: {err}") from None
+    if print_program(lower(back)) == print_program(lower(spec)):
+        return
+    ours, theirs = spec.model_dump(mode="json"), back.model_dump(mode="json")
+    lost = []
+    for key, value in ours.items():
+        other = theirs.get(key)
+        if key in ("name", "family") or value is None or value == other:
+            continue
+        if isinstance(value, list) and isinstance(other, list) and len(value) == len(other) and \
+                all(isinstance(x, dict) for x in value + other):  # per-layer entries: the fields that differ
+            for field in dict.fromkeys(f for a, b in zip(value, other) for f in a if a[f] != b.get(f)):
+                lost.append(f"{key}[*].{field} {_shown([a[field] for a in value])} "
+                            f"(the config gives {_shown([b.get(field) for b in other])})")
+        else:
+            lost.append(f"{key} {_shown(value)} (the config gives {_shown(other)})")
+    detail = "; ".join(lost) or "its lowered program differs from the one the config describes"
+    raise MlxcError(f"model {spec.name!r} has no Hugging Face ({config['architectures'][0]}) equivalent: {detail}")
+
+
+def _shown(value: Any) -> str:
+    """A spec value in an error message, long ones shortened."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def rope_parameters(spec: ModelSpec, rope: Optional[RopeSpec] = None) -> dict[str, Any]:

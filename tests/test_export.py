@@ -236,12 +236,12 @@ def test_refuses_merged_lora_artifact_naming_the_op(llama, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(norm="layer"), "layer norm"),
-    (dict(ffn="dense"), "dense FFN"),
-    (dict(position="none"), "position embedding 'none'"),
-    (dict(attention_bias=True, attention_out_bias=False), "attention output bias"),
+    (dict(norm="layer"), "norm 'layer' (the config gives 'rms')"),
+    (dict(ffn="dense"), "ffn 'dense' (the config gives 'gated')"),
+    (dict(position="none"), "position 'none' (the config gives 'rope')"),
+    (dict(attention_bias=True, attention_out_bias=False), "attention_out_bias False"),
     (dict(sliding_window=4, layers=[{"attention": "sliding_window"}, {"attention": "full"}]),
-     "sliding-window attention on some layers only"),
+     "layers[*].attention ['sliding_window', 'full'] (the config gives ['sliding_window', 'sliding_window'])"),
 ])
 def test_refuses_specs_without_a_transformers_equivalent(tmp_path, change, message):
     spec = mlxc.ModelSpec(**{**dict(name="odd", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -249,8 +249,9 @@ def test_refuses_specs_without_a_transformers_equivalent(tmp_path, change, messa
     with pytest.raises(mlxc.MlxcError, match="no Hugging Face") as e:
         hf_config_from_spec(spec)
     assert message in str(e.value)
-    with pytest.raises(mlxc.MlxcError, match=message.replace("(", r"\(")):
+    with pytest.raises(mlxc.MlxcError) as e:
         mlxc.export(spec, tmp_path / "out")
+    assert message in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
