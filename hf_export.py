@@ -204,7 +204,7 @@ def _write_tokenizer(tmp: Path, tokenizer, spec: ModelSpec) -> list[str]:
 
 
 def _hf_tensors(spec: ModelSpec, values: Mapping[str, W.Tensor], blocked: Mapping[str, Operation], dtype: str,
-                where: str) -> dict[str, mx.array]:
+                where: str, family: str) -> dict[str, mx.array]:
     """The plain (unfused, float) program's parameters under transformers' names, in its order, taken from the
     values of the compiled program that carry the same global names."""
     out = {}
@@ -217,7 +217,7 @@ def _hf_tensors(spec: ModelSpec, values: Mapping[str, W.Tensor], blocked: Mappin
         t = values[name]
         if tuple(t.shape) != tuple(p.type.shape):
             raise MlxcError(f"weight {name} has shape {list(t.shape)}, the model needs {list(p.type.shape)}")
-        out[ir_to_hf_name(name)] = W.conform(t, TensorType(p.type.dtype, p.type.shape))
+        out[ir_to_hf_name(name, family)] = W.conform(t, TensorType(p.type.dtype, p.type.shape))
     return out
 
 
@@ -257,7 +257,7 @@ def export(src, out_dir, format: str = "hf", *, dtype: Optional[str] = None, ove
         values, blocked = recover(b.program, b.tensors)
     if progress:
         progress(f"read {spec.name} ({source.kind.value})")
-    hf_tensors = _hf_tensors(spec, values, blocked, dtype, source.location)
+    hf_tensors = _hf_tensors(spec, values, blocked, dtype, source.location, config["model_type"])
     if progress:
         progress(f"writing {len(hf_tensors)} tensors ({sum(a.nbytes for a in hf_tensors.values()) / 2**20:.0f} MiB)")
     tmp = make_sibling_dir(out)
