@@ -9,10 +9,8 @@ tests/test_quantize.py).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -25,14 +23,8 @@ from mlxc.runtime.derive import run_derived
 from mlxc.runtime.weights import QuantizedTensor
 
 
-def _load_ref():
-    spec = importlib.util.spec_from_file_location("mlxc_test_affine_ref", Path(__file__).with_name("affine_ref.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import affine_ref as ref  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
-
-ref = _load_ref()
 RNG = np.random.default_rng(0)
 MX = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16, "i32": mx.int32}
 

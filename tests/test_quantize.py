@@ -8,8 +8,6 @@ what the float model computes with each weight replaced by the reference's dequa
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,14 +21,8 @@ from mlxc.passes import Quantize, SelectKernels, StorageTypes, build_pipeline, r
 from mlxc.runtime import weights as W
 
 
-def _load_ref():
-    spec = importlib.util.spec_from_file_location("mlxc_test_affine_ref", Path(__file__).with_name("affine_ref.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import affine_ref as ref  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
-
-ref = _load_ref()
 
 SPEC = mlxc.ModelSpec(
     name="q", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
