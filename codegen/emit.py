@@ -10,7 +10,6 @@ import builtins
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..ir import Function, Operation, Program, Quant, Value
 from ..ir.errors import MlxcError

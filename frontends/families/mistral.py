@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..spec import ModelSpec
 from . import llama
 from .base import Family
 
