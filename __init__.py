@@ -19,10 +19,10 @@ _EXPORTS = {
     "compile": "api", "load": "api", "load_artifact": "api", "load_async": "api", "resolve": "api",
     "save_adapter": "api", "LoRAConfig": "passes.lora", "lower": "frontends.lower", "ModelSpec": "frontends.spec",
     "MlxcError": "ir.errors", "CompiledModel": "runtime.model", "ModelOutput": "runtime.model",
-    "diff": "layer_diff", "DiffReport": "layer_diff", "perplexity": "runtime.perplexity",
-    "Perplexity": "runtime.perplexity", "export": "hf_export",
+    "diff": "tools.diff", "DiffReport": "tools.diff", "perplexity": "runtime.perplexity",
+    "Perplexity": "runtime.perplexity", "export": "tools.export",
 }
-_SUBPACKAGES = ("api", "cli", "codegen", "frontends", "ir", "kernels", "passes", "runtime")
+_SUBPACKAGES = ("api", "cli", "codegen", "frontends", "ir", "kernels", "passes", "runtime", "tools")
 
 
 def __getattr__(name: str):

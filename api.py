@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .codegen import generate_module, import_module, write_module
+from .frontends.hf import Detection
 from .frontends.lower import lower
 from .frontends.spec import ModelSpec
 from .ir import DType, Program, Quant
@@ -48,14 +49,16 @@ class SourceKind(str, Enum):
 class Source:
     kind: SourceKind
     location: str  # a path, a preset name or a hub id
+    preset: str | None = None  # the preset a hub id names (the families' tables): its architecture offline
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve(src: str | Path | ModelSpec) -> Source:
-    """Decide what a source string names. Local paths win over preset names and hub ids."""
-    from .frontends.presets import PRESETS
+    """Decide what a source string names. Local paths win over preset names and hub ids; a hub id the families
+    know carries its preset, so architecture-only commands need no network."""
+    from .frontends.presets import PRESETS, match_hub_id, normalize_hub_id
 
     if isinstance(src, ModelSpec):
         return Source(SourceKind.SPEC, src.name)
@@ -85,8 +88,10 @@ def resolve(src: str | Path | ModelSpec) -> Source:
         return Source(SourceKind.PRESET, text)
     if _looks_like_path(text, path):
         raise MlxcError(f"{text}: no such file or directory")
-    if _HUB_ID.match(text):
-        return Source(SourceKind.HUB, text)
+    repo = normalize_hub_id(text)
+    if _HUB_ID.match(repo):
+        match = match_hub_id(repo)
+        return Source(SourceKind.HUB, repo, match.preset if match else None)
     raise MlxcError(
         f"cannot find model source {text!r}: it is not a local file or directory, a preset (see `mlxc inspect "
         f"preset:NAME`; known: {', '.join(sorted(PRESETS))}), or a Hugging Face hub id (org/name)"
@@ -118,23 +123,46 @@ def packaged_model(distribution: str) -> str:
     raise MlxcError(f"package {distribution!r} does not ship exactly one model (found {len(ggufs)} .gguf files)")
 
 
-def download(repo_id: str) -> Path:
-    """A hub snapshot through huggingface_hub's cache; cached files are used first, so offline works once fetched."""
+def cached_snapshot(repo_id: str, weights: bool = True) -> Path | None:
+    """The hub id's snapshot in the local Hugging Face cache (with its safetensors when `weights`), or None; never
+    touches the network."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
-        raise MlxcError(
-            f"cannot download {repo_id!r} from the Hugging Face Hub and it is not in the local cache "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}). "
-            "Check the id and your network, or pass a local checkpoint directory."
-        ) from None
+        path = Path(snapshot_download(repo_id, allow_patterns=_hub_patterns(weights), local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several kinds)
+        return None
+    if not (path / "config.json").exists() or (weights and not any(path.glob("*.safetensors"))):
+        return None
+    return path
+
+
+def _hub_patterns(weights: bool) -> list[str]:
+    return ["*.json", "tokenizer*", "*.jinja"] + (["*.safetensors"] if weights else [])
+
+
+def download(repo_id: str, weights: bool = True, preset: str | None = None) -> Path:
+    """A hub snapshot through huggingface_hub's cache; cached files are used first, so offline works once fetched.
+    Without `weights` only the config and tokenizer files come. A failure says what would work instead: the
+    preset the id names (`preset`), whose architecture runs with random weights."""
+    from huggingface_hub import constants, snapshot_download
+
+    cached = cached_snapshot(repo_id, weights)
+    if cached is not None:
+        return cached
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=_hub_patterns(weights)))
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}"
+    need = ("this needs the checkpoint's weights" if weights else "this needs its config.json")
+    hint = (f"; for its architecture alone, preset:{preset} has it (seeded random weights, no tokenizer), and "
+            "`mlxc inspect` / `mlxc dump` read that preset for this id offline") if preset else ""
+    raise MlxcError(
+        f"cannot download {repo_id!r} from the Hugging Face Hub and it is not in the local cache ({why}); "
+        f"{need}: check the id and your network, or pass a local checkpoint directory{hint}"
+    )
 
 
 @dataclass
@@ -148,6 +176,8 @@ class Frontend:
     storage: dict[str, Quant] | None = None  # the checkpoint's quantized parameters (global name -> storage type)
     stored_types: dict[str, int] = field(default_factory=dict)  # how the file stores its tensors: type -> count
     layout: tuple[LayoutRule, ...] = ()  # how its tensors differ from the layout the lowered program reads
+    detection: Detection | None = None  # which family, and from what (shown by `mlxc inspect`)
+    notice: str | None = None  # something the user should hear about the source (a hub id read as its preset)
 
 
 def read_source(source: Source, weights: bool = True) -> Frontend:
@@ -156,13 +186,15 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
 
     kind = source.kind
     if kind == SourceKind.HUB:
-        return read_source(Source(SourceKind.HF_DIR, str(download(source.location))), weights)
+        return _read_hub(source, weights)
     if kind == SourceKind.PRESET:
         spec = presets.get_preset(source.location)
-        return Frontend(spec, None, None, f"preset {spec.name}")
+        return Frontend(spec, None, None, f"preset {spec.name}",
+                        detection=Detection(spec.family, "preset", (spec.name,)))
     if kind == SourceKind.SPEC_FILE:
         spec = spec_file.load_spec_file(source.location)
-        return Frontend(spec, None, None, f"spec file {source.location}")
+        return Frontend(spec, None, None, f"spec file {source.location}",
+                        detection=Detection(spec.family, "spec file field `family`"))
     if kind == SourceKind.GGUF:
         return read_gguf_source(Path(source.location), weights)
     if kind == SourceKind.HF_DIR:
@@ -170,24 +202,46 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         config = hf.load_hf_config(path)
         tokenizer = _load_tokenizer(path)
         if not weights:
-            family = hf.detect_architecture(config)
-            spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
-            try:
-                stored = _count_types(W.read_safetensors(W.safetensors_files(path)).values())
+            try:  # lazily loaded: only the headers are read, for the names and storage types
+                raw = W.read_safetensors(W.safetensors_files(path))
             except MlxcError:  # a config without weights still describes the architecture
-                stored = {}
-            return Frontend(spec, None, tokenizer, f"{path} ({family})", stored_types=stored)
+                raw = None
+            detection = hf.detect_family(config, raw.keys() if raw is not None else None)
+            family = detection.family
+            spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
+            stored = _count_types(raw.values()) if raw is not None else {}
+            return Frontend(spec, None, tokenizer, f"{path} ({family})", stored_types=stored, detection=detection)
         files = W.safetensors_files(path)
         raw = W.read_safetensors(files)
-        family = hf.detect_architecture(config, raw.keys())
+        detection = hf.detect_family(config, raw.keys())
+        family = detection.family
         spec = hf.spec_from_hf_config(config, name=path.name, source=path / "config.json", family=family)
         tensors = W.rename(raw, lambda n: hf.hf_to_ir_name(n, family), hf.UNMAPPED)
         if spec.tie_word_embeddings:  # some checkpoints save the tied head anyway; it is the embedding table
             tensors.pop("lm_head.weight", None)
         layout = families.family(family).checkpoint_layout(spec)
         return Frontend(spec, tensors, tokenizer, f"{path} ({config.get('architectures', ['?'])[0]})",
-                        stored_types=_count_types(raw.values()), layout=layout)
+                        stored_types=_count_types(raw.values()), layout=layout, detection=detection)
     raise MlxcError(f"cannot compile a {kind.value} source")
+
+
+def _read_hub(source: Source, weights: bool) -> Frontend:
+    """A hub id: its snapshot in the local cache; else, when only the architecture is wanted and the id names a
+    preset, that preset with no network touched (and a notice saying so); else a download."""
+    from .frontends import presets
+
+    repo = source.location
+    cached = cached_snapshot(repo, weights)
+    if cached is None and not weights and source.preset is not None:
+        spec = presets.get_preset(source.preset)
+        why = f"{repo} is not in the local Hugging Face cache"
+        return Frontend(spec, None, None, f"preset {spec.name} for hub id {repo}",
+                        detection=Detection(spec.family, "hub id", (f"{repo} -> preset:{spec.name}",)),
+                        notice=f"{why}: used preset:{spec.name}, its published architecture (no network used)")
+    path = cached if cached is not None else download(repo, weights, source.preset)
+    front = read_source(Source(SourceKind.HF_DIR, str(path)), weights)
+    front.description = f"{repo} ({front.description.rsplit(' (', 1)[-1]}"
+    return front
 
 
 def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
@@ -204,12 +258,13 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
     description = f"{path} (gguf {ckpt.architecture})"
     stored = dict(Counter(i.ggml_type for i in ckpt.tensor_infos.values()).most_common())
     layout = gguf.layout(ckpt)
+    detection = Detection(ckpt.spec.family, "GGUF general.architecture", (ckpt.architecture,))
     if not weights:
-        return Frontend(ckpt.spec, None, tokenizer, description, storage, stored, layout)
+        return Frontend(ckpt.spec, None, tokenizer, description, storage, stored, layout, detection)
     tensors: dict[str, W.Tensor] = {names[n]: block for n, block in W.read_gguf_blocks(path, native).items()
                                     if n in names}
     tensors.update(gguf.gguf_tensors(ckpt, skip=set(native), as_stored=True))
-    return Frontend(ckpt.spec, tensors, tokenizer, description, storage, stored, layout)
+    return Frontend(ckpt.spec, tensors, tokenizer, description, storage, stored, layout, detection)
 
 
 def _count_types(arrays) -> dict[str, int]:
@@ -349,14 +404,18 @@ def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = 
 
 def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = None,
                 quantize: int | None = None, group_size: int | None = None, adapter: str | Path | None = None,
-                merge_lora: bool = False, stop_after: str | None = None, on_report=None) -> Program:
-    """The compiled IR alone, without reading weights (for `mlxc dump`); an artifact's stored program as it is."""
+                merge_lora: bool = False, stop_after: str | None = None, on_report=None,
+                notify: Progress = None) -> Program:
+    """The compiled IR alone, without reading weights (for `mlxc dump`); an artifact's stored program as it is.
+    `notify` hears the source's notice, if any (a hub id read as its preset)."""
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
         _refuse_for_artifact(source.location, dtype=dtype, passes=passes, quantize=quantize, group_size=group_size,
                              adapter=adapter, merge_lora=merge_lora or None, after=stop_after)
         return art.read_program(Path(source.location))
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
+    if notify is not None and front.notice:
+        notify(front.notice)
     lora, _ = _read_adapter(adapter, None, front.spec.family)
     items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
     return run_pipeline(lower(front.spec, _float_dtype(dtype or "float32")), items, stop_after=stop_after,
@@ -464,7 +523,7 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str | None 
     t = time.perf_counter()
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
                             str(compute_dtype(b.program).value), b.passes, b.front.spec.model_dump(mode="json"),
-                            lora=b.lora.to_dict() if b.lora else None, target=target())
+                            lora=b.lora.to_dict() if b.lora and not merge_lora else None, target=target())
     out = art.save_artifact(out_dir, module_source=b.code, program=b.program, weights=b.arrays("stored"),
                             manifest=manifest, tokenizer=b.front.tokenizer, overwrite=overwrite)
     _stage(progress, f"wrote {out}", t)

@@ -4,8 +4,11 @@ errors that name the user's path rather than a temporary one. Imports nothing of
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .ir.errors import MlxcError
 
@@ -41,4 +44,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def replacing_dir(out: Path) -> Iterator[Path]:
+    """Fill a fresh sibling directory, then put it in `out`'s place in one rename (replacing what was there); on any
+    failure remove it, so `out` is either untouched or complete."""
+    tmp = make_sibling_dir(out)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

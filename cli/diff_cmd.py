@@ -80,7 +80,7 @@ def _print(report) -> None:
 
 def run(args) -> int:
     from . import _error
-    from ..layer_diff import diff
+    from ..tools.diff import diff
 
     try:
         options, options2 = _side(args, ""), _side(args, "2")

@@ -15,7 +15,7 @@ def add_parser(p) -> None:
 
 
 def run(args) -> int:
-    from ..hf_export import export
+    from ..tools.export import export
 
     out = export(args.src, args.output, args.format, dtype=args.dtype, overwrite=args.force,
                  random_init=args.random_init, seed=args.init_seed, init_scale=args.init_scale, progress=progress)

@@ -11,7 +11,7 @@ import keyword
 import re
 from dataclasses import dataclass, field
 
-from ..ir import Function, Operation, Program, Quant, Value
+from ..ir import Function, Program, Quant, Value
 from ..ir.errors import MlxcError
 from ..ir.printer import format_attr
 from .mlx_ops import IMPLEMENTATIONS, MX_DTYPES
@@ -21,7 +21,7 @@ from .mlx_ops import IMPLEMENTATIONS, MX_DTYPES
 # reserved by pattern.
 _RESERVED = {
     "self", "cache", "offset", "layer", "layer_cache", "mx", "nn", "np", "math", "attention", "dropout", "RoPE",
-    "rope_inv_freq", "yarn_attention_factor", "CACHE_WINDOWS",
+    "rope_inv_freq", "yarn_attention_factor", "longrope_attention_factor", "CACHE_WINDOWS",
 } | set(dir(builtins))
 _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 
@@ -140,7 +140,7 @@ class _Emitter:
         children = self._children(fn)
         while i < len(ops):
             o = ops[i]
-            run = self._layer_run(ops, i) if o.op == "call" else None
+            run = self._layer_run(fn, i) if o.op == "call" else None
             if run:
                 attr, calls = run
                 x_in = names[calls[0].operands[0]]
@@ -237,12 +237,15 @@ class _Emitter:
         m = self._LIST_ITEM.fullmatch(prefix)
         return f"self.{m.group(1)}[{m.group(2)}]" if m else f"self.{prefix}"
 
-    def _layer_run(self, ops: list[Operation], i: int):
+    def _layer_run(self, fn: Function, i: int):
         """Consecutive calls `name.k, name.k+1, ...`, each feeding its result to the next as first input and passing
-        the same other inputs: emitted as a loop over the submodule list."""
+        the same other inputs, with no other reader of the states in between: emitted as a loop over the submodule
+        list. (A state something else reads, e.g. one a function returns, needs its own name: the run ends there.)"""
+        ops = fn.ops
         m = self._LIST_ITEM.fullmatch(ops[i].attrs["prefix"])
         if not m:
             return None
+        users = fn.users()
         attr, start, calls = m.group(1), int(m.group(2)), []
         prev = None
         for o in ops[i:]:
@@ -257,6 +260,8 @@ class _Emitter:
                 break
             calls.append(o)
             prev = o.result
+            if len(users.get(prev, [])) > 1 or any(v is prev for v in fn.outputs):
+                break  # this state is read elsewhere too: the next call starts a new statement
         return (attr, calls) if len(calls) > 1 else None
 
     @staticmethod

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..ir import Program, parse_program, print_program, verify
-from ..files import make_sibling_dir
+from ..files import replacing_dir
 from ..ir.errors import MlxcError
 
 FORMAT = "mlxc-artifact"
@@ -30,7 +29,7 @@ class Manifest:
     passes: list[str]
     spec: dict | None = None
     tokenizer_files: list[str] = field(default_factory=list)
-    lora: dict | None = None  # the adapters' configuration when the artifact has unmerged LoRA adapters
+    lora: dict | None = None  # the adapters' configuration when the artifact has unmerged LoRA adapters (merged: None)
     target: str = "cpu"  # where the pipeline chose kernels for
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -55,20 +54,13 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 def save_artifact(out_dir: str | os.PathLike, *, module_source: str, program: Program, weights: list[tuple[str, mx.array]],
                   manifest: Manifest, tokenizer=None, overwrite: bool = False) -> Path:
     out = check_destination(out_dir, overwrite)
-    tmp = make_sibling_dir(out)
-    try:
+    with replacing_dir(out) as tmp:
         (tmp / MODULE_FILE).write_text(module_source)
         (tmp / PROGRAM_FILE).write_text(print_program(program))
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), dict(weights), metadata={"format": "mlx"})
         if tokenizer is not None:
             manifest.tokenizer_files = tokenizer.save(tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -23,7 +23,7 @@ import mlxc  # noqa: E402
 from mlxc.cli import main  # noqa: E402
 from mlxc.frontends.presets import get_preset  # noqa: E402
 from mlxc.ir import print_program, verify  # noqa: E402
-from mlxc.layer_diff import diff, hidden_states  # noqa: E402
+from mlxc.tools.diff import diff, hidden_states  # noqa: E402
 from mlxc.passes.expose_hidden import ExposeHidden  # noqa: E402
 
 VOCAB, LAYERS = 320, 3

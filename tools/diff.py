@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -18,9 +17,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .ir import verify
-from .ir.errors import MlxcError
-from .passes.expose_hidden import EMBEDDINGS, NORM, ExposeHidden, capture_points
+from ..ir import verify
+from ..ir.errors import MlxcError
+from ..passes.expose_hidden import EMBEDDINGS, NORM, ExposeHidden, capture_points
 
 Progress = Optional[Callable[[str], None]]
 LOGITS = "logits"
@@ -83,51 +82,25 @@ class DiffReport:
 # ------------------------------------------------------------------------------------------------ the mlxc side
 
 
-def _identifier_prefixes(program) -> dict[str, str]:
-    """Give @main's calls identifier prefixes (`layers.3` -> `layers_3`), returning old -> new.
-
-    Codegen emits a run of calls `layers.0 .. layers.N-1` as a loop that keeps only the last hidden state; with
-    identifier prefixes every call is its own statement, so each layer's output has a name to return.
-    """
-    renames = {}
-    for op in program.main.ops:
-        if op.op == "call" and not op.attrs["prefix"].isidentifier():
-            new = re.sub(r"\W", "_", op.attrs["prefix"])
-            if not new.isidentifier():
-                new = "l_" + new
-            renames[op.attrs["prefix"]] = new
-            op.attrs["prefix"] = new
-    return renames
-
-
-def _renamed(name: str, renames: Mapping[str, str]) -> str:
-    for old, new in renames.items():
-        if name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
-
-
 class HiddenStateProbe:
     """A loaded model's program with its hidden states exposed, bound to the same weight arrays (no copies)."""
 
     def __init__(self, model):
         from mlx.utils import tree_flatten
 
-        from .codegen import generate_module, import_module, write_module
+        from ..codegen import generate_module, import_module, write_module
 
         program = copy.deepcopy(model.program)
         self.labels = [label for label, _ in capture_points(program.main)]
         calls = [label for label in self.labels if label not in (EMBEDDINGS, NORM)]
         self.layers = {label: i for i, label in enumerate(calls)}  # a layer call's label -> its index
         program, _ = ExposeHidden().run(program)
-        renames = _identifier_prefixes(program)
         verify(program)
         code = generate_module(program, title=f"{model.source}: hidden states exposed for mlxc diff.")
         module = import_module(write_module(code))
         self.net = module.Model()
-        weights = [(_renamed(n, renames), a) for n, a in tree_flatten(model.net.parameters())]
         try:
-            self.net.load_weights(weights, strict=True)
+            self.net.load_weights(tree_flatten(model.net.parameters()), strict=True)
         except ValueError as e:
             raise MlxcError(f"the exposed program rejected the model's weights: {e}") from None
         self.net.eval()
@@ -152,7 +125,7 @@ def hidden_states(model, ids: Sequence[int]) -> dict[str, np.ndarray]:
 
 def _transformers_source(src):
     """The resolved source, if transformers can load it (and is installed); else an MlxcError saying what to do."""
-    from .api import SourceKind, resolve
+    from ..api import SourceKind, resolve
 
     source = resolve(src)
     if source.kind not in (SourceKind.HF_DIR, SourceKind.GGUF, SourceKind.HUB):
@@ -172,7 +145,7 @@ def load_transformers(src) -> object:
     import torch
     import transformers
 
-    from .api import SourceKind, download
+    from ..api import SourceKind, download
 
     source = _transformers_source(src)
     path = Path(download(source.location)) if source.kind == SourceKind.HUB else Path(source.location)
@@ -284,7 +257,7 @@ def diff(src, src2=None, *, tokens: Optional[Sequence[int]] = None, prompt: Opti
     `reference` is a transformers model already in memory, used instead of loading `src` with transformers.
     `tol` bounds the relative error of every row (default by dtype: 1e-4 for float32).
     """
-    from .api import load
+    from ..api import load
 
     if tol is not None and not (tol >= 0 and math.isfinite(tol)):
         raise MlxcError(f"--tol must be a finite number >= 0, got {tol}")

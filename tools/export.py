@@ -11,20 +11,18 @@ irreversible op reaches (a merged LoRA `add`) cannot be recovered and the export
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import mlx.core as mx
 
-from .files import make_sibling_dir
-from .frontends.hf import hf_config_from_spec, ir_to_hf_name
-from .frontends.lower import lower
-from .frontends.spec import ModelSpec
-from .ir import DType, Operation, Program, TensorType
-from .ir.errors import MlxcError
-from .runtime import weights as W
+from ..files import replacing_dir
+from ..frontends.hf import hf_config_from_spec, ir_to_hf_name
+from ..frontends.lower import lower
+from ..frontends.spec import ModelSpec
+from ..ir import DType, Operation, Program, TensorType
+from ..ir.errors import MlxcError
+from ..runtime import weights as W
 
 Progress = Optional[Callable[[str], None]]
 FORMATS = ("hf",)
@@ -78,7 +76,7 @@ def recover(program: Program, known: Mapping[str, W.Tensor]) -> tuple[dict[str, 
 
     Returns the values and, for values that stay unknown because an irreversible op produced what is known from
     them, that op."""
-    from .runtime.derive import run_op
+    from ..runtime.derive import run_op
 
     values: dict[str, W.Tensor] = {}
     blocked: dict[str, Operation] = {}
@@ -121,14 +119,13 @@ def recover(program: Program, known: Mapping[str, W.Tensor]) -> tuple[dict[str, 
 def artifact_values(path: Path) -> tuple[ModelSpec, dict[str, W.Tensor], dict[str, Operation], object]:
     """An artifact's spec, the values its stored tensors determine (see `recover`), what blocked the others, and
     its tokenizer."""
-    from .api import _load_tokenizer
-    from .runtime import artifact as art
+    from ..api import _load_tokenizer
+    from ..runtime import artifact as art
 
     manifest = art.read_manifest(path)
     if not manifest.spec:
         raise MlxcError(f"{path}: the manifest records no model spec, so there is no config to export")
-    merged = any(p.split("{")[0] == "merge-lora" for p in manifest.passes)
-    if manifest.lora and not merged:
+    if manifest.lora:  # recorded only for adapters that stayed unmerged
         raise MlxcError(f"{path} has unmerged LoRA adapters, which a Hugging Face checkpoint cannot hold: export "
                         f"the base model ({manifest.source}) and save the adapters as a PEFT folder "
                         "(mlxc.save_adapter), or compile with --merge-lora")
@@ -229,7 +226,7 @@ def export(src, out_dir, format: str = "hf", *, dtype: Optional[str] = None, ove
     `dtype` is the tensors' dtype (default: float32, or an artifact's own). Sources without weights get the seeded
     random weights `mlxc.load` would give them. Nothing is written when the model cannot be expressed.
     """
-    from .api import SourceKind, build, resolve
+    from ..api import SourceKind, build, resolve
 
     if format not in FORMATS:
         raise MlxcError(f"unknown export format {format!r}; supported: {', '.join(FORMATS)}")
@@ -244,7 +241,7 @@ def export(src, out_dir, format: str = "hf", *, dtype: Optional[str] = None, ove
         if used:
             raise MlxcError(f"{source.location} is a compiled artifact with its own weights, so {', '.join(used)} "
                             "cannot apply to it")
-        from .runtime import artifact as art
+        from ..runtime import artifact as art
 
         spec, values, blocked, tokenizer = artifact_values(Path(source.location))
         dtype = dtype or art.read_manifest(Path(source.location)).dtype
@@ -260,15 +257,8 @@ def export(src, out_dir, format: str = "hf", *, dtype: Optional[str] = None, ove
     hf_tensors = _hf_tensors(spec, values, blocked, dtype, source.location, config["model_type"])
     if progress:
         progress(f"writing {len(hf_tensors)} tensors ({sum(a.nbytes for a in hf_tensors.values()) / 2**20:.0f} MiB)")
-    tmp = make_sibling_dir(out)
-    try:
+    with replacing_dir(out) as tmp:
         _write_weights(tmp, hf_tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_tokenizer(tmp, tokenizer, spec)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
