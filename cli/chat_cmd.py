@@ -26,6 +26,7 @@ def run(args) -> int:
 
     template = _read_template(args.chat_template)
     model = load(args.src, **build_options(args), progress=progress)
+    model.require_causal_lm("mlxc chat")
     options = sampling(args)
     ctx = model.context_length
     if ctx is not None and options["max_kv_size"] is None and options["max_new_tokens"] > ctx:

@@ -158,6 +158,7 @@ def run(args) -> int:
     template = _read_template(args.chat_template)
     prompt = _read_prompt(args)
     model = load(args.src, **build_options(args), progress=progress)
+    model.require_causal_lm("mlxc run")
     options = sampling(args)
     stats = GenerationStats()
     show = _LogprobPrinter(model.tokenizer) if args.logprobs is not None else None

@@ -241,7 +241,9 @@ class HFConfig:
         except ValueError:
             raise self.error(f"unknown problem_type {problem!r}") from None
         return HeadSpec(kind=kind, num_labels=num, problem_type=problem,
-                        bias=kind == HeadKind.TOKEN_CLASSIFICATION)
+                        # transformers' token classifier has a biased score layer unless the config says not
+                        bias=kind == HeadKind.TOKEN_CLASSIFICATION
+                        and bool(self.data.get("token_classification_bias", True)))
 
     def common(self) -> dict[str, Any]:
         """The ModelSpec fields every decoder family reads the same way (Llama's keys)."""

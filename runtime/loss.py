@@ -1,4 +1,4 @@
-"""Training losses for language models, and packing of short documents into fixed-length rows.
+"""Training losses for language models and task heads, and packing of short documents into fixed-length rows.
 
 `cross_entropy` follows `torch.nn.functional.cross_entropy(logits, targets, ignore_index=, label_smoothing=)`
 exactly (it is tested against it), computed in float32, plus an extra `mask` that drops positions the way
@@ -7,6 +7,10 @@ batch whose targets are all masked out contributes a zero loss and zero gradient
 
 Label convention (same as transformers): `labels` are aligned with `input_ids` and `causal_lm_loss` does the shift,
 so position t of the logits is scored against labels[t + 1].
+
+Task heads follow transformers' `ForSequenceClassificationLoss` / `ForTokenClassification` (loss/loss_utils.py):
+regression is the mean squared error, single-label classification cross-entropy (ignore_index -100), multi-label
+classification binary cross-entropy on the logits; token classification is cross-entropy over every token.
 """
 
 from __future__ import annotations
@@ -128,6 +132,77 @@ def causal_lm_loss(
         mask=mask,
         reduction="mean",
     )
+
+
+REGRESSION, SINGLE_LABEL, MULTI_LABEL = "regression", "single_label_classification", "multi_label_classification"
+PROBLEM_TYPES = (REGRESSION, SINGLE_LABEL, MULTI_LABEL)
+
+
+def problem_of(problem_type: Optional[str], num_labels: int, labels: mx.array) -> str:
+    """The loss a sequence-classification head's labels mean, decided as transformers does when the config has no
+    `problem_type`: one label is regression, integer labels single-label, float labels multi-label."""
+    if problem_type is not None:
+        if problem_type not in PROBLEM_TYPES:
+            raise MlxcError(f"unknown problem_type {problem_type!r}; expected one of {', '.join(PROBLEM_TYPES)}")
+        return problem_type
+    if num_labels == 1:
+        return REGRESSION
+    return MULTI_LABEL if mx.issubdtype(labels.dtype, mx.floating) else SINGLE_LABEL
+
+
+def binary_cross_entropy_with_logits(logits: mx.array, targets: mx.array) -> mx.array:
+    """Mean over every element of torch's `BCEWithLogitsLoss`: max(x, 0) - x * y + log(1 + exp(-|x|)), in float32."""
+    x, y = logits.astype(mx.float32), targets.astype(mx.float32)
+    return (mx.maximum(x, 0) - x * y + mx.log1p(mx.exp(-mx.abs(x)))).mean()
+
+
+def sequence_classification_loss(logits: mx.array, labels, problem_type: Optional[str] = None,
+                                 ignore_index: int = IGNORE_INDEX) -> mx.array:
+    """The loss of pooled logits `[B, num_labels]`, as transformers' `ForSequenceClassificationLoss` computes it.
+
+    Labels: regression `[B]` (or `[B, 1]`) values for one label, `[B, num_labels]` for several; single-label `[B]`
+    class ids (`ignore_index` skips a row); multi-label `[B, num_labels]` 0/1 targets (floats or integers).
+    `problem_type` None infers it from the labels (see `problem_of`). Computed in float32.
+    """
+    logits = _as_array(logits, "logits")
+    labels = _as_array(labels, "labels")
+    if logits.ndim != 2:
+        raise MlxcError(f"sequence-classification logits must be [batch, num_labels], got {list(logits.shape)}")
+    b, n = logits.shape
+    problem = problem_of(problem_type, n, labels)
+    got = list(labels.shape)
+    if problem == SINGLE_LABEL:
+        if labels.size != b or labels.ndim > 2:
+            raise MlxcError(f"single-label classification takes one class id per sequence, labels [{b}]; got {got}")
+        if mx.issubdtype(labels.dtype, mx.floating):
+            raise MlxcError(f"single-label classification takes integer class ids, got {labels.dtype} labels "
+                            "(float labels for several classes mean multi-label: set problem_type)")
+        return cross_entropy(logits, labels.reshape(b), ignore_index=ignore_index)
+    if problem == REGRESSION and n == 1:
+        if labels.size != b or labels.ndim > 2:
+            raise MlxcError(f"regression with one label takes one value per sequence, labels [{b}]; got {got}")
+        diff = logits.reshape(b).astype(mx.float32) - labels.reshape(b).astype(mx.float32)
+        return (diff * diff).mean()
+    if tuple(labels.shape) != (b, n):
+        what = "regression" if problem == REGRESSION else "multi-label classification"
+        raise MlxcError(f"{what} with {n} labels takes labels [{b}, {n}], got {got}")
+    if problem == REGRESSION:
+        diff = logits.astype(mx.float32) - labels.astype(mx.float32)
+        return (diff * diff).mean()
+    return binary_cross_entropy_with_logits(logits, labels)
+
+
+def token_classification_loss(logits: mx.array, labels, ignore_index: int = IGNORE_INDEX) -> mx.array:
+    """Mean cross-entropy of per-token logits `[B, T, num_labels]` against class ids `[B, T]` (`ignore_index`
+    skipped), as transformers' `ForTokenClassification` loss; no shift, unlike the causal LM loss."""
+    logits = _as_array(logits, "logits")
+    labels = _as_array(labels, "labels")
+    if logits.ndim != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise MlxcError(f"token classification takes one label per token: logits {list(logits.shape)} need labels "
+                        f"{list(logits.shape[:2])}, got {list(labels.shape)}")
+    if mx.issubdtype(labels.dtype, mx.floating):
+        raise MlxcError(f"token classification takes integer class ids, got {labels.dtype} labels")
+    return cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
 class PackedRows(NamedTuple):

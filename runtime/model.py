@@ -11,7 +11,11 @@ import mlx.nn as nn
 
 from ..ir import Program
 from ..ir.errors import MlxcError
-from .loss import causal_lm_loss
+from .loss import (IGNORE_INDEX, SINGLE_LABEL, causal_lm_loss, problem_of, sequence_classification_loss,
+                   token_classification_loss)
+
+CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION = "causal_lm", "sequence_classification", \
+    "token_classification"
 
 
 @dataclass
@@ -33,7 +37,14 @@ class CompiledModel:
         self.source = source
         self.module_path = module_path
         self.lora_config = lora_config  # the adapters' configuration, when the model has LoRA adapters
-        self.vocab_size = program.main.outputs[0].type.shape[-1]
+        head = getattr(spec, "head", None)
+        # what @main computes: `causal_lm` (next-token logits) unless the spec says it has a task head
+        self.head_kind: str = head.kind.value if head is not None else CAUSAL_LM
+        self.problem_type: str | None = head.problem_type.value if getattr(head, "problem_type", None) else None
+        self.num_labels: int | None = None if self.head_kind == CAUSAL_LM else program.main.outputs[0].type.shape[-1]
+        self.vocab_size = _vocabulary(program)
+        pools = [o for o in program.main.ops if o.op == "pool"]
+        self._pool = pools[0].attrs if pools else None  # mode and pad_token_id of a pooling head
 
     def __repr__(self) -> str:
         return f"CompiledModel(source={self.source!r}, module={self.module_path!r})"
@@ -67,19 +78,62 @@ class CompiledModel:
         return ids.astype(mx.int32)
 
     def __call__(self, input_ids, labels=None, cache=None) -> ModelOutput:
+        """Logits of the model's head (`[B, T, vocab]`, `[B, num_labels]` pooled, or `[B, T, num_labels]`) and,
+        given labels, its loss: next-token cross-entropy for a causal LM, transformers' task losses otherwise."""
         ids = self.check_ids(input_ids)
+        if self._pool is not None:
+            self._check_pooling(ids, cache)
         logits = self.net(ids, cache)
-        loss = None
-        if labels is not None:
-            labels = mx.array(labels) if not isinstance(labels, mx.array) else labels
-            if labels.ndim == 1:
-                labels = labels[None]
-            if labels.shape != ids.shape:
-                raise MlxcError(f"labels shape {list(labels.shape)} does not match input ids {list(ids.shape)}")
-            loss = causal_lm_loss(logits, labels)
+        loss = None if labels is None else self.loss(logits, labels, ids)
         return ModelOutput(logits=logits, loss=loss)
 
+    def _check_pooling(self, ids: mx.array, cache) -> None:
+        """Pooling sees the whole sequence at once, and needs a pad token to find where a padded row ends."""
+        if cache is not None:
+            raise MlxcError("a sequence-classification head pools the whole sequence: call it without cache=")
+        if self._pool["pad_token_id"] is None and ids.shape[0] > 1:  # transformers refuses this batch too
+            raise MlxcError(f"cannot classify a batch of {ids.shape[0]} sequences: the model defines no pad token "
+                            "(pad_token_id), so padding cannot be told from text; pass one sequence at a time or "
+                            "set pad_token_id in the config")
+
+    def loss(self, logits: mx.array, labels, ids: mx.array) -> mx.array:
+        """The head's loss for `labels` (checked against the logits and the label count)."""
+        labels = mx.array(labels) if not isinstance(labels, mx.array) else labels
+        if self.head_kind == SEQUENCE_CLASSIFICATION:
+            labels = labels[None] if labels.ndim == 0 else labels
+            loss = sequence_classification_loss(logits, labels, self.problem_type)
+            if problem_of(self.problem_type, self.num_labels, labels) == SINGLE_LABEL:
+                self._check_classes(labels)
+            return loss
+        labels = labels[None] if labels.ndim == 1 else labels
+        if labels.shape != ids.shape:
+            raise MlxcError(f"labels shape {list(labels.shape)} does not match input ids {list(ids.shape)}")
+        if self.head_kind == TOKEN_CLASSIFICATION:
+            loss = token_classification_loss(logits, labels)
+            self._check_classes(labels)
+            return loss
+        return causal_lm_loss(logits, labels)
+
+    def _check_classes(self, labels: mx.array) -> None:
+        """Class ids must name a label (or be ignore_index to skip), as torch's cross-entropy insists."""
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_labels))
+        if bad.any().item():
+            value = labels.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
+            raise MlxcError(f"label {value} is not a class of this {self.num_labels}-label head (class ids are "
+                            f"0..{self.num_labels - 1}, or {IGNORE_INDEX} to skip a position)")
+
+    def require_causal_lm(self, what: str = "generation") -> None:
+        """Refuse `what` on a model whose head does not predict tokens (a classifier has nothing to generate)."""
+        if self.head_kind != CAUSAL_LM:
+            kind = self.head_kind.replace("_", "-")
+            raise MlxcError(f"{what} needs a causal language-model head, but {self.source or 'this model'} has a "
+                            f"{kind} head ({self.num_labels} labels): it scores text and cannot generate; call "
+                            "model(ids) for its logits")
+
     def step(self, ids: mx.array, cache) -> mx.array:
+        """One decoding step: next-token logits for `ids` after what `cache` holds."""
+        if self.head_kind != CAUSAL_LM:
+            self.require_causal_lm("decoding (model.step)")
         return self.net(ids, cache)
 
     def make_cache(self, max_kv_size: int | None = None) -> list:
@@ -127,6 +181,7 @@ class CompiledModel:
         `stats` (a `GenerationStats`) is filled in with prompt and generation timings."""
         from .generate import generate_stream
 
+        self.require_causal_lm("model.stream")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self._cache_for(cache, max_kv_size)
@@ -141,6 +196,7 @@ class CompiledModel:
         `Generation` holding those ids plus each new token's log-probability and its top N alternatives."""
         from .generate import generate
 
+        self.require_causal_lm("model.generate")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         out = generate(self.step, ids, self.make_cache(max_kv_size), max_new_tokens, params,
@@ -177,6 +233,7 @@ class CompiledModel:
                       chat_template: str | None = None, **kwargs) -> Iterator:
         """Stream the decoded continuation of a text prompt (see `prompt_ids` for `chat`, `system` and
         `chat_template`; `stream_text` for the rest, e.g. `stop_strings`, `logprobs`, `max_kv_size`)."""
+        self.require_causal_lm("model.generate_text")
         ids = self.prompt_ids(prompt, chat=chat, system=system, chat_template=chat_template)
         yield from self.stream_text(ids, **kwargs)
 
@@ -193,6 +250,7 @@ class CompiledModel:
         """
         from .generate import TextToken, check_logprobs
 
+        self.require_causal_lm("model.stream_text")
         tok = self._tokenizer()
         matcher = _StopStrings(stop_strings)
         check_logprobs(logprobs, self.vocab_size)
@@ -261,3 +319,12 @@ class _StopStrings:
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
+
+
+def _vocabulary(program: Program) -> int:
+    """The token ids the model accepts: the rows of the embedding table @main looks up (the output width for a
+    program without one)."""
+    embeds = [o for o in program.main.ops if o.op == "embed"]
+    if embeds:
+        return embeds[0].operands[1].type.shape[0]
+    return program.main.outputs[0].type.shape[-1]
