@@ -26,7 +26,7 @@ def run(args) -> int:
     if args.output and Path(args.output).exists() and not args.force:
         raise MlxcError(f"{args.output} already exists (use --force to replace it)")
     program = program_for(args.src, **build_options(args), stop_after=args.after,
-                          on_report=lambda r: note(f"pass {r}"))
+                          on_report=lambda r: note(f"pass {r}"), notify=note)
     render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
     text = render(program)
     if args.output:

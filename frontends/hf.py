@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Iterable, Mapping, Optional, Union
 
@@ -24,8 +25,8 @@ from .spec_file import validation_message
 PathLike = Union[str, Path]
 
 __all__ = [
-    "HFConfig", "UNMAPPED", "detect_architecture", "hf_config_from_spec", "hf_to_ir_name", "ir_to_hf_name",
-    "load_hf_config", "load_hf_spec", "read_rope", "spec_from_hf_config",
+    "Detection", "HFConfig", "UNMAPPED", "detect_architecture", "detect_family", "hf_config_from_spec",
+    "hf_to_ir_name", "ir_to_hf_name", "load_hf_config", "load_hf_spec", "read_rope", "spec_from_hf_config",
 ]
 
 REQUIRED: Final = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -101,8 +102,29 @@ def _split_architecture(name: str) -> tuple[str, Optional[HeadKind]]:
     return name, None
 
 
+@dataclass(frozen=True)
+class Detection:
+    """Which family a model is and the evidence, so `mlxc inspect` can say why a checkpoint reads as it does.
+
+    `via` is where the answer came from (`architectures`, `model_type`, `tensor names`, a preset, ...) and
+    `evidence` the entries that decided it (the class name, the model type, the tensor-name patterns matched)."""
+
+    family: str
+    via: str
+    evidence: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.family} (from {self.via}" + (f": {', '.join(self.evidence)})" if self.evidence else ")")
+
+
 def detect_architecture(config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> str:
-    """The family name for a checkpoint: `architectures`, then `model_type`, then tensor-name patterns."""
+    """The family name for a checkpoint (see `detect_family`)."""
+    return detect_family(config, tensor_names).family
+
+
+def detect_family(config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> Detection:
+    """The family of a checkpoint and how it was found: the `architectures` entries first, then `model_type`, and
+    only when the config has neither, the tensor names (`_detect_from_tensors`)."""
     declared = config.get("architectures") or []
     if isinstance(declared, str):
         declared = [declared]
@@ -111,21 +133,58 @@ def detect_architecture(config: Mapping[str, Any], tensor_names: Optional[Iterab
         stem, _ = _split_architecture(str(name))
         for f in families:
             if stem in f.architectures:
-                return f.name
+                return Detection(f.name, "architectures", (str(name),))
     model_type = config.get("model_type")
     for f in families:
         if model_type in f.model_types:
-            return f.name
+            return Detection(f.name, "model_type", (str(model_type),))
     # Tensor names only stand in for missing metadata: a config that declares an unsupported architecture must not
     # load as a family whose tensor names merely look alike.
     if tensor_names is not None and not declared and model_type is None:
-        names = list(tensor_names)
-        for f in families:
-            markers = [re.compile(m) for m in f.tensor_markers]
-            if markers and all(any(m.fullmatch(n) for n in names) for m in markers):
-                return f.name
+        return _detect_from_tensors(list(tensor_names))
     seen = f"architectures={list(declared)}, model_type={model_type!r}"
     raise MlxcError(f"unsupported architecture ({seen}); supported: {_supported()}")
+
+
+def _shape_of(name: str) -> str:
+    """A tensor name with its indices as `*` (`model.layers.*.self_attn.q_proj.bias`): what evidence shows."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
+
+
+def _detect_from_tensors(names: list[str]) -> Detection:
+    """The most specific family the tensor names fit.
+
+    A family fits when each of its `tensor_markers` matches some tensor and its name table maps every tensor (a
+    Gemma 2 checkpoint's `pre_feedforward_layernorm` rules Llama out). Of the families that fit, the one whose
+    markers match a strict superset of the tensors every other fitting family's markers match wins: a Qwen2
+    checkpoint fits Llama's markers too, but Qwen2's (Llama's plus the q/k/v biases) match more. Fitting families
+    with equal or incomparable evidence are ambiguous, an error: names alone cannot tell them apart.
+    """
+    evidence: dict[str, frozenset[str]] = {}
+    for f in all_families():
+        if not f.tensor_markers:
+            continue
+        matched: set[str] = set()
+        for marker in f.tensor_markers:
+            pattern = re.compile(marker)
+            hits = {n for n in names if pattern.fullmatch(n)}
+            if not hits:
+                break
+            matched |= hits
+        else:
+            table = f.names or _names(None)
+            if all(table.to_ir(n) != UNMAPPED for n in names):
+                evidence[f.name] = frozenset(matched)
+    best = [f for f, mine in evidence.items() if all(other <= mine for other in evidence.values())]
+    if len(best) == 1:
+        return Detection(best[0], "tensor names", tuple(sorted({_shape_of(n) for n in evidence[best[0]]})))
+    if evidence:
+        fits = "; ".join(f"{f} ({', '.join(sorted({_shape_of(n) for n in ev}))})" for f, ev in evidence.items())
+        raise MlxcError(f"the tensor names fit several families and none more specifically than the others: {fits}; "
+                        "the config names no `architectures` or `model_type` to decide (add one)")
+    raise MlxcError(f"unsupported architecture: the config names no `architectures` or `model_type`, and the tensor "
+                    f"names ({len(names)}, e.g. {', '.join(sorted(names)[:3])}) fit no family; supported: "
+                    f"{_supported()}")
 
 
 def read_rope(config: Mapping[str, Any], max_pos: int, theta_default: float, where: str) -> RopeSpec:

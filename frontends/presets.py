@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Final, Optional
 
 from ..ir.errors import MlxcError
 from .spec import ModelSpec
+
 
 def _all() -> dict[str, ModelSpec]:
     from .families import all_families
@@ -29,17 +31,57 @@ def _all() -> dict[str, ModelSpec]:
 PRESETS: Final[dict[str, ModelSpec]] = _all()
 
 
-def preset_for_hub_id(repo_id: str) -> Optional[str]:
-    """The preset a Hugging Face hub id names (`google/gemma-2-2b-it` -> `gemma2-2b`), from the families' tables;
-    None when no family knows the id. Lets architecture-only commands work offline."""
+@dataclass(frozen=True)
+class HubMatch:
+    """What the families' tables say a hub id is: its family and the preset with its published architecture."""
+
+    repo_id: str
+    family: str
+    preset: str
+
+
+_HUB_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/", "hf.co/")
+
+
+def normalize_hub_id(text: str) -> str:
+    """`https://huggingface.co/google/gemma-2-2b-it/` -> `google/gemma-2-2b-it`: the forms people paste."""
+    repo = text.strip()
+    for prefix in _HUB_PREFIXES:
+        if repo.lower().startswith(prefix):
+            repo = repo[len(prefix):]
+            break
+    return repo.strip("/")
+
+
+def match_hub_id(repo_id: str) -> Optional[HubMatch]:
+    """The family and preset a Hugging Face hub id names (`google/gemma-2-2b-it` -> gemma2, `gemma2-2b`), from the
+    families' `hub_ids` tables, ignoring case; None when no family knows the id. Lets architecture-only commands
+    work offline. Two families claiming one id, or a row naming a preset nobody declares, is an MlxcError."""
     from .families import all_families
 
+    repo = normalize_hub_id(repo_id)
+    found: dict[str, str] = {}
     for f in all_families():
-        for pattern, name in f.hub_ids:
-            m = re.fullmatch(pattern, repo_id, flags=re.IGNORECASE)
+        for pattern, template in f.hub_ids:
+            m = re.fullmatch(pattern, repo, flags=re.IGNORECASE)
             if m:
-                return m.expand(name).lower()
-    return None
+                name = m.expand(template).lower()
+                if name not in PRESETS:
+                    raise MlxcError(f"family {f.name}: hub id {repo} maps to preset {name!r}, which no family declares")
+                found.setdefault(name, f.name)
+    if len(found) > 1:
+        raise MlxcError(f"hub id {repo} is claimed by several presets: "
+                        f"{', '.join(f'{n} ({fam})' for n, fam in found.items())}")
+    if not found:
+        return None
+    (name, fam), = found.items()
+    return HubMatch(repo, fam, name)
+
+
+def preset_for_hub_id(repo_id: str) -> Optional[str]:
+    """The preset name a hub id names (see `match_hub_id`); None when no family knows the id."""
+    match = match_hub_id(repo_id)
+    return match.preset if match else None
 
 
 def get_preset(name: str) -> ModelSpec:
