@@ -335,9 +335,18 @@ _OFFLINE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-    """Runs `mlxc` commands in one fresh interpreter with HF_HUB_OFFLINE, an empty HF_HOME and sockets that refuse
-    to connect (huggingface_hub reads its settings when imported, hence a separate process)."""
+    """Runs `mlxc` commands in one fresh interpreter with HF_HUB_OFFLINE, sockets that refuse to connect and an
+    HF_HOME whose cache holds one snapshot, a small config for meta-llama/Llama-3.2-1B (huggingface_hub reads its
+    settings when imported, hence a separate process)."""
     home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / "models--meta-llama--Llama-3.2-1B"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, architectures=["LlamaForCausalLM"]
+                             ).save_pretrained(repo / "snapshots" / commit)
 
     def run(*argvs: list[str]) -> dict[str, tuple[int, str, str]]:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
@@ -360,7 +369,8 @@ def test_hub_ids_offline_in_the_cli(offline) -> None:
     assert ids
     argvs = [["inspect", r, "--json"] for r in ids]
     argvs += [["dump", ids[0]], ["run", ids[0], "--tokens", "1,2"], ["compile", ids[0], "-o", "unused-out"],
-              ["inspect", "someorg/somemodel"]]
+              ["inspect", "someorg/somemodel"], ["inspect", "meta-llama/Llama-3.2-1B", "--json"],
+              ["run", "meta-llama/Llama-3.2-1B", "--tokens", "1"]]
     results = offline(*argvs)
     for repo_id in ids:
         code, out, err = results[f"inspect {repo_id} --json"]
@@ -384,6 +394,15 @@ def test_hub_ids_offline_in_the_cli(offline) -> None:
         assert len(err.strip().splitlines()) == 1
     code, out, err = results["inspect someorg/somemodel"]
     assert code == 1 and "someorg/somemodel" in err and "preset:" not in err
+    # a cached snapshot wins over the preset: its config is what the id is here (weights still missing for `run`)
+    code, out, err = results["inspect meta-llama/Llama-3.2-1B --json"]
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["hidden_size"], doc["num_layers"], doc["notice"]) == (64, 3, None)
+    assert doc["detected_from"] == {"via": "architectures", "evidence": ["LlamaForCausalLM"]}
+    assert doc["source"] == "meta-llama/Llama-3.2-1B (llama)"
+    code, out, err = results["run meta-llama/Llama-3.2-1B --tokens 1"]
+    assert code == 1 and "needs the checkpoint's weights" in err and "preset:llama3.2-1b" in err
 
 
 # ------------------------------------------------------------------------------------------------ inspect
