@@ -321,7 +321,8 @@ class HFConfig:
             activation=self.activation(),
             rope=self.rope(),
             partial_rotary_factor=self.get("partial_rotary_factor", 1.0),
-            tie_word_embeddings=bool(self.get("tie_word_embeddings")),
+            # only an LM head can be tied; a classifier's `score` never is, whatever the family's default says
+            tie_word_embeddings=bool(self.get("tie_word_embeddings")) and self.head().kind == HeadKind.CAUSAL_LM,
             bos_token_id=self.get("bos_token_id"),
             eos_token_ids=self.eos_ids(),
             pad_token_id=self.get("pad_token_id"),
