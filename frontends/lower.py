@@ -167,6 +167,9 @@ class _Lowering:
         return verify(self.program)
 
     def head(self, b: FunctionBuilder, h: Value, ids: Value, table: Value) -> Value:
+        """The LM head, or a classifier. A sequence classifier pools before projecting: transformers scores every
+        token and then picks one row, which is the same numbers for a linear layer at 1/T of the work, and is what
+        an MLP classifier over a pooled vector means."""
         s, head = self.spec, self.spec.head
         if head.kind == HeadKind.CAUSAL_LM:
             weight = table if s.tie_word_embeddings else b.param("lm_head.weight", self.t(s.vocab_size, s.hidden_size))
