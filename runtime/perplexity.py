@@ -50,6 +50,7 @@ def perplexity(model, text: Optional[str] = None, *, ids: Optional[Sequence[int]
     """Perplexity of `text` (encoded with the model's tokenizer, special tokens as the tokenizer adds them) or of
     token `ids` under a loaded model. `context` defaults to 512 (at most the model's context length), `stride` to
     half the context. `progress(done, total)` is called after each window."""
+    model.require_causal_lm("perplexity")  # a classifier's logits are not next-token distributions
     if (text is None) == (ids is None):
         raise MlxcError("give the text or the token ids to score, one of them")
     if text is not None:

@@ -267,6 +267,8 @@ def test_generation_refused(ckpt, tmp_path, capsys):
             call()
     with pytest.raises(MlxcError, match="cache"):
         model(prompt, cache=model.make_cache())
+    with pytest.raises(MlxcError, match="perplexity needs a causal language-model head"):
+        mlxc.perplexity(model, ids=list(range(3, 40)))
     tok, _ = ckpt("llama", "tok", num_labels=5)
     for argv in (["run", str(path), "--tokens", "5,6,7"], ["chat", str(tok)]):
         assert main(argv) != 0
