@@ -191,7 +191,7 @@ def read_rope(config: Mapping[str, Any], max_pos: int, theta_default: float, whe
     """RopeSpec from either `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
 
     Like transformers, a non-empty `rope_scaling` wins, `rope_theta` inside the dict wins over the top-level key,
-    and llama3/yarn without `original_max_position_embeddings` measure against `max_position_embeddings`.
+    and llama3/yarn/longrope without `original_max_position_embeddings` measure against `max_position_embeddings`.
     """
     key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
     params = config.get(key) or {}
@@ -205,8 +205,8 @@ def read_rope(config: Mapping[str, Any], max_pos: int, theta_default: float, whe
         kind = RopeKind(kind_name)
     except ValueError:
         kind = None
-    if kind is None or kind == RopeKind.LONGROPE:  # longrope: not yet read from Hugging Face configs
-        kinds = ", ".join(k.value for k in RopeKind if k != RopeKind.LONGROPE)
+    if kind is None:
+        kinds = ", ".join(k.value for k in RopeKind)
         raise MlxcError(f"{where}: unsupported rope type {kind_name!r} in `{key}`; supported: {kinds}")
 
     def need(name: str) -> Any:
@@ -236,6 +236,24 @@ def read_rope(config: Mapping[str, Any], max_pos: int, theta_default: float, whe
             mscale=params.get("mscale"),
             mscale_all_dim=params.get("mscale_all_dim"),
             truncate=params.get("truncate", True),
+        )
+    elif kind == RopeKind.LONGROPE:
+        original = params.get("original_max_position_embeddings") or max_pos
+        short, long = need("short_factor"), need("long_factor")
+        for name, factors in (("short_factor", short), ("long_factor", long)):
+            if not isinstance(factors, (list, tuple)) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in factors):
+                raise MlxcError(f"{where}: `{key}.{name}` must be a list of positive numbers, got {factors!r}")
+        if len(short) != len(long):
+            raise MlxcError(f"{where}: `{key}.short_factor` has {len(short)} entries but `long_factor` has "
+                            f"{len(long)}; both need one per rotary frequency")
+        fields.update(
+            # transformers: without `factor`, the extension ratio sets the attention scaling
+            factor=params.get("factor") or max_pos / original,
+            original_max_position_embeddings=original,
+            attention_factor=params.get("attention_factor"),
+            short_factor=tuple(short),
+            long_factor=tuple(long),
         )
     try:
         return RopeSpec(**fields)
@@ -421,6 +439,11 @@ def rope_parameters(spec: ModelSpec, rope: Optional[RopeSpec] = None) -> dict[st
         out.update({k: v for k in ("attention_factor", "mscale", "mscale_all_dim") if (v := getattr(r, k)) is not None})
         if not r.truncate:
             out["truncate"] = False
+    elif r.kind == RopeKind.LONGROPE:
+        out.update(factor=r.factor, short_factor=list(r.short_factor or ()), long_factor=list(r.long_factor or ()),
+                   original_max_position_embeddings=r.original_max_position_embeddings or spec.max_position_embeddings)
+        if r.attention_factor is not None:
+            out["attention_factor"] = r.attention_factor
     return out
 
 

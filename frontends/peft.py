@@ -93,7 +93,8 @@ def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array],
         module, _, rest = name.partition(".lora_")
         hf_module = hf.ir_to_hf_name(module + ".weight", family)[: -len(".weight")]
         out[f"{_PEFT_PREFIX}{hf_module}.lora_{rest}"] = arr
-    targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in tensors})
+    # peft finds modules by the checkpoint's names (Phi's `dense`, not the IR's `o_proj`)
+    targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in out})
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": config.rank,
         "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets, "bias": "none",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from math import prod
 
-from .attrs import RopeScaling
+from .attrs import RopeKind, RopeScaling
 from .opdef import AttrDef, Ints, OpGroup, Shape, Symbol, op, require
 from .types import DType, Quant, TensorType
 
@@ -266,6 +266,12 @@ def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, tradition
     "attention",
     OpGroup.ATTENTION,
     ("q", "k", "v"),
+    if scaling.kind == RopeKind.LONGROPE:  # one divisor per rotary frequency, for both context lengths
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(scaling, name)
+            require(factors is not None and len(factors) == dims // 2,
+                    f"longrope {name} needs {dims // 2} entries (one per frequency of {dims} rotated features), "
+                    f"got {0 if factors is None else len(factors)}")
     (AttrDef("scale", float), AttrDef("window", int, None, optional=True),
      AttrDef("softcap", float, None, optional=True)),
     effects=True,

@@ -3,7 +3,9 @@
 An adapter on projection P adds `factor * B(A(dropout(x)))` to P's output, with parameters `P.lora_A.weight`
 [r, in] and `P.lora_B.weight` [out, r] (PEFT's layout and names) and factor = alpha / r (alpha / sqrt(r) with rsLoRA).
 After fusion a projection is a slice of a fused matmul's split; the adapter then adds to that slice, so it keeps its
-per-projection meaning. `merge-lora` rewrites each adapter into a load-time weight update W + factor * B @ A
+per-projection meaning. A checkpoint tensor the layout splits (Phi-3's `qkv_proj`, `gate_up_proj`) is a projection
+too: targeting it runs its pieces as that one matmul again and the adapter adds to its whole output, as PEFT's
+adapter on the fused module does. `merge-lora` rewrites each adapter into a load-time weight update W + factor * B @ A
 (re-quantized when W was quantized) and removes it from the forward pass.
 """
 
@@ -17,7 +19,6 @@ from typing import Union
 from ..ir import Function, Operation, Program, TensorType, Value
 from ..ir.errors import MlxcError
 from .base import Pass, PassReport
-from .quantize import global_names
 from .rewrite import Rewriter
 
 
@@ -111,7 +112,50 @@ def _weights(fn: Function) -> set[Value]:
 
 
 def _module_calls(program: Program, fn: Function, module: str) -> list[str]:
-    return [g[: -len(".weight")] for g in global_names(program).get((fn.name, module + ".weight"), [])]
+    """The module's global name in every call of `fn` (its weight may be a parameter or derived from one)."""
+    return [prefix + module for prefix, f in program.call_paths() if f.name == fn.name]
+
+
+def _stored_splits(fn: Function) -> list[Operation]:
+    """Load-time splits of a checkpoint weight into projection weights along their rows (the checkpoint layout of
+    a fused `qkv_proj`)."""
+    params = set(fn.params)
+    return [o for o in fn.derived if o.op == "split" and o.operands[0] in params and o.attrs["axis"] % 2 == 0
+            and o.operands[0].type.rank == 2 and o.operands[0].name.endswith(".weight")
+            and all(r.name.endswith(".weight") for r in o.results)]
+
+
+def _read_stored(fn: Function, rw: Rewriter, split: Operation) -> None:
+    """Make one linear read the stored weight that `split` cuts into pieces: the fused matmul that `fuse-qkv` built
+    reads it instead of the concatenated pieces, or the pieces' linears of one input become that matmul and a split
+    of its output (what fusion would build)."""
+    stored, pieces = split.operands[0], split.results
+    module = stored.name[: -len(".weight")]
+    producer = fn.producers()
+    for o in fn.ops:
+        cat = producer.get(o.operands[1]) if o.op == "linear" else None
+        if cat is not None and cat.op == "concat" and [id(v) for v in cat.operands] == [id(v) for v in pieces] \
+                and cat.attrs["axis"] % 2 == 0:
+            o.operands[1] = stored
+            if not rw.users(cat.result):
+                rw.erase(cat)
+            return
+    readers = [rw.users(p) for p in pieces]
+    group = [r[0] for r, p in zip(readers, pieces) if len(r) == 1 and r[0].op == "linear" and r[0].operands[1] is p]
+    if len(group) != len(pieces) or len({id(o.operands[0]) for o in group}) != 1 or \
+            len({len(o.operands) for o in group}) != 1:
+        raise MlxcError(f"@{fn.name}: LoRA target {module}: its pieces "
+                        f"({', '.join(p.name for p in pieces)}) are not read as one projection of one input")
+    first = min(group, key=fn.ops.index)
+    bias = None
+    if len(first.operands) == 3:
+        bias = rw.insert_before(first, "concat", *[o.operands[2] for o in group], axis=0, name=f"{module}.bias")
+    y = rw.insert_before(first, "linear", first.operands[0], stored, bias, name=module.removesuffix("_proj"))
+    parts = rw.insert_before(first, "split", y, sizes=[p.type.shape[0] for p in pieces], axis=-1,
+                             name=[o.result.name + "_" for o in group])
+    for o, part in zip(group, parts):
+        rw.replace_uses(o.result, part)
+        rw.erase(o)
 
 
 @dataclass(frozen=True)
@@ -129,6 +173,17 @@ class LoRA(Pass):
         available: set[str] = set()
         for fn in program.functions:
             rw = Rewriter(program, fn)
+            for split in _stored_splits(fn):
+                module = split.operands[0].name[: -len(".weight")]
+                available.add(module)
+                if not any(cfg.selects(c) for c in _module_calls(program, fn, module)):
+                    continue
+                both = [r.name[: -len(".weight")] for r in split.results
+                        if any(cfg.selects(c) for c in _module_calls(program, fn, r.name[: -len(".weight")]))]
+                if both:
+                    raise MlxcError(f"LoRA targets select both {module} and its part {both[0]} (the checkpoint "
+                                    f"stores them as one tensor); adapt either the whole {module} or its parts")
+                _read_stored(fn, rw, split)
             for proj in reversed(projections(fn)):  # reversed: fused slices end up in q, k, v order
                 available.add(proj.module.rsplit(".", 1)[-1])
                 calls = _module_calls(program, fn, proj.module)

@@ -86,6 +86,10 @@ class KVCache:
         self.offset -= n
         return n
 
+    def reset(self) -> None:
+        """Forget every position (the buffers stay for reuse)."""
+        self.offset = 0
+
     def __repr__(self) -> str:
         return f"KVCache(offset={self.offset}, nbytes={self.nbytes})"
 
@@ -175,6 +179,10 @@ class RotatingKVCache:
         self._idx -= n
         self.offset -= n
         return n
+
+    def reset(self) -> None:
+        """Forget every position (the buffers stay for reuse)."""
+        self.offset = self._idx = 0
 
     def __repr__(self) -> str:
         return f"RotatingKVCache(window={self.window}, offset={self.offset}, nbytes={self.nbytes})"

@@ -73,7 +73,8 @@ class ChatSession:
         reply: list[str] = []
         finished = False
         try:
-            for piece in self.model.stream_text(ids[keep:], generated, cache=self.cache, **self.sampling):
+            for piece in self.model.stream_text(ids[keep:], generated, cache=self.cache, context=ids[:keep],
+                                                **self.sampling):
                 reply.append(piece)
                 yield piece
             finished = True

@@ -8,6 +8,10 @@ Cache contract: when the stream ends (max tokens, all sequences stopped, or the 
 holds the prompt plus every yielded token except the last one, i.e. the last yielded token is the one to feed next.
 The speculative extra step is undone with `cache.trim(1)`.
 
+LongRoPE (Phi-3): keys cached while the sequence was within the original context were rotated with the short
+factors; like transformers' Phi-3 generation, the step that takes the sequence past that context runs the whole
+sequence again on an emptied cache (`recompute_at`), so every position from then on uses the long factors.
+
 Log-probabilities (`logprobs=N`) follow mlx-lm's convention: the log-softmax of the model's raw logits, before the
 repetition penalty, temperature or any filter, so they describe the model, not the sampler.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlxc.ir.attrs import RopeKind
 from mlxc.ir.errors import MlxcError
 from mlxc.runtime.sampling import Sampler, SamplingParams
 
@@ -149,6 +154,41 @@ def _last_logits(step: StepFn, ids: mx.array, cache: list) -> mx.array:
     return logits[:, -1, :]
 
 
+def longrope_context(program) -> int | None:
+    """The original context of the program's LongRoPE rotary embeddings (the `recompute_at` its generation needs);
+    None when it has none."""
+    found = {o.attrs["scaling"].original_max_position_embeddings for fn in program.functions for o in fn.ops
+             if o.op == "rope" and o.attrs["scaling"].kind == RopeKind.LONGROPE}
+    return min(found) if found else None
+
+
+class _Stepper:
+    """Feeds the model, restarting the cache when a call crosses `recompute_at` (see the module docstring); it keeps
+    the ids the cache holds for that, starting from `context`."""
+
+    def __init__(self, step: StepFn, cache: list, recompute_at: int | None, context) -> None:
+        self.step, self.cache, self.recompute_at = step, cache, recompute_at
+        self.held = int(getattr(cache[0], "offset", 0)) if cache else 0  # positions the cache holds
+        self.seen: list[mx.array] = [] if context is None else [_as_prompt(context)] if len(context) else []
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        if self.recompute_at is None or self.held > self.recompute_at:  # nothing (more) to restart
+            return _last_logits(self.step, ids, self.cache)
+        if 0 < self.held <= self.recompute_at < self.held + ids.shape[1]:
+            known = sum(s.shape[1] for s in self.seen)
+            if known != self.held:
+                raise MlxcError(f"the sequence grows past the model's original context ({self.recompute_at} "
+                                f"positions), where its LongRoPE cache has to be recomputed from the token ids, but "
+                                f"the cache holds {self.held} positions and only {known} ids were given (context=)")
+            for c in self.cache:
+                c.reset()
+            ids = mx.concatenate(self.seen + [ids], axis=1)
+            self.seen, self.held = [], 0
+        self.seen.append(ids)
+        self.held += ids.shape[1]
+        return _last_logits(self.step, ids, self.cache)
+
+
 def generate_stream(
     step: StepFn,
     prompt: mx.array | Sequence[int] | Sequence[Sequence[int]],
@@ -160,6 +200,8 @@ def generate_stream(
     pad_token_id: int | None = None,
     logprobs: int | None = None,
     stats: GenerationStats | None = None,
+    recompute_at: int | None = None,
+    context: mx.array | Sequence[int] | Sequence[Sequence[int]] | None = None,
 ) -> Iterator[mx.array] | Iterator[TokenLogprobs]:
     """Yield the next token ids `[B]` (int32, evaluated) for each of up to `max_new_tokens` steps, or with
     `logprobs=N` a `TokenLogprobs` per step (the ids plus their log-probabilities and the top N alternatives).
@@ -168,6 +210,8 @@ def generate_stream(
     `pad_token_id`, or its own stop token when that is None, so the batch stays rectangular. `vocab_size` bounds
     the prompt and stop ids (defaults to the logits' last dimension, checked after prefill, before anything is
     yielded). `stats`, when given, is filled in with the prompt and generation timings as the stream runs.
+    `recompute_at` restarts the cache where a LongRoPE model's sequence outgrows its original context (see the module
+    docstring); `context` are the ids a non-empty cache already holds, which that restart runs again.
     """
     start = time.perf_counter()
     params = params or SamplingParams()
@@ -219,7 +263,8 @@ def generate_stream(
             return [out.tokens, out.logprobs, out.top_tokens, out.top_logprobs]
         return [out]
 
-    logits = _last_logits(step, ids, cache)
+    run = _Stepper(step, cache, recompute_at, context)
+    logits = run(ids)
     if vocab_size is None:
         _check_ids(ids, logits.shape[-1])
         check_stop_tokens(params.stop_tokens, logits.shape[-1])
@@ -232,7 +277,7 @@ def generate_stream(
         for n in range(max_new_tokens):
             if n + 1 < max_new_tokens:
                 tokens = y.tokens if isinstance(y, TokenLogprobs) else y
-                next_y, next_done = pick(_last_logits(step, tokens[:, None], cache))
+                next_y, next_done = pick(run(tokens[:, None]))
                 mx.async_eval(*arrays(next_y), next_done)
                 pending = True
             mx.eval(*arrays(y))
@@ -277,12 +322,14 @@ def generate(
     pad_token_id: int | None = None,
     logprobs: int | None = None,
     stats: GenerationStats | None = None,
+    recompute_at: int | None = None,
 ) -> mx.array | Generation:
     """The prompt followed by the generated tokens, `[B, T + n]` with n <= max_new_tokens (fewer on early stop);
     with `logprobs=N` a `Generation` holding those ids and the log-probabilities."""
     ids = _as_prompt(prompt)
     out = list(generate_stream(step, ids, cache, max_new_tokens, params, vocab_size=vocab_size,
-                               pad_token_id=pad_token_id, logprobs=logprobs, stats=stats))
+                               pad_token_id=pad_token_id, logprobs=logprobs, stats=stats,
+                               recompute_at=recompute_at))
     if logprobs is None:
         return ids if not out else mx.concatenate([ids, mx.stack(out, axis=1)], axis=1)
     batch, n = ids.shape[0], check_logprobs(logprobs)

@@ -174,19 +174,21 @@ class CompiledModel:
     def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop_tokens: Sequence[int] | None = None, cache=None, min_p: float = 0.0,
-               logprobs: int | None = None, max_kv_size: int | None = None, stats=None):
+               logprobs: int | None = None, max_kv_size: int | None = None, stats=None, context=None):
         """Yield one [batch] array of new token ids per step, or with `logprobs=N` one `TokenLogprobs` (the ids,
         their log-probabilities under the model and the N most likely alternatives). `max_kv_size` keeps only that
         many positions in the KV cache (each new token attends to at most that many), so generation is unbounded.
-        `stats` (a `GenerationStats`) is filled in with prompt and generation timings."""
-        from .generate import generate_stream
+        `stats` (a `GenerationStats`) is filled in with prompt and generation timings. `context` are the ids a
+        given cache already holds: a LongRoPE model recomputes them when the sequence outgrows its original context."""
+        from .generate import generate_stream, longrope_context
 
         self.require_causal_lm("model.stream")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self._cache_for(cache, max_kv_size)
         yield from generate_stream(self.step, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size,
-                                   logprobs=logprobs, stats=stats)
+                                   logprobs=logprobs, stats=stats, recompute_at=longrope_context(self.program),
+                                   context=context)
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -194,13 +196,13 @@ class CompiledModel:
                  max_kv_size: int | None = None):
         """Prompt followed by up to `max_new_tokens` new ids, [batch, prompt + new]; with `logprobs=N` a
         `Generation` holding those ids plus each new token's log-probability and its top N alternatives."""
-        from .generate import generate
+        from .generate import generate, longrope_context
 
         self.require_causal_lm("model.generate")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         out = generate(self.step, ids, self.make_cache(max_kv_size), max_new_tokens, params,
-                       vocab_size=self.vocab_size, logprobs=logprobs)
+                       vocab_size=self.vocab_size, logprobs=logprobs, recompute_at=longrope_context(self.program))
         return out.astype(ids.dtype) if logprobs is None else out
 
     # ------------------------------------------------------------------ text

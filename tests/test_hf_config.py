@@ -199,9 +199,12 @@ def test_missing_key_names_key_and_file(tmp_path: Path) -> None:
         load_hf_spec(_write(tmp_path, raw))
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "longrope", "factor": 2.0}, {"type": "bogus"}])
-def test_bad_rope_type(tmp_path: Path, rope: dict[str, Any]) -> None:
-    with pytest.raises(MlxcError, match="unsupported rope type.*supported: default, linear"):
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "longrope", "factor": 2.0}, "rope type 'longrope' needs `rope_scaling.short_factor`"),
+    ({"type": "bogus"}, "unsupported rope type 'bogus'.*supported: default, linear, .*longrope"),
+])
+def test_bad_rope_type(tmp_path: Path, rope: dict[str, Any], message: str) -> None:
+    with pytest.raises(MlxcError, match=message):
         load_hf_spec(_write(tmp_path, {"model_type": "llama", **SMALL, "rope_scaling": rope}))
 
 

@@ -174,7 +174,7 @@ def transformers_hidden_states(hf_model, ids: Sequence[int]) -> dict[str, np.nda
 
     base = hf_model.base_model
     layers = list(getattr(base, "layers", None) or [])
-    norm = getattr(base, "norm", None)
+    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)  # Phi names it final_layernorm
     if not layers or norm is None:
         raise MlxcError(f"{type(hf_model).__name__}: cannot find its decoder layers and final norm to hook")
     captured: dict[str, np.ndarray] = {}

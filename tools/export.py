@@ -203,9 +203,18 @@ def _write_tokenizer(tmp: Path, tokenizer, spec: ModelSpec) -> list[str]:
 def _hf_tensors(spec: ModelSpec, values: Mapping[str, W.Tensor], blocked: Mapping[str, Operation], dtype: str,
                 where: str, family: str) -> dict[str, mx.array]:
     """The plain (unfused, float) program's parameters under transformers' names, in its order, taken from the
-    values of the compiled program that carry the same global names."""
+    values of the compiled program that carry the same global names. A family whose checkpoints lay tensors out
+    differently (Phi-3's fused `qkv_proj`) gets them in that layout, found by running its layout ops backwards."""
+    from ..frontends.families import family as family_named
+    from ..passes.checkpoint_layout import CheckpointLayout
+
+    program = lower(spec, DType.parse(dtype))
+    rules = family_named(family).checkpoint_layout(spec)
+    if rules:
+        program, _ = CheckpointLayout(rules=rules).run(program)
+        values = {**recover(program, values)[0], **values}
     out = {}
-    for name, p in lower(spec, DType.parse(dtype)).parameters():
+    for name, p in program.parameters():
         if name not in values:
             op = blocked.get(name)
             why = (f"it is stored only through load-time op `{op.op}` (%{op.results[0].name}), which cannot be "

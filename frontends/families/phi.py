@@ -1,0 +1,140 @@
+"""Phi-1, Phi-1.5 and Phi-2 (`PhiForCausalLM`): one LayerNorm (with bias) feeds attention and a dense GELU MLP in
+parallel, both added to the residual; biases on every projection and on the LM head; rotary on the first
+`partial_rotary_factor` of each head (transformers' PhiConfig defaults it to 0.5); `final_layernorm` before the
+head. The optional LayerNorm on queries and keys (`qk_layernorm`, off in the published models) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ...ir.attrs import RopeKind
+from ..spec import Activation, FFNType, ModelSpec, NormType, Residual, RopeSpec
+from .base import HEAD_NAMES, Family, NameTable
+
+# transformers' PhiConfig defaults, for keys a config.json leaves out
+DEFAULTS: dict[str, Any] = {
+    "num_key_value_heads": None,  # None: as many as attention heads
+    "head_dim": None,
+    "hidden_act": "gelu_new",
+    "max_position_embeddings": 2048,
+    "layer_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "qk_layernorm": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+    "rope_theta": 10000.0,
+}
+PARTIAL_ROTARY = 0.5  # PhiConfig's default share of each head that rotates
+
+# (Hugging Face name, IR name): `dense` is the output projection, `fc1`/`fc2` the MLP's up and down projections
+NAMES = NameTable(
+    (
+        ("model.embed_tokens.weight", "embed_tokens.weight"),
+        ("model.layers.{i}.input_layernorm.{kind}", "layers.{i}.input_norm.{kind}"),
+        ("model.layers.{i}.self_attn.{qkv}_proj.{kind}", "layers.{i}.attn.{qkv}_proj.{kind}"),
+        ("model.layers.{i}.self_attn.dense.{kind}", "layers.{i}.attn.o_proj.{kind}"),
+        ("model.layers.{i}.self_attn.{qk}_layernorm.{kind}", "layers.{i}.attn.{qk}_norm.{kind}"),
+        ("model.layers.{i}.mlp.fc1.{kind}", "layers.{i}.mlp.up_proj.{kind}"),
+        ("model.layers.{i}.mlp.fc2.{kind}", "layers.{i}.mlp.down_proj.{kind}"),
+        ("model.final_layernorm.{kind}", "norm.{kind}"),
+        ("lm_head.bias", "lm_head.bias"),
+    ) + HEAD_NAMES,
+    fields={"qkv": "[qkv]", "qk": "[qk]"},
+    ignored=r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",  # recomputed from the config
+)
+
+
+def rope_dict(c) -> Mapping[str, Any]:
+    """The rope settings transformers 5 reads: a non-empty `rope_scaling`, else `rope_parameters`."""
+    params = c.data.get("rope_scaling") or c.data.get("rope_parameters") or {}
+    return params if isinstance(params, Mapping) else {}
+
+
+def partial_rotary(c, default: float) -> float:
+    """transformers 5 keeps `partial_rotary_factor` in the rope settings: there first, then the top-level key, then
+    the config class's default."""
+    value = rope_dict(c).get("partial_rotary_factor")
+    if value is None:
+        value = c.data.get("partial_rotary_factor")
+    return default if value is None else value
+
+
+def config(c) -> dict[str, Any]:
+    if c.get("qk_layernorm"):  # LayerNorm on queries and keys: lowering has only per-head RMS q/k norms so far
+        raise c.error("qk_layernorm=true (LayerNorm on queries and keys) is not supported yet")
+    return {
+        **c.common(),
+        "norm": NormType.LAYER,
+        "norm_eps": c.get("layer_norm_eps"),
+        "residual": Residual.PARALLEL,
+        "ffn": FFNType.DENSE,
+        "partial_rotary_factor": partial_rotary(c, PARTIAL_ROTARY),
+        "attention_bias": True,
+        "mlp_bias": True,
+        "lm_head_bias": True,
+    }
+
+
+def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
+    """PhiForCausalLM's config.json for a spec (the inverse of `config`)."""
+    from ..hf import HF_ACTIVATION, rope_parameters
+
+    rope = {**rope_parameters(spec), "partial_rotary_factor": spec.partial_rotary_factor}
+    eos = list(spec.eos_token_ids)
+    out: dict[str, Any] = {
+        "architectures": ["PhiForCausalLM"],
+        "model_type": "phi",
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.kv_heads,
+        "hidden_act": "gelu_new" if spec.activation == Activation.GELU_TANH else HF_ACTIVATION[spec.activation],
+        "max_position_embeddings": spec.max_position_embeddings,
+        "layer_norm_eps": spec.norm_eps,
+        "qk_layernorm": False,
+        "partial_rotary_factor": spec.partial_rotary_factor,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": spec.pad_token_id,
+        "rope_parameters": rope,
+        "rope_theta": spec.rope.theta,
+        "rope_scaling": None if spec.rope.kind == RopeKind.DEFAULT else {k: v for k, v in rope.items()
+                                                                         if k != "rope_theta"},
+    }
+    if spec.head_dim is not None and spec.head_dim != spec.hidden_size // spec.num_heads:
+        out["head_dim"] = spec.head_dim
+    return out
+
+
+PRESETS = (
+    # microsoft/phi-2
+    ModelSpec(name="phi2", family="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_layers=32,
+              num_heads=32, max_position_embeddings=2048, norm=NormType.LAYER, norm_eps=1e-5,
+              residual=Residual.PARALLEL, ffn=FFNType.DENSE, activation=Activation.GELU_TANH,
+              rope=RopeSpec(theta=10000.0), partial_rotary_factor=0.4, attention_bias=True, mlp_bias=True,
+              lm_head_bias=True, bos_token_id=50256, eos_token_ids=(50256,)),
+)
+
+FAMILIES = (
+    Family(
+        "phi",
+        architectures=("Phi",),
+        config=config,
+        model_types=("phi",),
+        defaults=DEFAULTS,
+        names=NAMES,
+        tensor_markers=(
+            r"(model\.)?layers\.\d+\.self_attn\.dense\.weight",
+            r"(model\.)?layers\.\d+\.mlp\.fc1\.weight",
+            r"(model\.)?final_layernorm\.weight",
+        ),
+        presets=PRESETS,
+        hub_ids=((r"microsoft/phi-2", "phi2"),),
+        to_hf_config=to_hf_config,
+    ),
+)
