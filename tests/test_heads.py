@@ -334,6 +334,11 @@ def test_lora_on_a_classifier(ckpt, tmp_path):
     _close(fresh(mx.array(tokens)).logits, base)  # B = 0: no change yet
     mlxc.save_adapter(fresh, tmp_path / "saved")
     assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+    # PEFT's SEQ_CLS task also saves a retrained score layer (modules_to_save): refused, not silently dropped
+    seq_cls = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    seq_cls.save_pretrained(tmp_path / "seq_cls")
+    with pytest.raises(MlxcError, match="modules_to_save"):
+        mlxc.load(str(path), adapter=tmp_path / "seq_cls")
 
 
 def test_mismatched_score_is_refused(ckpt, tmp_path):
