@@ -1,0 +1,126 @@
+"""Native CPU kernels for MLX's affine quantized layout: a C++ MLX extension (`_mlxc_native`, built by
+`pip install` from `kernels/native/`), so the ops are ordinary nodes of MLX's lazy graph and work under `mx.compile`.
+
+    from mlxc.kernels import native
+    if native.available():
+        y = native.qmatmul(x, codes, scales, biases, bits=4, group_size=32)      # x @ W.T
+        e = native.qembed(ids, codes, scales, biases, bits=4, group_size=32)     # W[ids], dequantized
+    else:
+        print(native.reason())
+
+The layout is MLX's `mx.quantize` output, which is exactly GGUF Q4_0 / Q4_1 / Q8_0 after mlxc's load (group 32);
+groups of 64 and 128 work too. `qmatmul` quantizes activations to int8 per 32-element block (llama.cpp's scheme) for
+integer dot products; `int8_activations=False` keeps them in float (exact up to float rounding). Kernels exist for
+AVX-512 VNNI, AVX-512, AVX2 and portable C++; the best the CPU supports is chosen at run time (`isa()`), and
+`MLXC_NATIVE_ISA` or `set_isa` pick another for testing. Calls use `threads()` threads, MLX's CPU stream thread
+included (`MLXC_NATIVE_THREADS`, `set_threads`).
+
+Error bound of the int8 path: each activation block b of row m is x ~= d_b * q with d_b = max|x_b| / 127 and
+|x - d_b q| <= d_b / 2 elementwise, and the result is exactly W @ (d q) (biases included: they multiply the block
+sums of d q, as llama.cpp's Q8_1 blocks do), so
+    |y[m, n] - (x @ W.T)[m, n]| <= sum_b (d_b / 2) * sum_{k in b} |W[n, k]|   (+ float32 rounding)
+where W is the dequantized weight. Its RMS is that of rounding noise, sum_b d_b^2 / 12 * sum_{k in b} W[n, k]^2:
+about 5e-3 of the output's RMS for Gaussian activations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx  # loads libmlx.so, which the extension links against
+
+_BUILD_LOG = Path(__file__).with_name("_build_error.txt")  # written by setup.py when the build failed
+
+
+def _load():
+    if importlib.util.find_spec(f"{__name__}._mlxc_native") is None:
+        if _BUILD_LOG.exists():
+            lines = _BUILD_LOG.read_text(errors="replace").strip().splitlines()
+            return None, (f"the native extension failed to build at install time: "
+                          f"{lines[0] if lines else 'unknown error'} (details in {_BUILD_LOG})")
+        return None, ("the native extension is not built; reinstall mlxc (`pip install -e .`, which needs a C++ "
+                      "compiler) to build it")
+    try:
+        ext = importlib.import_module(f"{__name__}._mlxc_native")
+    except ImportError as e:
+        return None, f"the native extension does not load: {e}"
+    if ext.built_with_mlx != mx.__version__:
+        return None, (f"the native extension was built against MLX {ext.built_with_mlx} but MLX {mx.__version__} "
+                      "is installed; reinstall mlxc to rebuild it")
+    return ext, None
+
+
+_ext, _reason = _load()
+
+
+def available() -> bool:
+    """Whether the native kernels can run here."""
+    return _ext is not None
+
+
+def reason() -> Optional[str]:
+    """Why the native kernels are unavailable (None when they are available)."""
+    return _reason
+
+
+def _need():
+    if _ext is None:
+        raise RuntimeError(f"mlxc native kernels are unavailable: {_reason}")
+    return _ext
+
+
+def qmatmul(x: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int,
+            int8_activations: bool = True, stream=None) -> mx.array:
+    """`x @ W.T` for W (N x K) in MLX's affine layout: codes uint32 [N, K*bits/32], scales and biases
+    [N, K/group_size] (float32, float16 or bfloat16). x: [..., K] in float32, float16 or bfloat16; the result is
+    [..., N] in x's dtype. Same arguments as `mx.quantized_matmul(x, codes, scales, biases, transpose=True, ...)`."""
+    return _need().qmatmul(x, codes, scales, biases, bits=bits, group_size=group_size,
+                           int8_activations=int8_activations, stream=stream)
+
+
+def qembed(ids: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int,
+           dtype: Optional[mx.Dtype] = None, stream=None) -> mx.array:
+    """Rows `ids` of W, dequantized: `mx.dequantize(codes[ids], scales[ids], biases[ids], ...)` in one op; the result
+    has shape ids.shape + (K,) and `dtype` (default: the scales' dtype). Negative ids count from the end; ids out of
+    range are clamped."""
+    return _need().qembed(ids, codes, scales, biases, bits=bits, group_size=group_size, dtype=dtype, stream=stream)
+
+
+def isa() -> Optional[str]:
+    """The instruction set whose kernels run ('avx512vnni', 'avx512', 'avx2' or 'scalar'); None if unavailable."""
+    return _ext.isa() if _ext is not None else None
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets this CPU can run, best first."""
+    return list(_ext.supported_isas()) if _ext is not None else []
+
+
+def set_isa(name: str) -> None:
+    """Run the kernels of `name` ('auto' for the best); for tests and benchmarks."""
+    if not _need().set_isa(name):
+        raise ValueError(f"this CPU cannot run the {name!r} kernels; it supports {supported_isas()}")
+
+
+def threads() -> int:
+    """Threads one call uses, MLX's CPU stream thread included."""
+    return _need().threads()
+
+
+def set_threads(n: int) -> None:
+    """Threads per call (1: the stream thread alone; 0: the default, the CPUs this process may use)."""
+    _need().set_threads(n)
+
+
+def describe() -> str:
+    """One line for `mlxc --version` / `inspect`: what runs, or why nothing does."""
+    if _ext is None:
+        return f"native kernels: unavailable ({_reason})"
+    return f"native kernels: {_ext.isa()}, {_ext.threads()} threads"
+
+
+__all__ = ["available", "reason", "qmatmul", "qembed", "isa", "supported_isas", "set_isa", "threads", "set_threads",
+           "describe"]

@@ -1,0 +1,40 @@
+// Python bindings: the module mlxc.kernels.native._mlxc_native (wrapped by kernels/native/__init__.py).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "dispatch.h"
+#include "mlx/version.h"
+#include "ops.h"
+#include "parallel.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#define MLXC_STR2(x) #x
+#define MLXC_STR(x) MLXC_STR2(x)
+
+NB_MODULE(_mlxc_native, m) {
+  m.doc() = "mlxc native CPU kernels on MLX's affine quantized layout (see mlxc.kernels.native)";
+  m.attr("built_with_mlx") =
+      MLXC_STR(MLX_VERSION_MAJOR) "." MLXC_STR(MLX_VERSION_MINOR) "." MLXC_STR(MLX_VERSION_PATCH);
+
+  m.def("qmatmul", &mlxc_native::qmatmul, "x"_a, "codes"_a, "scales"_a, "biases"_a, nb::kw_only(), "bits"_a,
+        "group_size"_a, "int8_activations"_a = true, "stream"_a = nb::none(),
+        "y = x @ W.T for W in MLX's affine layout (codes, scales, biases); y has x's dtype.");
+  m.def("qembed", &mlxc_native::qembed, "ids"_a, "codes"_a, "scales"_a, "biases"_a, nb::kw_only(), "bits"_a,
+        "group_size"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
+        "Rows ids of W, dequantized: shape ids.shape + (K,).");
+
+  m.def("isa", [] { return std::string(mlxc_native::active_kernels().name); },
+        "The instruction set whose kernels run.");
+  m.def("supported_isas", &mlxc_native::supported_isas, "Instruction sets this CPU can run, best first.");
+  m.def("set_isa", &mlxc_native::set_isa, "name"_a, "Choose kernels by name ('auto': the best); False if unsupported.");
+  m.def("threads", &mlxc_native::get_threads);
+  m.def("set_threads", &mlxc_native::set_threads, "n"_a, "Threads per call, the stream thread included; 0: default.");
+  m.def("default_threads", &mlxc_native::default_threads);
+  m.def("spin_us", &mlxc_native::get_spin_us);
+  m.def("set_spin_us", &mlxc_native::set_spin_us, "us"_a, "How long idle helper threads spin before sleeping.");
+}

@@ -1,0 +1,77 @@
+// Quantized matmul kernels on MLX's affine layout, free of MLX headers so that each instruction set's translation
+// unit can be compiled with its own flags (kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512vnni.cpp) while the
+// code that touches MLX (ops.cpp) is compiled for the baseline.
+//
+// Layout (MLX affine, bits in {4, 8}, group_size in {32, 64, 128}): W is N x K; row n is K*bits/8 bytes of codes,
+// element k in byte k*bits/8, 4-bit codes low nibble first; w[n, k] = scales[n, g] * code + biases[n, g] with
+// g = k / group_size. GGUF Q4_0 / Q4_1 / Q8_0 load into exactly this form with group_size 32.
+//
+// Activations are prepared once per call (prepare_acts): per 32-element block an int8 code q and a scale d with
+// x ~= d * q (|q| <= 127, d = max|x| / 127, round to nearest), or x in float for the float path, and the sum of x
+// over each weight group for the bias term sum_g b_g * sum_{k in g} x_k. On the int8 path that sum is of the
+// quantized values (d * sum q, llama.cpp's Q8_1 convention), so the result is exactly W @ x_quantized and the error
+// is sum_k w_k (x_k - d q_k); the exact sum would weight the error by w_k - b_g instead, and affine biases are
+// large (about the group's minimum), which measured 3x worse. For 4-bit weights a block's activations are stored as its 16 even elements followed by
+// its 16 odd ones, the order in which low and high nibbles come out of 16 code bytes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mlxc_native {
+
+enum class FloatType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+struct QWeight {
+  const uint8_t* codes;  // N rows of K * bits / 8 bytes
+  const void* scales;    // N x K / group_size, of scale_type
+  const void* biases;    // N x K / group_size, of scale_type
+  FloatType scale_type;
+  int64_t N;
+  int K;
+  int bits;
+  int group_size;
+};
+
+struct QActs {
+  int64_t M;
+  int K;
+  const int8_t* q;     // M x K int8 codes (int8 path), block order as above
+  const float* d;      // M x K/32 block scales (int8 path)
+  const float* xf;     // M x K floats in the same order (float path)
+  const float* gsum;   // M x K/group_size: sum of x (int8 path: of d * q) over each weight group
+};
+
+// Rows [n0, n1) of y = x @ W.T for all M activation rows; y[m * ldy + n], float.
+using QmmFn = void (*)(const QWeight&, const QActs&, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
+struct KernelSet {
+  const char* name;
+  QmmFn qmm_int8;   // activations quantized to int8 per 32-block, integer dot products
+  QmmFn qmm_float;  // activations in float, weights dequantized in registers
+};
+
+const KernelSet* kernels_scalar();
+// nullptr where not compiled in (non-x86 builds); the caller checks the CPU before using one.
+const KernelSet* kernels_avx2();
+const KernelSet* kernels_avx512();
+const KernelSet* kernels_avx512vnni();
+
+// Shared helpers (common.cpp, baseline flags).
+float f16_to_float(uint16_t h);
+float bf16_to_float(uint16_t h);
+void to_float(const void* src, FloatType t, int64_t n, float* dst);
+// x: M x K floats, row-major. int8 != 0 fills q and d, float_ != 0 fills xf; gsum always.
+void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bool int8, bool float_,
+                  int8_t* q, float* d, float* xf, float* gsum);
+
+// Row n's scales as floats, one per 32-block (repeated for group sizes above 32), and its biases, one per group.
+// *s and *b point into the weight arrays when they are already f32 (group size 32 for *s), else into sbuf (K/32
+// floats) and bbuf (K/group_size floats). Defined out of line, in the baseline translation unit: the SIMD units use
+// nothing inline from a header but intrinsics, so the linker cannot pick an AVX-512 copy of shared code.
+void row_scales(const QWeight& w, int64_t n, float* sbuf, float* bbuf, const float** s, const float** b);
+
+// Largest K the kernels take (their per-row buffers live on the stack).
+constexpr int kMaxK = 131072;
+
+}  // namespace mlxc_native

@@ -1,0 +1,322 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "dispatch.h"
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/common/utils.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "parallel.h"
+
+namespace mlxc_native {
+namespace {
+
+// Below this many multiply-adds a call runs on the stream thread alone (waking a helper costs more).
+constexpr double kParallelMinWork = 1 << 17;
+
+FloatType float_type(mx::Dtype t) {
+  if (t == mx::float32) return FloatType::f32;
+  if (t == mx::float16) return FloatType::f16;
+  return FloatType::bf16;
+}
+
+bool is_float(mx::Dtype t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
+
+[[noreturn]] void fail(const char* op, const std::string& what) {
+  throw std::invalid_argument(std::string("[") + op + "] " + what);
+}
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+// Validates MLX's affine layout; returns K (the unpacked row length).
+int check_layout(const char* op, const mx::array& codes, const mx::array& scales, const mx::array& biases, int bits,
+                 int group_size) {
+  if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (codes.dtype() != mx::uint32 || codes.ndim() != 2) fail(op, "codes must be a 2-D uint32 array");
+  if (scales.ndim() != 2 || scales.shape() != biases.shape())
+    fail(op, "scales and biases must be 2-D arrays of one shape, got " + shape_str(scales.shape()) + " and " +
+                 shape_str(biases.shape()));
+  if (!is_float(scales.dtype()) || scales.dtype() != biases.dtype())
+    fail(op, "scales and biases must share one floating dtype (float32, float16 or bfloat16)");
+  const int64_t K = static_cast<int64_t>(codes.shape(1)) * 32 / bits;
+  if (scales.shape(0) != codes.shape(0) || static_cast<int64_t>(scales.shape(1)) * group_size != K)
+    fail(op, "codes " + shape_str(codes.shape()) + " hold rows of " + std::to_string(K) + " " +
+                 std::to_string(bits) + "-bit values, which need scales of shape (" + std::to_string(codes.shape(0)) +
+                 ", " + std::to_string(K / group_size) + ") for group_size " + std::to_string(group_size) +
+                 ", got " + shape_str(scales.shape()));
+  if (K > kMaxK) fail(op, "rows longer than " + std::to_string(kMaxK) + " are not supported");
+  return static_cast<int>(K);
+}
+
+// Row-major data of `a`: its own buffer when row-contiguous, else a strided copy into buf.
+const char* contiguous(const mx::array& a, std::vector<char>& buf) {
+  if (a.flags().row_contiguous) return a.data<char>();
+  const size_t item = a.itemsize();
+  buf.resize(a.size() * item);
+  const char* src = a.data<char>();
+  for (size_t i = 0; i < a.size(); ++i)
+    std::memcpy(buf.data() + i * item, src + mx::elem_to_loc(static_cast<int>(i), a.shape(), a.strides()) * item,
+                item);
+  return buf.data();
+}
+
+template <typename T>
+void convert_to_float(const T* src, size_t n, float* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void convert_from_float(const float* src, size_t n, T* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+struct Scratch {
+  std::vector<char> xc, cc, sc, bc;
+  std::vector<float> x32, d, xf, gsum, y;
+  std::vector<int8_t> q;
+};
+
+void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
+                 mx::array& out, int bits, int group_size, bool int8) {
+  const int K = x.shape(-1);
+  const int64_t N = codes.shape(0), M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
+  if (M == 0 || N == 0) return;
+  thread_local Scratch t;
+
+  // activations as float32 rows, then prepared for the kernels
+  const char* xraw = contiguous(x, t.xc);
+  const float* x32;
+  if (x.dtype() == mx::float32) {
+    x32 = reinterpret_cast<const float*>(xraw);
+  } else {
+    t.x32.resize(M * K);
+    if (x.dtype() == mx::float16)
+      convert_to_float(reinterpret_cast<const mx::float16_t*>(xraw), M * K, t.x32.data());
+    else
+      convert_to_float(reinterpret_cast<const mx::bfloat16_t*>(xraw), M * K, t.x32.data());
+    x32 = t.x32.data();
+  }
+  const int nb = K / 32, G = K / group_size;
+  t.gsum.resize(M * G);
+  if (int8) {
+    t.q.resize(M * K);
+    t.d.resize(M * nb);
+  } else {
+    t.xf.resize(M * K);
+  }
+  prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data());
+
+  const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, t.cc)), contiguous(scales, t.sc),
+                  contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size};
+  const QActs a{M, K, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data()};
+  float* y = out.data<float>();
+  if (out.dtype() != mx::float32) {
+    t.y.resize(M * N);
+    y = t.y.data();
+  }
+  const KernelSet& ks = active_kernels();
+  const QmmFn fn = int8 ? ks.qmm_int8 : ks.qmm_float;
+  const int threads = get_threads();
+  if (threads > 1 && static_cast<double>(M) * N * K >= kParallelMinWork) {
+    // about 8 chunks per thread, whole multiples of 4 rows
+    int64_t rows = (N + threads * 8 - 1) / (threads * 8);
+    rows = std::max<int64_t>(4, (rows + 3) / 4 * 4);
+    const int64_t nchunks = (N + rows - 1) / rows;
+    parallel_for(nchunks, threads, [&](int64_t c) { fn(w, a, y, N, c * rows, std::min(N, (c + 1) * rows)); });
+  } else {
+    fn(w, a, y, N, 0, N);
+  }
+  if (out.dtype() == mx::float16)
+    convert_from_float(y, M * N, out.data<mx::float16_t>());
+  else if (out.dtype() == mx::bfloat16)
+    convert_from_float(y, M * N, out.data<mx::bfloat16_t>());
+}
+
+template <typename I, typename T>
+void embed_rows(const I* ids, size_t count, const QWeight& w, T* out) {
+  const int K = w.K, G = K / w.group_size;
+  std::vector<float> sbuf(K / 32), bbuf(G);
+  const float *s, *b;
+  const size_t row_bytes = static_cast<size_t>(K) * w.bits / 8;
+  for (size_t i = 0; i < count; ++i) {
+    int64_t n = static_cast<int64_t>(ids[i]);
+    if (n < 0) n += w.N;                      // negative ids count from the end, as in Python
+    n = std::min<int64_t>(std::max<int64_t>(n, 0), w.N - 1);  // out of range: clamped
+    row_scales(w, n, sbuf.data(), bbuf.data(), &s, &b);
+    const uint8_t* c = w.codes + n * row_bytes;
+    T* o = out + i * K;
+    for (int k = 0; k < K; ++k) {
+      const int code = w.bits == 4 ? (c[k >> 1] >> ((k & 1) * 4)) & 0x0F : c[k];
+      o[k] = static_cast<T>(s[k / 32] * static_cast<float>(code) + b[k / w.group_size]);
+    }
+  }
+}
+
+template <typename I>
+void embed_dispatch_out(const I* ids, size_t count, const QWeight& w, mx::array& out) {
+  if (out.dtype() == mx::float32)
+    embed_rows(ids, count, w, out.data<float>());
+  else if (out.dtype() == mx::float16)
+    embed_rows(ids, count, w, out.data<mx::float16_t>());
+  else
+    embed_rows(ids, count, w, out.data<mx::bfloat16_t>());
+}
+
+void run_qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
+                mx::array& out, int bits, int group_size) {
+  if (ids.size() == 0) return;
+  std::vector<char> ic, cc, sc, bc;
+  const char* idp = contiguous(ids, ic);
+  const int K = static_cast<int>(static_cast<int64_t>(codes.shape(1)) * 32 / bits);
+  const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, cc)), contiguous(scales, sc),
+                  contiguous(biases, bc), float_type(scales.dtype()), codes.shape(0), K, bits, group_size};
+  switch (ids.dtype()) {
+    case mx::int32:
+      return embed_dispatch_out(reinterpret_cast<const int32_t*>(idp), ids.size(), w, out);
+    case mx::uint32:
+      return embed_dispatch_out(reinterpret_cast<const uint32_t*>(idp), ids.size(), w, out);
+    case mx::int64:
+      return embed_dispatch_out(reinterpret_cast<const int64_t*>(idp), ids.size(), w, out);
+    case mx::uint64:
+      return embed_dispatch_out(reinterpret_cast<const uint64_t*>(idp), ids.size(), w, out);
+    case mx::int16:
+      return embed_dispatch_out(reinterpret_cast<const int16_t*>(idp), ids.size(), w, out);
+    case mx::uint16:
+      return embed_dispatch_out(reinterpret_cast<const uint16_t*>(idp), ids.size(), w, out);
+    case mx::int8:
+      return embed_dispatch_out(reinterpret_cast<const int8_t*>(idp), ids.size(), w, out);
+    default:
+      return embed_dispatch_out(reinterpret_cast<const uint8_t*>(idp), ids.size(), w, out);
+  }
+}
+
+mx::Stream cpu_stream(mx::StreamOrDevice s) {
+  mx::Stream st = mx::to_stream(s, mx::Device::cpu);
+  if (st.device != mx::Device::cpu) throw std::invalid_argument("mlxc native kernels run on the CPU only");
+  return st;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------- qmatmul
+
+mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
+                  int bits, int group_size, bool int8_activations, mx::StreamOrDevice s) {
+  const char* op = "mlxc.qmatmul";
+  const int K = check_layout(op, codes, scales, biases, bits, group_size);
+  if (x.ndim() < 1 || x.shape(-1) != K)
+    fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K) + " to multiply W of shape (" +
+                 std::to_string(codes.shape(0)) + ", " + std::to_string(K) + ")");
+  if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
+  mx::Shape shape = x.shape();
+  shape.back() = codes.shape(0);
+  return mx::array(std::move(shape), x.dtype(),
+                   std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, int8_activations),
+                   {x, codes, scales, biases});
+}
+
+void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), codes = mx::array::unsafe_weak_copy(inputs[1]),
+                scales = mx::array::unsafe_weak_copy(inputs[2]), biases = mx::array::unsafe_weak_copy(inputs[3]),
+                out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_, int8 = int8_]() mutable {
+    run_qmatmul(x, codes, scales, biases, out, bits, gs, int8);
+  });
+}
+
+void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[MlxcQMatmul] has no GPU implementation");
+}
+
+std::vector<mx::Shape> QMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
+}
+
+bool QMatmul::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QMatmul&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && int8_ == o.int8_;
+}
+
+std::vector<mx::array> QMatmul::jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                                    const std::vector<int>& argnums) {
+  for (int a : argnums)
+    if (a != 0) throw std::invalid_argument("[MlxcQMatmul] is differentiable with respect to x only");
+  return {qmatmul(tangents[0], primals[1], primals[2], primals[3], bits_, group_size_, int8_, stream())};
+}
+
+std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                    const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  std::vector<mx::array> grads;
+  for (int a : argnums) {
+    if (a != 0) throw std::invalid_argument("[MlxcQMatmul] is differentiable with respect to x only");
+    // d/dx (x @ W.T) = cotangent @ W: MLX's quantized matmul without the transpose
+    const auto& sc = primals[2];
+    auto g = mx::quantized_matmul(mx::astype(cotangents[0], sc.dtype(), stream()), primals[1], sc, primals[3],
+                                  /*transpose=*/false, group_size_, bits_, "affine", stream());
+    grads.push_back(mx::astype(g, primals[0].dtype(), stream()));
+  }
+  return grads;
+}
+
+// ---------------------------------------------------------------------------------------------------- qembed
+
+mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
+                 int bits, int group_size, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
+  const char* op = "mlxc.qembed";
+  const int K = check_layout(op, codes, scales, biases, bits, group_size);
+  if (!mx::issubdtype(ids.dtype(), mx::integer)) fail(op, "ids must be integers");
+  const mx::Dtype out_type = dtype.value_or(scales.dtype());
+  if (!is_float(out_type)) fail(op, "dtype must be float32, float16 or bfloat16");
+  mx::Shape shape = ids.shape();
+  shape.push_back(K);
+  return mx::array(std::move(shape), out_type, std::make_shared<QEmbed>(cpu_stream(s), bits, group_size),
+                   {ids, codes, scales, biases});
+}
+
+void QEmbed::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch([ids = mx::array::unsafe_weak_copy(inputs[0]), codes = mx::array::unsafe_weak_copy(inputs[1]),
+                scales = mx::array::unsafe_weak_copy(inputs[2]), biases = mx::array::unsafe_weak_copy(inputs[3]),
+                out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_]() mutable {
+    run_qembed(ids, codes, scales, biases, out, bits, gs);
+  });
+}
+
+void QEmbed::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[MlxcQEmbed] has no GPU implementation");
+}
+
+std::vector<mx::Shape> QEmbed::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape shape = inputs[0].shape();
+  shape.push_back(static_cast<int>(static_cast<int64_t>(inputs[1].shape(1)) * 32 / bits_));
+  return {shape};
+}
+
+bool QEmbed::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QEmbed&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+}  // namespace mlxc_native

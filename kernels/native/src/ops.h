@@ -1,0 +1,56 @@
+// The MLX side: primitives that put the kernels into MLX's lazy graph (so they run under mx.compile like built-ins).
+#pragma once
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace mlxc_native {
+
+namespace mx = mlx::core;
+
+// y = x @ W.T with W in MLX's affine layout (codes uint32 [N, K*bits/32], scales and biases [N, K/group_size] in
+// float32, float16 or bfloat16). x: [..., K] in float32, float16 or bfloat16; y: [..., N] in x's dtype.
+// int8_activations: quantize x to int8 per 32-block for integer dot products (else float).
+mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
+                  int bits, int group_size, bool int8_activations, mx::StreamOrDevice s = {});
+
+// Rows of a quantized matrix, dequantized: ids [...] (integer) -> [..., K] in `dtype` (default: the scales' dtype).
+mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
+                 int bits, int group_size, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s = {});
+
+class QMatmul : public mx::UnaryPrimitive {
+ public:
+  QMatmul(mx::Stream stream, int bits, int group_size, bool int8_activations)
+      : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size), int8_(int8_activations) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "MlxcQMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int bits_, group_size_;
+  bool int8_;
+};
+
+class QEmbed : public mx::UnaryPrimitive {
+ public:
+  QEmbed(mx::Stream stream, int bits, int group_size) : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "MlxcQEmbed"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int bits_, group_size_;
+};
+
+}  // namespace mlxc_native

@@ -1,0 +1,291 @@
+"""Native CPU kernels (mlxc.kernels.native): each kernel against its reference, `mx.dequantize` then a float32
+matmul in MLX, on every instruction set this CPU runs (the portable C++ path included), every bit width and group
+size, odd shapes (rows not a multiple of 8, batch 1 and 7, K = 32 x odd), float16/bfloat16 scales and activations,
+GGUF Q4_0/Q4_1/Q8_0 blocks as mlxc loads them, under `mx.compile` and inside a graph of other ops.
+
+Tolerances. The float path differs from the reference only by float32 summation order: |err| <= 1e-5 * (|x| @ |W|.T).
+The int8 path quantizes each 32-element activation block to x ~= d * q, d = max|x_block| / 127, so each element is
+off by at most d / 2 and the result is exactly W @ (d q) (the biases multiply block sums of d q), so
+    |y - x @ W.T| <= sum_blocks (d / 2) * sum_{k in block} |W[n, k]|       (the bound `act_bound` computes)
+plus the same float32 slack, and its RMS is that of rounding noise (variance sum_blocks d^2/12 * sum_block W^2):
+about 5e-3 of the output's RMS for Gaussian activations, more for activations with outliers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from mlxc.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
+
+ISAS = native.supported_isas()
+BITS_GROUPS = [(4, 32), (8, 32), (4, 64), (8, 64), (4, 128), (8, 128)]
+# (M, N, K): batch 1 and 7 (and 4, 5: full and partial register tiles), N not a multiple of 8, K = 32 x odd
+SHAPES = [(1, 37, 32 * 7), (7, 61, 32 * 9), (1, 5, 32), (4, 13, 32 * 3), (5, 19, 32 * 17)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa("auto")
+
+
+def k_for(k: int, group_size: int) -> int:
+    """K as given when the group size divides it, else the nearest odd multiple of the group size."""
+    if k % group_size == 0:
+        return k
+    n = max(1, k // group_size)
+    return group_size * (n if n % 2 else n + 1)
+
+
+def weight(n: int, k: int, bits: int, group_size: int, seed: int = 0, dtype=mx.float32):
+    """Codes, scales and biases of a random weight, and the weight they represent (float32)."""
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+    codes, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    ref = mx.dequantize(codes, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
+    return codes, scales, biases, ref
+
+
+def activations(m: int, k: int, seed: int = 1) -> mx.array:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, ::7] *= 4.0  # some larger entries, as activations have
+    return mx.array(x)
+
+
+def act_bound(x: mx.array, w: mx.array) -> np.ndarray:
+    """The int8 path's worst-case error: sum over 32-blocks of (max|x_block| / 254) * sum_block |W[n, :]|."""
+    xb = np.abs(np.array(x, np.float64)).reshape(x.shape[0], -1, 32)
+    half_d = xb.max(axis=2) / 127.0 / 2.0                                    # M x blocks
+    wb = np.abs(np.array(w, np.float64)).reshape(w.shape[0], -1, 32).sum(2)  # N x blocks
+    return half_d @ wb.T
+
+
+def float_slack(x: mx.array, w: mx.array, rel: float = 1e-5) -> np.ndarray:
+    return rel * (np.abs(np.array(x, np.float64)) @ np.abs(np.array(w, np.float64)).T) + 1e-6
+
+
+def assert_int8_close(y, x, w):
+    ref = np.array(x @ w.T, np.float64)
+    err = np.abs(np.array(y, np.float64) - ref)
+    bound = act_bound(x, w) + float_slack(x, w)
+    worst = (err / bound).max()
+    assert worst <= 1.0, f"error {err.max():.3g} exceeds the activation-quantization bound (ratio {worst:.3f})"
+    # and it behaves like rounding noise: uniform on [-d/2, d/2] per element, variance sum_b d^2/12 sum_block W^2
+    xb = np.abs(np.array(x, np.float64)).reshape(x.shape[0], -1, 32).max(axis=2) / 127.0
+    wb = (np.array(w, np.float64) ** 2).reshape(w.shape[0], -1, 32).sum(2)
+    predicted = np.sqrt(((xb ** 2 / 12.0) @ wb.T).mean())
+    assert np.sqrt((err ** 2).mean()) <= 2.0 * predicted + 1e-6
+
+
+@pytest.mark.parametrize("bits,group_size", BITS_GROUPS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_path_within_activation_quantization_bound(isa, bits, group_size, m, n, k):
+    k = k_for(k, group_size)
+    codes, scales, biases, w = weight(n, k, bits, group_size)
+    x = activations(m, k)
+    y = native.qmatmul(x, codes, scales, biases, bits=bits, group_size=group_size)
+    assert y.shape == (m, n) and y.dtype == mx.float32
+    assert_int8_close(y, x, w)
+
+
+@pytest.mark.parametrize("bits,group_size", BITS_GROUPS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_float_path_equals_reference(isa, bits, group_size, m, n, k):
+    k = k_for(k, group_size)
+    codes, scales, biases, w = weight(n, k, bits, group_size)
+    x = activations(m, k)
+    y = native.qmatmul(x, codes, scales, biases, bits=bits, group_size=group_size, int8_activations=False)
+    err = np.abs(np.array(y, np.float64) - np.array(x @ w.T, np.float64))
+    assert (err <= float_slack(x, w)).all(), f"max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 32), (4, 128)])
+def test_every_isa_computes_what_the_portable_kernel_computes(bits, group_size):
+    """Same quantized activations, same integer sums: the SIMD kernels differ from the scalar C++ only in float
+    summation order (and the int8 error is the same, not just within the same bound)."""
+    m, n, k = 7, 45, k_for(32 * 11, group_size)
+    codes, scales, biases, w = weight(n, k, bits, group_size, seed=3)
+    x = activations(m, k, seed=4)
+    results = {}
+    try:
+        for name in ISAS:
+            native.set_isa(name)
+            results[name] = np.array(native.qmatmul(x, codes, scales, biases, bits=bits, group_size=group_size))
+    finally:
+        native.set_isa("auto")
+    for name, y in results.items():
+        np.testing.assert_allclose(y, results["scalar"], rtol=0, atol=float_slack(x, w).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("scale_dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("int8", [True, False])
+def test_half_precision_scales(isa, scale_dtype, int8):
+    """GGUF keeps scales in float16; they are read as such (no float32 copy needed)."""
+    codes, scales, biases, w = weight(29, 32 * 5, 4, 32, dtype=scale_dtype)
+    x = activations(3, 32 * 5)
+    y = native.qmatmul(x, codes, scales, biases, bits=4, group_size=32, int8_activations=int8)
+    if int8:
+        assert_int8_close(y, x, w)
+    else:
+        np.testing.assert_array_less(np.abs(np.array(y - x @ w.T)), float_slack(x, w))
+
+
+@pytest.mark.parametrize("x_dtype,eps", [(mx.float16, 2.0 ** -11), (mx.bfloat16, 2.0 ** -8)])
+@pytest.mark.parametrize("int8", [True, False])
+def test_half_precision_activations(x_dtype, eps, int8):
+    codes, scales, biases, w = weight(33, 32 * 7, 8, 32)
+    x = activations(2, 32 * 7).astype(x_dtype)
+    y = native.qmatmul(x, codes, scales, biases, bits=8, group_size=32, int8_activations=int8)
+    assert y.dtype == x_dtype
+    x32 = x.astype(mx.float32)
+    ref = np.array(x32 @ w.T, np.float64)
+    allowed = (act_bound(x32, w) if int8 else 0) + float_slack(x32, w) + np.abs(ref) * eps
+    assert (np.abs(np.array(y.astype(mx.float32), np.float64) - ref) <= allowed).all()
+
+
+def test_leading_dimensions_and_strided_inputs():
+    codes, scales, biases, w = weight(21, 32 * 3, 4, 32)
+    x = activations(6, 32 * 3).reshape(2, 3, 32 * 3)
+    y = native.qmatmul(x, codes, scales, biases, bits=4, group_size=32, int8_activations=False)
+    assert y.shape == (2, 3, 21)
+    np.testing.assert_allclose(np.array(y), np.array(x @ w.T), atol=1e-5)
+    # a transposed view of x and every other row of the weight: copied through their strides
+    xt = mx.array(np.array(x[0]).T.copy()).T  # (3, K) view of a (K, 3) array
+    rows = slice(None, None, 2)
+    ys = native.qmatmul(xt, codes[rows], scales[rows], biases[rows], bits=4, group_size=32, int8_activations=False)
+    np.testing.assert_allclose(np.array(ys), np.array(xt @ w[rows].T), atol=1e-5)
+
+
+def test_threads_do_not_change_results():
+    codes, scales, biases, _ = weight(1003, 32 * 9, 4, 32)  # large enough to be split between threads
+    x = activations(7, 32 * 9)
+    before = native.threads()
+    try:
+        native.set_threads(1)
+        one = np.array(native.qmatmul(x, codes, scales, biases, bits=4, group_size=32))
+        native.set_threads(2)
+        two = np.array(native.qmatmul(x, codes, scales, biases, bits=4, group_size=32))
+    finally:
+        native.set_threads(before)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("shapeless", [False, True])
+def test_under_mx_compile(shapeless):
+    codes, scales, biases, w = weight(40, 32 * 5, 4, 32)
+
+    def f(x):
+        return native.qmatmul(x, codes, scales, biases, bits=4, group_size=32)
+
+    g = mx.compile(f, shapeless=shapeless)
+    for m in (1, 7, 3):
+        x = activations(m, 32 * 5, seed=m)
+        np.testing.assert_array_equal(np.array(g(x)), np.array(f(x)))
+        assert_int8_close(g(x), x, w)
+
+
+def test_in_a_graph_with_other_ops():
+    """An MLP block (RMSNorm, SwiGLU on quantized gate/up/down projections, residual) through the native kernels in
+    float mode equals the same block on the dequantized weights, eagerly and compiled."""
+    d, hidden = 32 * 5, 32 * 9
+    gate, up = weight(hidden, d, 4, 32, seed=10), weight(hidden, d, 4, 32, seed=11)
+    down = weight(d, hidden, 8, 32, seed=12)
+    norm = mx.array(np.random.default_rng(5).standard_normal(d).astype(np.float32))
+
+    def block(x, mm):
+        h = mx.fast.rms_norm(x, norm, 1e-5)
+        return x + mm(mx.sigmoid(mm(h, gate)) * mm(h, gate) * mm(h, up), down)
+
+    def native_mm(x, w):
+        return native.qmatmul(x, *w[:3], bits=8 if w is down else 4, group_size=32, int8_activations=False)
+
+    x = activations(7, d).reshape(1, 7, d)
+    ref = block(x, lambda x, w: x @ w[3].T)
+    got = block(x, native_mm)
+    compiled = mx.compile(lambda x: block(x, native_mm))(x)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(compiled), np.array(got), rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_with_respect_to_x():
+    codes, scales, biases, w = weight(17, 32 * 3, 4, 32)
+    x = activations(2, 32 * 3)
+    g = mx.grad(lambda x: native.qmatmul(x, codes, scales, biases, bits=4, group_size=32).sum())(x)
+    np.testing.assert_allclose(np.array(g), np.array(mx.ones((2, 17)) @ w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size", BITS_GROUPS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_qembed_equals_dequantized_rows(bits, group_size, dtype):
+    codes, scales, biases, _ = weight(50, 32 * 12, bits, group_size, dtype=dtype)
+    ids = mx.array([[3, 0, 49], [7, 7, 1]])
+    got = native.qembed(ids, codes, scales, biases, bits=bits, group_size=group_size)
+    # computed in float32 and rounded once (MLX's float16 dequantize rounds the product and the sum separately)
+    ref = mx.dequantize(codes[ids], scales[ids].astype(mx.float32), biases[ids].astype(mx.float32),
+                        group_size=group_size, bits=bits)
+    assert got.shape == (2, 3, 32 * 12) and got.dtype == dtype
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref),
+                               rtol=2.0 ** -11 if dtype == mx.float16 else 1e-6, atol=1e-7)
+    compiled = mx.compile(lambda i: native.qembed(i, codes, scales, biases, bits=bits, group_size=group_size))
+    np.testing.assert_array_equal(np.array(compiled(ids).astype(mx.float32)), np.array(got.astype(mx.float32)))
+
+
+def test_gguf_blocks_as_mlxc_loads_them(tmp_path):
+    """Q4_0, Q4_1 and Q8_0 tensors written by the `gguf` package and read by mlxc's loader (fp16 scales, MLX's
+    affine layout): the kernels multiply by exactly the weights the gguf package dequantizes."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    from mlxc.runtime import weights as W
+
+    rng = np.random.default_rng(8)
+    path = tmp_path / "blocks.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    want, types = {}, {}
+    for name, qtype, rows in (("a", Q.Q4_0, 19), ("b", Q.Q4_1, 37), ("c", Q.Q8_0, 11)):
+        w = rng.standard_normal((rows, 32 * 7)).astype(np.float32) * np.float32(0.1)
+        blocks = quantize(w, qtype)
+        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+        want[name] = mx.array(dequantize(blocks, qtype))
+        types[name] = W.GGUF_NATIVE[qtype.name]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    x = activations(7, 32 * 7, seed=9)
+    for name, t in W.read_gguf_blocks(path, types).items():
+        args = (t.codes, t.scales, t.biases)
+        exact = native.qmatmul(x, *args, bits=t.quant.bits, group_size=32, int8_activations=False)
+        ref = x @ want[name].T
+        assert (np.abs(np.array(exact - ref)) <= float_slack(x, want[name])).all(), name
+        assert_int8_close(native.qmatmul(x, *args, bits=t.quant.bits, group_size=32), x, want[name])
+
+
+def test_bad_arguments_are_refused_with_a_reason():
+    codes, scales, biases, _ = weight(8, 64, 4, 32)
+    with pytest.raises(ValueError, match="must end in K = 64"):
+        native.qmatmul(mx.zeros((2, 32)), codes, scales, biases, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="group_size"):
+        native.qmatmul(mx.zeros((2, 64)), codes, scales, biases, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="scales of shape"):
+        native.qmatmul(mx.zeros((2, 128)), codes, scales, biases, bits=8, group_size=64)
+    with pytest.raises(ValueError, match="uint32"):
+        native.qmatmul(mx.zeros((2, 64)), codes.astype(mx.int32), scales, biases, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="cannot run"):
+        native.set_isa("neon")
+
+
+def test_reports_what_runs():
+    assert native.reason() is None
+    assert native.isa() in ISAS and ISAS[-1] == "scalar"
+    assert native.threads() >= 1
+    assert native.isa() in native.describe()
