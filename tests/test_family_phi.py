@@ -236,6 +236,21 @@ def test_the_window_matters(tmp_path_factory):
     assert mlxc.load(str(path)).module.CACHE_WINDOWS == [WINDOW] * 2
 
 
+@pytest.mark.parametrize("cls, make", [
+    ("PhiForSequenceClassification", _phi),
+    ("Phi3ForSequenceClassification", _phi3),
+    ("Phi3ForTokenClassification", _phi3),
+])
+def test_task_heads(cls, make, tmp_path):
+    """Classification checkpoints of both families (a padded batch: the sequence head pools the last real token)."""
+    _, config = make(num_labels=3)
+    hf = save_checkpoint(getattr(transformers, cls), config, tmp_path / "ckpt", seed=7)
+    tokens = ids(VOCAB, seed=14)
+    tokens[1, -4:] = config.pad_token_id
+    model = mlxc.load(str(tmp_path / "ckpt"))
+    assert max_diff(np.array(model(mx.array(tokens)).logits), hf_logits(hf, tokens)) <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------ passes and artifacts
 
 
