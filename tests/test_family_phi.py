@@ -369,6 +369,78 @@ def test_longrope_survives_the_ir_text(tmp_path_factory):
     assert print_program(parse_program(text)) == text
 
 
+# -------------------------------------------------------------------------------------------------------- GGUF
+
+# llama.cpp's `phi2` names for Hugging Face's (its tensor table), written out here for the test
+_GGUF_NAMES = (
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.(weight|bias)", r"blk.\1.attn_norm.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.dense\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blk.\1.ffn_up.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blk.\1.ffn_down.\2"),
+    (r"model\.final_layernorm\.(weight|bias)", r"output_norm.\1"),
+    (r"lm_head\.(weight|bias)", r"output.\1"),
+)
+
+
+def write_phi2_gguf(hf, path: Path, fuse_qkv: bool = False) -> Path:
+    """The checkpoint's float32 tensors under llama.cpp's names with the metadata its converter writes (rotary
+    features as `rope.dimension_count`, Q/K rows as stored), plus a small byte-level vocabulary."""
+    import re
+
+    gguf = pytest.importorskip("gguf")
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "phi2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_eps(c.layer_norm_eps)
+    w.add_rope_dimension_count(hf.model.layers[0].self_attn.rotary_ndims)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(c.vocab_size - 3)])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    tensors = {}
+    for name, p in hf.named_parameters():  # a tied head is listed once, as the embedding: no output.weight
+        gguf_name = next(m.expand(t) for pat, t in _GGUF_NAMES if (m := re.fullmatch(pat, name)))
+        tensors[gguf_name] = p.detach().float().numpy()
+    if fuse_qkv:  # the original Phi-2 release's layout
+        for i in range(c.num_hidden_layers):
+            for leaf in ("weight", "bias"):
+                parts = [tensors.pop(f"blk.{i}.attn_{x}.{leaf}") for x in "qkv"]
+                tensors[f"blk.{i}.attn_qkv.{leaf}"] = np.concatenate(parts, axis=0)
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("name", ["phi2", "phi2-tied-gqa"])
+def test_phi2_gguf_matches_the_checkpoint(name, tmp_path_factory, tmp_path):
+    hf, path = _case(name, tmp_path_factory)
+    model = mlxc.load(str(write_phi2_gguf(hf, tmp_path / f"{name}.gguf")))
+    assert model.spec.family == "phi" and model.spec.tie_word_embeddings == hf.config.tie_word_embeddings
+    # the same architecture as the Hugging Face config describes, parameter for parameter
+    assert str(mlxc.lower(model.spec)) == str(mlxc.lower(mlxc.load(str(path)).spec))
+    tokens = ids(VOCAB, seed=12)
+    err = max_diff(np.array(model(mx.array(tokens)).logits), hf_logits(hf, tokens))
+    assert err <= 1e-4, f"{name} GGUF: max |logits diff| = {err:.2e}"
+
+
+def test_phi2_gguf_with_fused_qkv_is_refused(tmp_path_factory, tmp_path):
+    hf, _ = _case("phi2", tmp_path_factory)
+    with pytest.raises(MlxcError, match="fused attn_qkv"):
+        mlxc.load(str(write_phi2_gguf(hf, tmp_path / "fused.gguf", fuse_qkv=True)))
+
+
 # ------------------------------------------------------------------------------------------------------ export
 
 

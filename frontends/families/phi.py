@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ...ir.attrs import RopeKind
+from ..gguf import GGUFArch, tensor_rules
 from ..spec import Activation, FFNType, ModelSpec, NormType, Residual, RopeSpec
 from .base import HEAD_NAMES, Family, NameTable
 
@@ -44,6 +45,31 @@ NAMES = NameTable(
     fields={"qkv": "[qkv]", "qk": "[qk]"},
     ignored=r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",  # recomputed from the config
 )
+
+
+# llama.cpp's `phi2` tensor names (its converter keeps Q/K rows in Hugging Face's order: Phi's rope is NeoX-style)
+GGUF_TENSORS = tensor_rules(
+    (r"token_embd\.weight", "embed_tokens.weight"),
+    (r"blk\.(\d+)\.attn_norm\.(weight|bias)", r"layers.\1.input_norm.\2"),
+    (r"blk\.(\d+)\.attn_([qkv])\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"layers.\1.attn.o_proj.\2"),
+    (r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"layers.\1.mlp.up_proj.\2"),
+    (r"blk\.(\d+)\.ffn_down\.(weight|bias)", r"layers.\1.mlp.down_proj.\2"),
+    (r"output_norm\.(weight|bias)", r"norm.\1"),
+    (r"output\.(weight|bias)", r"lm_head.\1"),
+    (r"blk\.(\d+)\.attn_rot_embd", None),
+)
+
+
+def gguf_fields(g, common: dict[str, Any]) -> dict[str, Any]:
+    """Phi's block from a `phi2` GGUF: what the common keys cannot say. Files that store Q/K/V fused (`attn_qkv`,
+    from the original Phi-2 release) are refused by name."""
+    if g.has_tensor(r"blk\.\d+\.attn_qkv\.weight"):
+        raise g.error("fused attn_qkv tensors (converted from the original Phi-2 format) are not supported; "
+                      "convert the Hugging Face checkpoint (separate q/k/v projections) instead")
+    return dict(norm=NormType.LAYER, norm_eps=g.get("attention.layer_norm_epsilon", 1e-5),
+                residual=Residual.PARALLEL, ffn=FFNType.DENSE, activation=Activation.GELU_TANH,
+                attention_bias=True, mlp_bias=True, lm_head_bias=g.has_tensor(r"output\.bias"))
 
 
 def rope_dict(c) -> Mapping[str, Any]:
@@ -133,6 +159,7 @@ FAMILIES = (
             r"(model\.)?layers\.\d+\.mlp\.fc1\.weight",
             r"(model\.)?final_layernorm\.weight",
         ),
+        gguf=GGUFArch("phi2", "phi", GGUF_TENSORS, spec_fields=gguf_fields),
         presets=PRESETS,
         hub_ids=((r"microsoft/phi-2", "phi2"),),
         to_hf_config=to_hf_config,
