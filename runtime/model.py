@@ -136,6 +136,12 @@ class CompiledModel:
             self.require_causal_lm("decoding (model.step)")
         return self.net(ids, cache)
 
+    def _longrope_restart(self) -> int | None:
+        """Where generation restarts the cache, for a model whose spec says transformers does (Phi-3's LongRoPE)."""
+        from .generate import longrope_context
+
+        return longrope_context(self.program) if getattr(self.spec, "longrope_cache_restart", False) else None
+
     def make_cache(self, max_kv_size: int | None = None) -> list:
         """Fresh KV caches, one per attention layer; `max_kv_size` bounds every layer to that many positions."""
         from .cache import check_max_kv_size, make_caches
@@ -180,14 +186,14 @@ class CompiledModel:
         many positions in the KV cache (each new token attends to at most that many), so generation is unbounded.
         `stats` (a `GenerationStats`) is filled in with prompt and generation timings. `context` are the ids a
         given cache already holds: a LongRoPE model recomputes them when the sequence outgrows its original context."""
-        from .generate import generate_stream, longrope_context
+        from .generate import generate_stream
 
         self.require_causal_lm("model.stream")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self._cache_for(cache, max_kv_size)
         yield from generate_stream(self.step, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size,
-                                   logprobs=logprobs, stats=stats, recompute_at=longrope_context(self.program),
+                                   logprobs=logprobs, stats=stats, recompute_at=self._longrope_restart(),
                                    context=context)
 
     def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -196,13 +202,13 @@ class CompiledModel:
                  max_kv_size: int | None = None):
         """Prompt followed by up to `max_new_tokens` new ids, [batch, prompt + new]; with `logprobs=N` a
         `Generation` holding those ids plus each new token's log-probability and its top N alternatives."""
-        from .generate import generate, longrope_context
+        from .generate import generate
 
         self.require_causal_lm("model.generate")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         out = generate(self.step, ids, self.make_cache(max_kv_size), max_new_tokens, params,
-                       vocab_size=self.vocab_size, logprobs=logprobs, recompute_at=longrope_context(self.program))
+                       vocab_size=self.vocab_size, logprobs=logprobs, recompute_at=self._longrope_restart())
         return out.astype(ids.dtype) if logprobs is None else out
 
     # ------------------------------------------------------------------ text

@@ -156,6 +156,33 @@ def test_generation_crossing_the_original_context_recomputes_like_transformers(t
         assert prompt[0].tolist() + streamed == ref[0]
 
 
+def test_llama_with_longrope_keeps_its_cache_as_transformers_does(tmp_path):
+    """The restart is Phi-3's generation, not LongRoPE's: transformers' Llama with longrope scaling keeps its cache
+    across the boundary, and so does mlxc for it (the restart would give other tokens here)."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_scaling={**_longrope(8, original_max_position_embeddings=ORIGINAL),
+                                                    "rope_type": "longrope"})
+    hf = save_checkpoint(transformers.LlamaForCausalLM, config, tmp_path / "ckpt", seed=5, scale=0.3)
+    model = mlxc.load(str(tmp_path / "ckpt"))
+    assert model.spec.rope.kind == RopeKind.LONGROPE and not model.spec.longrope_cache_restart
+    for seq in (ORIGINAL, ORIGINAL + 8):
+        check_logits(hf, model, VOCAB, seq=seq)
+    from mlxc.runtime.generate import generate
+
+    differs = 0
+    for seed in range(3):
+        prompt = ids(VOCAB, (1, 9), seed=seed)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(prompt), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                              eos_token_id=None, pad_token_id=0).numpy().tolist()
+        assert np.array(model.generate(mx.array(prompt), max_new_tokens=16, temperature=0.0,
+                                       stop_tokens=())).tolist() == ref
+        restarted = generate(model.step, mx.array(prompt), model.make_cache(), 16, recompute_at=ORIGINAL)
+        differs += np.array(restarted).tolist() != ref
+    assert differs
+
+
 def test_a_continued_cache_recomputes_from_its_context(tmp_path):
     """A cache that already holds tokens (a chat's earlier turns) continues across the boundary when the stream is
     told what it holds (`context=`), and is refused a silent wrong answer when it is not."""

@@ -5,7 +5,8 @@ factors while the sequence is within `original_max_position_embeddings`, long on
 
 Config rules of transformers 5's Phi3Config: a top-level `original_max_position_embeddings` (default 4096) wins over
 the one inside the rope settings, the legacy rope types "su" and "yarn" both mean longrope, and a `sliding_window`
-(when not null) bounds attention on every layer.
+(when not null) bounds attention on every layer. Phi-3's generation recomputes its cache when the sequence first
+outgrows the original context (`longrope_cache_restart`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def config(c) -> dict[str, Any]:
             if got != wanted:
                 raise c.error(f"`{key}.{name}` has {got} entries; the rotary embedding has {wanted} frequencies "
                               f"(head_dim {head_dim} x partial_rotary_factor {partial} / 2)")
-    return {**fields, "partial_rotary_factor": partial, "sliding_window": c.get("sliding_window")}
+    return {**fields, "partial_rotary_factor": partial, "sliding_window": c.get("sliding_window"),
+            "longrope_cache_restart": True}
 
 
 def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
@@ -130,7 +132,7 @@ PRESETS = (
     ModelSpec(name="phi3-mini", family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
               num_layers=32, num_heads=32, num_kv_heads=32, max_position_embeddings=4096, norm_eps=1e-5,
               rope=RopeSpec(theta=10000.0), sliding_window=2047, bos_token_id=1, eos_token_ids=(32000,),
-              pad_token_id=32000),
+              pad_token_id=32000, longrope_cache_restart=True),
 )
 
 FAMILIES = (
