@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "dispatch.h"
+#include "kernels.h"
 #include "mlx/version.h"
 #include "ops.h"
 #include "parallel.h"
@@ -35,6 +36,16 @@ NB_MODULE(_mlxc_native, m) {
   m.def("threads", &mlxc_native::get_threads);
   m.def("set_threads", &mlxc_native::set_threads, "n"_a, "Threads per call, the stream thread included; 0: default.");
   m.def("default_threads", &mlxc_native::default_threads);
+  m.def(
+      "set_tuning",
+      [](const std::string& name, int value) {
+        auto& t = mlxc_native::tuning();
+        if (name == "prefetch_rows") t.prefetch_rows = value;
+        else if (name == "parallel_min_work") t.parallel_min_work = value;
+        else if (name == "chunks_per_thread") t.chunks_per_thread = value;
+        else throw std::invalid_argument("unknown tuning knob " + name);
+      },
+      "name"_a, "value"_a, "For experiments: prefetch_rows, parallel_min_work, chunks_per_thread.");
   m.def("spin_us", &mlxc_native::get_spin_us);
   m.def("set_spin_us", &mlxc_native::set_spin_us, "us"_a, "How long idle helper threads spin before sleeping.");
 }

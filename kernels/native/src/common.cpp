@@ -97,6 +97,11 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
   }
 }
 
+Tuning& tuning() {
+  static Tuning t;
+  return t;
+}
+
 void row_scales(const QWeight& w, int64_t n, float* sbuf, float* bbuf, const float** s, const float** b) {
   const int G = w.K / w.group_size, per = w.group_size / 32, nb = w.K / 32;
   if (w.scale_type == FloatType::f32) {

@@ -31,6 +31,7 @@ struct QWeight {
   int K;
   int bits;
   int group_size;
+  int prefetch_rows = 0;  // software prefetch this many rows ahead (0: none)
 };
 
 struct QActs {
@@ -71,7 +72,15 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
 // nothing inline from a header but intrinsics, so the linker cannot pick an AVX-512 copy of shared code.
 void row_scales(const QWeight& w, int64_t n, float* sbuf, float* bbuf, const float** s, const float** b);
 
+// Tuning knobs, read at each call (set from Python for experiments: _mlxc_native.set_tuning).
+struct Tuning {
+  int prefetch_rows = 8;
+  int parallel_min_work = 1 << 17;  // multiply-adds below which a call stays on one thread
+  int chunks_per_thread = 8;
+};
+Tuning& tuning();
+
 // Largest K the kernels take (their per-row buffers live on the stack).
-constexpr int kMaxK = 131072;
+constexpr int kMaxK = 65536;
 
 }  // namespace mlxc_native

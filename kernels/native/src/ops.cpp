@@ -17,9 +17,6 @@
 namespace mlxc_native {
 namespace {
 
-// Below this many multiply-adds a call runs on the stream thread alone (waking a helper costs more).
-constexpr double kParallelMinWork = 1 << 17;
-
 FloatType float_type(mx::Dtype t) {
   if (t == mx::float32) return FloatType::f32;
   if (t == mx::float16) return FloatType::f16;
@@ -120,8 +117,9 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   }
   prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data());
 
+  const Tuning& tu = tuning();
   const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, t.cc)), contiguous(scales, t.sc),
-                  contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size};
+                  contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size, tu.prefetch_rows};
   const QActs a{M, K, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data()};
   float* y = out.data<float>();
   if (out.dtype() != mx::float32) {
@@ -131,9 +129,10 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   const KernelSet& ks = active_kernels();
   const QmmFn fn = int8 ? ks.qmm_int8 : ks.qmm_float;
   const int threads = get_threads();
-  if (threads > 1 && static_cast<double>(M) * N * K >= kParallelMinWork) {
-    // about 8 chunks per thread, whole multiples of 4 rows
-    int64_t rows = (N + threads * 8 - 1) / (threads * 8);
+  if (threads > 1 && static_cast<double>(M) * N * K >= tu.parallel_min_work) {
+    // about chunks_per_thread chunks per thread, whole multiples of 4 rows
+    const int64_t target = static_cast<int64_t>(threads) * std::max(1, tu.chunks_per_thread);
+    int64_t rows = (N + target - 1) / target;
     rows = std::max<int64_t>(4, (rows + 3) / 4 * 4);
     const int64_t nchunks = (N + rows - 1) / rows;
     parallel_for(nchunks, threads, [&](int64_t c) { fn(w, a, y, N, c * rows, std::min(N, (c + 1) * rows)); });
