@@ -56,8 +56,7 @@ class _Lowering:
         for val, n, nm in ((q, nq, "q"), (k, nkv, "k"), (v, nkv, "v")):
             r = b.op("reshape", val, shape=[B, T, n, d], name=f"{nm}_heads")
             if a.qk_norm and nm != "v":  # over each head's features, before rope (Qwen3, Gemma 3)
-                r = self.norm(b, r, f"{nm}_norm", f"{nm}_normed", NormConfig(NormType.RMS, norm.eps, norm.unit_offset),
-                              d)
+                r = self.norm(b, r, f"{nm}_norm", f"{nm}_normed", norm, d)  # the model's kind: Phi's is LayerNorm
             heads.append(b.op("transpose", r, perm=[0, 2, 1, 3], name=f"{nm}_t"))
         q, k, v = heads
         if a.rope is not None:

@@ -257,15 +257,15 @@ class ModelSpec(_Frozen):
     moe: Optional[MoESpec] = None
     position: PositionEmbedding = PositionEmbedding.ROPE
     rope: RopeSpec = RopeSpec()
+    # generation empties the cache and runs the whole sequence again when it first outgrows LongRoPE's original
+    # context, so every key is rotated with the long factors (transformers' Phi-3 generate; other models keep theirs)
+    longrope_cache_restart: bool = False
     partial_rotary_factor: float = Field(1.0, gt=0, le=1)  # the share of each head's features that rotate
     attention_bias: bool = False
     attention_out_bias: Optional[bool] = None  # defaults to attention_bias
     query_scale: Optional[float] = Field(None, gt=0)  # default head_dim ** -0.5
     attn_logit_softcap: Optional[float] = Field(None, gt=0)
-    # generation empties the cache and runs the whole sequence again when it first outgrows LongRoPE's original
-    # context, so every key is rotated with the long factors (transformers' Phi-3 generate; other models keep theirs)
-    longrope_cache_restart: bool = False
-    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before rope (Qwen3, Gemma 3)
+    qk_norm: bool = False  # the model's norm over head_dim on queries and keys before rope (Qwen3, Gemma 3, Phi)
     mlp_bias: bool = False
     sliding_window: Optional[Count] = None
     layers: tuple[LayerSpec, ...] = ()

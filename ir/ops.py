@@ -259,6 +259,12 @@ def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, tradition
     """Rotary embedding of x [B, heads, T, head_dim] at the call's positions, on the first `dims` features."""
     require(x.rank == 4, f"rope expects [B, heads, T, head_dim], got {x}")
     require(0 < dims <= x.shape[-1] and dims % 2 == 0, f"rope dims {dims} invalid for head_dim {x.shape[-1]}")
+    if scaling.kind == RopeKind.LONGROPE:  # one divisor per rotary frequency, for both context lengths
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(scaling, name)
+            require(factors is not None and len(factors) == dims // 2,
+                    f"longrope {name} needs {dims // 2} entries (one per frequency of {dims} rotated features), "
+                    f"got {0 if factors is None else len(factors)}")
     return x
 
 
@@ -266,12 +272,6 @@ def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, tradition
     "attention",
     OpGroup.ATTENTION,
     ("q", "k", "v"),
-    if scaling.kind == RopeKind.LONGROPE:  # one divisor per rotary frequency, for both context lengths
-        for name in ("short_factor", "long_factor"):
-            factors = getattr(scaling, name)
-            require(factors is not None and len(factors) == dims // 2,
-                    f"longrope {name} needs {dims // 2} entries (one per frequency of {dims} rotated features), "
-                    f"got {0 if factors is None else len(factors)}")
     (AttrDef("scale", float), AttrDef("window", int, None, optional=True),
      AttrDef("softcap", float, None, optional=True)),
     effects=True,

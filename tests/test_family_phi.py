@@ -64,6 +64,8 @@ CASES = {
     "phi2": lambda: _phi(partial_rotary_factor=0.4),
     # PhiConfig's default partial rotary (0.5), GQA, tied embeddings (the head keeps its bias)
     "phi2-tied-gqa": lambda: _phi(num_key_value_heads=2, tie_word_embeddings=True),
+    # LayerNorm (with bias) over each head's queries and keys
+    "phi2-qk-layernorm": lambda: _phi(qk_layernorm=True),
     # Phi-3-mini-128k's shape of things: LongRoPE past a 16-token original context (4x extension)
     "phi3-longrope": lambda: _phi3(max_position_embeddings=4 * ORIGINAL, original_max_position_embeddings=ORIGINAL,
                                    rope_scaling=_longrope(8)),
@@ -524,10 +526,11 @@ def test_bad_phi3_configs_are_refused(overrides, message):
         spec_from_hf_config(data)
 
 
-def test_phi_qk_layernorm_is_refused():
+def test_phi_qk_layernorm_with_another_head_dim_is_refused():
+    """transformers sizes Phi's q/k LayerNorms by hidden_size // heads, which a different head_dim contradicts."""
     _, config = _phi(qk_layernorm=True)
-    with pytest.raises(MlxcError, match="qk_layernorm"):
-        spec_from_hf_config({**config.to_dict(), "architectures": ["PhiForCausalLM"]})
+    with pytest.raises(MlxcError, match="qk_layernorm with head_dim 32"):
+        spec_from_hf_config({**config.to_dict(), "architectures": ["PhiForCausalLM"], "head_dim": 32})
 
 
 def test_phi_partial_rotary_default_and_top_level_key():

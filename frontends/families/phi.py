@@ -1,7 +1,7 @@
 """Phi-1, Phi-1.5 and Phi-2 (`PhiForCausalLM`): one LayerNorm (with bias) feeds attention and a dense GELU MLP in
 parallel, both added to the residual; biases on every projection and on the LM head; rotary on the first
 `partial_rotary_factor` of each head (transformers' PhiConfig defaults it to 0.5); `final_layernorm` before the
-head. The optional LayerNorm on queries and keys (`qk_layernorm`, off in the published models) is refused.
+head; optionally a LayerNorm over each head's queries and keys (`qk_layernorm`, off in the published models).
 """
 
 from __future__ import annotations
@@ -88,10 +88,14 @@ def partial_rotary(c, default: float) -> float:
 
 
 def config(c) -> dict[str, Any]:
-    if c.get("qk_layernorm"):  # LayerNorm on queries and keys: lowering has only per-head RMS q/k norms so far
-        raise c.error("qk_layernorm=true (LayerNorm on queries and keys) is not supported yet")
+    fields = c.common()
+    qk_norm = bool(c.get("qk_layernorm"))
+    if qk_norm and (fields["head_dim"] or 0) not in (0, fields["hidden_size"] // fields["num_heads"]):
+        # transformers sizes the q/k LayerNorms by hidden_size // heads whatever head_dim says
+        raise c.error(f"qk_layernorm with head_dim {fields['head_dim']} != hidden_size // num_attention_heads")
     return {
-        **c.common(),
+        **fields,
+        "qk_norm": qk_norm,
         "norm": NormType.LAYER,
         "norm_eps": c.get("layer_norm_eps"),
         "residual": Residual.PARALLEL,
@@ -121,7 +125,7 @@ def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
         "hidden_act": "gelu_new" if spec.activation == Activation.GELU_TANH else HF_ACTIVATION[spec.activation],
         "max_position_embeddings": spec.max_position_embeddings,
         "layer_norm_eps": spec.norm_eps,
-        "qk_layernorm": False,
+        "qk_layernorm": spec.qk_norm,
         "partial_rotary_factor": spec.partial_rotary_factor,
         "tie_word_embeddings": spec.tie_word_embeddings,
         "bos_token_id": spec.bos_token_id,
