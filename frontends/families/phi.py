@@ -88,6 +88,7 @@ def partial_rotary(c, default: float) -> float:
 
 
 def config(c) -> dict[str, Any]:
+    """The spec fields PhiConfig reads from a config.json: Llama's common keys, then Phi's block."""
     fields = c.common()
     qk_norm = bool(c.get("qk_layernorm"))
     if qk_norm and (fields["head_dim"] or 0) not in (0, fields["hidden_size"] // fields["num_heads"]):

@@ -62,6 +62,7 @@ _LONGROPE_ALIASES = ("su", "yarn", "longrope")  # Phi3Config renames the first t
 
 
 def config(c) -> dict[str, Any]:
+    """The spec fields Phi3Config reads from a config.json (its rope rules in the module docstring)."""
     data = dict(c.data)
     key = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
     params = data.get(key)
