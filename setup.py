@@ -45,13 +45,29 @@ def _cmake() -> str:
     return exe
 
 
+def _summary(lines: list[str]) -> str:
+    """The line of a failed build that says what went wrong: CMake's message (the indented lines after
+    "CMake Error at ..."), else the compiler's first error."""
+    for i, ln in enumerate(lines):
+        if ln.startswith("CMake Error"):
+            message = []
+            for nxt in lines[i + 1:i + 6]:
+                if not nxt.startswith("  ") or nxt.strip().startswith("It fails with"):
+                    break
+                message.append(nxt.strip())
+            return " ".join(message) or ln.strip()
+        if "error:" in ln.lower() or "fatal error" in ln.lower():
+            return ln.strip()
+    errors = [ln for ln in lines if "error" in ln.lower()] or lines[-1:] or ["(no output)"]
+    return errors[0].strip()
+
+
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
     res = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sys.stderr.write(res.stdout)
     if res.returncode != 0:
         lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower()] or lines[-1:] or ["(no output)"]
-        raise BuildError(f"{what} failed: {errors[0].strip()}\n\n" + "\n".join(lines[-60:]))
+        raise BuildError(f"{what} failed: {_summary(lines)}\n\n" + "\n".join(lines[-60:]))
 
 
 class OptionalNativeBuild(build_ext):

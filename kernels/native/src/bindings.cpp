@@ -43,6 +43,7 @@ NB_MODULE(_mlxc_native, m) {
         if (name == "prefetch_rows") t.prefetch_rows = value;
         else if (name == "parallel_min_work") t.parallel_min_work = value;
         else if (name == "chunks_per_thread") t.chunks_per_thread = value;
+        else if (name == "tiles_min_m") t.tiles_min_m = value;
         else throw std::invalid_argument("unknown tuning knob " + name);
       },
       "name"_a, "value"_a, "For experiments: prefetch_rows, parallel_min_work, chunks_per_thread.");

@@ -54,7 +54,7 @@ void to_float(const void* src, FloatType t, int64_t n, float* dst) {
 }
 
 void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bool int8, bool float_,
-                  int8_t* q, float* d, float* xf, float* gsum) {
+                  int8_t* q, float* d, float* xf, float* gsum, bool natural_order) {
   const int nb = K / 32, G = K / group_size;
   float blk[32];
   for (int64_t m = 0; m < M; ++m) {
@@ -71,7 +71,7 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
     }
     for (int b = 0; b < nb; ++b) {
       const float* xb = xr + b * 32;
-      if (bits == 4) {  // the block's even elements, then its odd ones
+      if (bits == 4 && !natural_order) {  // the block's even elements, then its odd ones
         for (int j = 0; j < 16; ++j) {
           blk[j] = xb[2 * j];
           blk[16 + j] = xb[2 * j + 1];

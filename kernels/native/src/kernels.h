@@ -50,6 +50,9 @@ struct KernelSet {
   const char* name;
   QmmFn qmm_int8;   // activations quantized to int8 per 32-block, integer dot products
   QmmFn qmm_float;  // activations in float, weights dequantized in registers
+  // Optional, for many activation rows: int8 path on tiles of 16 weight rows repacked on the fly; takes activations
+  // in natural order (prepare_acts with natural_order). Rows [n0, n1) with n0 a multiple of 16.
+  QmmFn qmm_int8_tiles = nullptr;
 };
 
 const KernelSet* kernels_scalar();
@@ -63,8 +66,9 @@ float f16_to_float(uint16_t h);
 float bf16_to_float(uint16_t h);
 void to_float(const void* src, FloatType t, int64_t n, float* dst);
 // x: M x K floats, row-major. int8 != 0 fills q and d, float_ != 0 fills xf; gsum always.
+// natural_order: keep each block's elements in order even for 4-bit weights (for qmm_int8_tiles).
 void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bool int8, bool float_,
-                  int8_t* q, float* d, float* xf, float* gsum);
+                  int8_t* q, float* d, float* xf, float* gsum, bool natural_order = false);
 
 // Row n's scales as floats, one per 32-block (repeated for group sizes above 32), and its biases, one per group.
 // *s and *b point into the weight arrays when they are already f32 (group size 32 for *s), else into sbuf (K/32
@@ -77,6 +81,7 @@ struct Tuning {
   int prefetch_rows = 8;
   int parallel_min_work = 1 << 17;  // multiply-adds below which a call stays on one thread
   int chunks_per_thread = 8;
+  int tiles_min_m = 3;  // activation rows from which qmm_int8_tiles runs (where the ISA has it)
 };
 Tuning& tuning();
 

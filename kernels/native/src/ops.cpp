@@ -115,9 +115,11 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   } else {
     t.xf.resize(M * K);
   }
-  prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data());
-
   const Tuning& tu = tuning();
+  const KernelSet& ks = active_kernels();
+  const bool tiles = int8 && ks.qmm_int8_tiles != nullptr && M >= tu.tiles_min_m;
+  prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data(), tiles);
+
   const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, t.cc)), contiguous(scales, t.sc),
                   contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size, tu.prefetch_rows};
   const QActs a{M, K, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data()};
@@ -126,14 +128,14 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
     t.y.resize(M * N);
     y = t.y.data();
   }
-  const KernelSet& ks = active_kernels();
-  const QmmFn fn = int8 ? ks.qmm_int8 : ks.qmm_float;
+  const QmmFn fn = tiles ? ks.qmm_int8_tiles : int8 ? ks.qmm_int8 : ks.qmm_float;
+  const int64_t align = tiles ? 16 : 4;  // chunks start on whole tiles
   const int threads = get_threads();
   if (threads > 1 && static_cast<double>(M) * N * K >= tu.parallel_min_work) {
     // about chunks_per_thread chunks per thread, whole multiples of 4 rows
     const int64_t target = static_cast<int64_t>(threads) * std::max(1, tu.chunks_per_thread);
     int64_t rows = (N + target - 1) / target;
-    rows = std::max<int64_t>(4, (rows + 3) / 4 * 4);
+    rows = std::max<int64_t>(align, (rows + align - 1) / align * align);
     const int64_t nchunks = (N + rows - 1) / rows;
     parallel_for(nchunks, threads, [&](int64_t c) { fn(w, a, y, N, c * rows, std::min(N, (c + 1) * rows)); });
   } else {
