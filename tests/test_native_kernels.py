@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels 
 
 ISAS = native.supported_isas()
 BITS_GROUPS = [(4, 32), (8, 32), (4, 64), (8, 64), (4, 128), (8, 128)]
-# (M, N, K): batch 1 and 7 (and 4, 5: full and partial register tiles), N not a multiple of 8, K = 32 x odd
-SHAPES = [(1, 37, 32 * 7), (7, 61, 32 * 9), (1, 5, 32), (4, 13, 32 * 3), (5, 19, 32 * 17)]
+# (M, N, K): batch 1 and 7 (and 4, 5, 19: full and partial register tiles; 19 x 37 also full and partial 16-row
+# tiles of the batched path), N not a multiple of 8, K = 32 x odd
+SHAPES = [(1, 37, 32 * 7), (7, 61, 32 * 9), (1, 5, 32), (4, 13, 32 * 3), (5, 19, 32 * 17), (19, 37, 32 * 5)]
 
 
 @pytest.fixture(params=ISAS)
