@@ -15,6 +15,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 ERROR_FILE = "_build_error.txt"
@@ -109,8 +110,15 @@ class OptionalNativeBuild(build_ext):
             raise BuildError(f"the build finished but {target.name} is missing")
 
 
+class BuildPy(build_py):
+    """The repository root is the `mlxc` package, so this script would be installed as `mlxc.setup`: leave it out."""
+
+    def find_package_modules(self, package, package_dir):
+        return [m for m in super().find_package_modules(package, package_dir) if (m[0], m[1]) != ("mlxc", "setup")]
+
+
 if __name__ == "__main__":
     setup(
         ext_modules=[CMakeExtension("mlxc.kernels.native._mlxc_native", HERE / "kernels" / "native")],
-        cmdclass={"build_ext": OptionalNativeBuild},
+        cmdclass={"build_ext": OptionalNativeBuild, "build_py": BuildPy},
     )

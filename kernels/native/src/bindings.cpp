@@ -40,13 +40,12 @@ NB_MODULE(_mlxc_native, m) {
       "set_tuning",
       [](const std::string& name, int value) {
         auto& t = mlxc_native::tuning();
-        if (name == "prefetch_rows") t.prefetch_rows = value;
-        else if (name == "parallel_min_work") t.parallel_min_work = value;
+        if (name == "parallel_min_work") t.parallel_min_work = value;
         else if (name == "chunks_per_thread") t.chunks_per_thread = value;
         else if (name == "tiles_min_m") t.tiles_min_m = value;
         else throw std::invalid_argument("unknown tuning knob " + name);
       },
-      "name"_a, "value"_a, "For experiments: prefetch_rows, parallel_min_work, chunks_per_thread.");
+      "name"_a, "value"_a, "For experiments: parallel_min_work, chunks_per_thread, tiles_min_m.");
   m.def("spin_us", &mlxc_native::get_spin_us);
   m.def("set_spin_us", &mlxc_native::set_spin_us, "us"_a, "How long idle helper threads spin before sleeping.");
 }

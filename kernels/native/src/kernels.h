@@ -31,7 +31,6 @@ struct QWeight {
   int K;
   int bits;
   int group_size;
-  int prefetch_rows = 0;  // software prefetch this many rows ahead (0: none)
 };
 
 struct QActs {
@@ -78,7 +77,6 @@ void row_scales(const QWeight& w, int64_t n, float* sbuf, float* bbuf, const flo
 
 // Tuning knobs, read at each call (set from Python for experiments: _mlxc_native.set_tuning).
 struct Tuning {
-  int prefetch_rows = 8;
   int parallel_min_work = 1 << 17;  // multiply-adds below which a call stays on one thread
   int chunks_per_thread = 8;
   int tiles_min_m = 3;  // activation rows from which qmm_int8_tiles runs (where the ISA has it)

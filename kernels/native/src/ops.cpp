@@ -121,7 +121,7 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data(), tiles);
 
   const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, t.cc)), contiguous(scales, t.sc),
-                  contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size, tu.prefetch_rows};
+                  contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size};
   const QActs a{M, K, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data()};
   float* y = out.data<float>();
   if (out.dtype() != mx::float32) {
