@@ -291,7 +291,9 @@ def test_missing_source(capsys):
 
 
 def test_kernels_clear_message(capsys):
-    code, _, err = _run(capsys, "kernels")
+    code, out, _ = _run(capsys, "kernels")
+    assert code == 0 and "attention_decode" in out  # the kernel list (tests/test_kernels.py covers the rest)
+    code, _, err = _run(capsys, "kernels", "source", "no_such_kernel")
     assert code == 1
     assert "error:" in err and "kernel" in err
 
@@ -312,11 +314,11 @@ def test_run_out_of_range_token_subprocess():
 
 
 def test_kernels_subprocess_one_line():
-    proc = subprocess.run([sys.executable, "-m", "mlxc", "kernels"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "40"})
+    proc = subprocess.run([sys.executable, "-m", "mlxc", "kernels", "source", "no_such_kernel"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "40"})
     assert proc.returncode == 1
     line = _one_error_line(proc)
-    assert "kernels" in line and line.rstrip().endswith("targets")  # not re-wrapped onto a second line
+    assert "kernels" in line and line.rstrip().endswith("attention_prefill")  # not re-wrapped onto a second line
 
 
 def test_argparse_error_subprocess():
