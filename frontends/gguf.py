@@ -51,6 +51,7 @@ class GGUFArch:
     `tensor_rules`: (GGUF name regex, IR name template); a template of None drops the tensor. `permute_qk`: the
     converter stored Q/K rows in llama.cpp's interleaved rotary order (undone by a load-time op). `spec_fields`:
     the family's metadata beyond the common keys, given the metadata, the tensor table and the common fields.
+    `layout`: other ways the converter stores tensors (Gemma's norms as 1 + w), as checkpoint-layout rules.
     """
 
     name: str
@@ -58,6 +59,7 @@ class GGUFArch:
     tensor_rules: tuple[tuple[re.Pattern[str], Optional[str]], ...]
     permute_qk: bool = False
     spec_fields: Optional[Callable[["GGUFMetadata", dict[str, Any]], dict[str, Any]]] = None
+    layout: Optional[Callable[[ModelSpec], tuple[LayoutRule, ...]]] = None
 
 
 def tensor_rules(*pairs: tuple[str, Optional[str]]) -> tuple[tuple[re.Pattern[str], Optional[str]], ...]:
@@ -91,7 +93,8 @@ def architectures() -> dict[str, GGUFArch]:
 
 
 def _supported() -> str:
-    return ", ".join(sorted(architectures()))
+    """In the families' order (Llama first), as the Hugging Face reader lists them."""
+    return ", ".join(architectures())
 
 
 # ---------------------------------------------------------------------------------------------------- the file
@@ -455,19 +458,20 @@ def row_order(ckpt: GGUFCheckpoint, ir_name: str) -> Optional[np.ndarray]:
 def layout(ckpt: GGUFCheckpoint) -> tuple[LayoutRule, ...]:
     """How the file's tensors differ from the Hugging Face layout the lowered program reads, for the
     `checkpoint-layout` pass: Q and K rows in llama.cpp's rotary order, for architectures whose converter permutes
-    them. The tensors are named by `stored_name`."""
+    them, and the architecture's own rules (`GGUFArch.layout`). The tensors are named by `stored_name`."""
+    own = tuple(ckpt.arch.layout(ckpt.spec)) if ckpt.arch.layout is not None else ()
     if not ckpt.arch.permute_qk:
-        return ()
+        return own
     spec = ckpt.spec
-    return tuple(DeinterleaveRows(f"{proj}.{leaf}", f"{proj}_interleaved.{leaf}", heads)
-                 for proj, heads in (("q_proj", spec.num_heads), ("k_proj", spec.kv_heads))
-                 for leaf in ("weight", "bias"))
+    return own + tuple(DeinterleaveRows(f"{proj}.{leaf}", f"{proj}_interleaved.{leaf}", heads)
+                       for proj, heads in (("q_proj", spec.num_heads), ("k_proj", spec.kv_heads))
+                       for leaf in ("weight", "bias"))
 
 
 def stored_name(ckpt: GGUFCheckpoint, ir_name: str) -> str:
     """The name a tensor goes by as stored (`layers.0.attn.q_proj_interleaved.weight`), per `layout`."""
     for rule in layout(ckpt):
-        if ir_name.endswith("." + rule.param):
+        if ir_name == rule.param or ir_name.endswith("." + rule.param):  # `norm.weight` is @main's own
             return ir_name[: -len(rule.param)] + rule.stored
     return ir_name
 

@@ -18,12 +18,15 @@ _NORMS = ("rms_norm", "layer_norm")
 
 
 def capture_points(main: Function) -> list[tuple[str, Value]]:
-    """(label, value) of each hidden state @main computes, in order: `embeddings` (the table lookup), one entry per
-    call (labelled with its prefix, e.g. `layers.3`) and `norm` (the last normalization after the last call)."""
+    """(label, value) of each hidden state @main computes, in order: `embeddings` (the table lookup, times the
+    embedding multiplier when there is one: Gemma's scale is part of its embedding module), one entry per call
+    (labelled with its prefix, e.g. `layers.3`) and `norm` (the last normalization after the last call)."""
     points: list[tuple[str, Value]] = []
     embeds = [o for o in main.ops if o.op == "embed"]
     if embeds:
-        points.append((EMBEDDINGS, embeds[0].result))
+        value = embeds[0].result
+        scaled = [o for o in main.ops if o.op == "scale" and o.operands[0] is value]
+        points.append((EMBEDDINGS, scaled[0].result if scaled else value))
     calls = [o for o in main.ops if o.op == "call"]
     points += [(o.attrs["prefix"], o.results[0]) for o in calls]
     after = main.ops.index(calls[-1]) if calls else -1

@@ -32,8 +32,13 @@ def all_families() -> tuple[Family, ...]:
 
 
 def family(name: str) -> Family:
+    """The family called `name`, or else the one whose `model_types` list it (a config writer's `model_type` may
+    differ from its family's name: Gemma 3 writes `gemma3_text`)."""
     for f in all_families():
         if f.name == name:
+            return f
+    for f in all_families():
+        if name in f.model_types:
             return f
     raise MlxcError(f"unsupported architecture family {name!r}; supported: "
                     f"{', '.join(f.name for f in all_families())}")
