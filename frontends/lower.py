@@ -31,8 +31,16 @@ class _Lowering:
 
     def norm(self, b: FunctionBuilder, x: Value, prefix: str, name: str, cfg: NormConfig, size: int) -> Value:
         w = b.param(f"{prefix}.weight", self.t(size))
+        # Gemma's norms compute (1 + w) and the product in float32 and round once (transformers:
+        # `(x * (1 + w.float())).type_as(x)`), so below float32 the gain and the norm run in float32
+        upcast = cfg.unit_offset and cfg.kind == NormType.RMS and self.dtype != DType.F32
         if cfg.unit_offset:
+            if upcast:
+                w = b.derive("cast", w, dtype=DType.F32, name=f"{prefix}.weight_f32")
             w = b.derive("shift", w, value=1.0, name=f"{prefix}.gain")
+        if upcast:
+            x = b.op("cast", x, dtype=DType.F32, name=f"{name}_in_f32")
+            return b.op("cast", b.op("rms_norm", x, w, eps=cfg.eps, name=f"{name}_f32"), dtype=self.dtype, name=name)
         if cfg.kind == NormType.RMS:
             return b.op("rms_norm", x, w, eps=cfg.eps, name=name)
         bias = b.param(f"{prefix}.bias", self.t(size))

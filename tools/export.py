@@ -63,6 +63,8 @@ def _undo(op: Operation, results: list[W.Tensor]) -> Optional[list[W.Tensor]]:
         return [mx.concatenate([_float(r) for r in results], axis=attrs["axis"])]
     if kind in ("quantize", "dequantize", "cast"):
         return [_float(results[0])]  # the operand as the model computes with it (a float weight)
+    if kind == "shift":  # a Gemma norm's gain 1 + w
+        return [_float(results[0]) - attrs["value"]]
     if kind == "transpose":
         return [_float(results[0]).transpose(*_inverse_perm(list(attrs["perm"])))]
     if kind == "reshape" and all(isinstance(d, int) for d in op.operands[0].type.shape):
