@@ -271,6 +271,43 @@ def test_gguf_blocks_as_mlxc_loads_them(tmp_path):
         assert_int8_close(native.qmatmul(x, *args, bits=t.quant.bits, group_size=32), x, want[name])
 
 
+packed = pytest.mark.skipif(not native.packed_available(), reason="packed weights need the avx512vnni kernels")
+
+
+@packed
+@pytest.mark.parametrize("bits,group_size", BITS_GROUPS)
+@pytest.mark.parametrize("scale_dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("m", [1, 7, 19])
+def test_packed_weights_compute_what_the_unpacked_kernel_computes(bits, group_size, scale_dtype, m):
+    """`pack` moves codes, scales and biases into 16-row tiles; `qmatmul_packed` then does the same integer dot
+    products as `qmatmul` (so the same activation-quantization bound), N = 37 leaving a partial tile."""
+    n, k = 37, k_for(32 * 9, group_size)
+    codes, scales, biases, w = weight(n, k, bits, group_size, seed=21, dtype=scale_dtype)
+    x = activations(m, k, seed=22)
+    pc, ps, pb = native.pack(codes, scales, biases, bits=bits, group_size=group_size)
+    assert pc.shape == (3, k // 32 * (256 if bits == 4 else 512)) and ps.shape == (3, k // group_size * 16)
+    y = native.qmatmul_packed(x, pc, ps, pb, bits=bits, group_size=group_size, n=n)
+    assert y.shape == (m, n)
+    ref = native.qmatmul(x, codes, scales, biases, bits=bits, group_size=group_size)
+    np.testing.assert_allclose(np.array(y), np.array(ref), rtol=0, atol=float_slack(x, w).max())
+    assert_int8_close(y, x, w)
+    compiled = mx.compile(lambda x: native.qmatmul_packed(x, pc, ps, pb, bits=bits, group_size=group_size, n=n))
+    np.testing.assert_array_equal(np.array(compiled(x)), np.array(y))
+
+
+@packed
+def test_packed_arguments_are_checked():
+    codes, scales, biases, _ = weight(20, 64, 4, 32)
+    pc, ps, pb = native.pack(codes, scales, biases, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="ceil"):
+        native.qmatmul_packed(mx.zeros((1, 64)), pc, ps, pb, bits=4, group_size=32, n=40)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        native.qmatmul_packed(mx.zeros((1, 64)), pc, ps.astype(mx.bfloat16), pb.astype(mx.bfloat16), bits=4,
+                              group_size=32, n=20)
+    with pytest.raises(ValueError, match="must end in K = 64"):
+        native.qmatmul_packed(mx.zeros((1, 32)), pc, ps, pb, bits=4, group_size=32, n=20)
+
+
 def test_bad_arguments_are_refused_with_a_reason():
     codes, scales, biases, _ = weight(8, 64, 4, 32)
     with pytest.raises(ValueError, match="must end in K = 64"):

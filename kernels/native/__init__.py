@@ -8,6 +8,9 @@
     else:
         print(native.reason())
 
+For decode, `pack` (plain MLX ops, once at load) and `qmatmul_packed` are about 2.5x faster on AVX-512 VNNI: 16
+weight rows side by side, so the integer dot products need no horizontal sums.
+
 The layout is MLX's `mx.quantize` output, which is exactly GGUF Q4_0 / Q4_1 / Q8_0 after mlxc's load (group 32);
 groups of 64 and 128 work too. `qmatmul` quantizes activations to int8 per 32-element block (llama.cpp's scheme) for
 integer dot products; `int8_activations=False` keeps them in float (exact up to float rounding). Kernels exist for
@@ -81,6 +84,46 @@ def qmatmul(x: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *,
                            int8_activations=int8_activations, stream=stream)
 
 
+def packed_available() -> bool:
+    """Whether `qmatmul_packed` runs here (it needs the AVX-512 VNNI kernels)."""
+    return _ext is not None and _ext.isa() == "avx512vnni"
+
+
+def pack(codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
+         ) -> tuple[mx.array, mx.array, mx.array]:
+    """W (MLX's affine layout) repacked for `qmatmul_packed`: 16 rows side by side, so each 32-bit lane of the
+    kernel's vectors is one weight row. Plain MLX ops (lazy, so a load-time `derive` can hold them); exact (codes,
+    scales and biases are moved, not recomputed). Returns (pcodes, pscales, pbiases):
+      pcodes  uint8 [T, K/32 * 256] (4-bit) or [T, K/32 * 512] (8-bit), T = ceil(N / 16): per tile and 32-block,
+              4-bit: 4 vectors of 64 bytes, byte 4r + i = code 4j + i of row r | code 16 + 4j + i << 4;
+              8-bit: 8 vectors, byte 4r + i = code 4j + i of row r;
+      pscales, pbiases  [T, K/group_size * 16], the rows' scales (biases) per group, 16 rows side by side;
+    rows past N are zero. Memory: the same as the MLX layout (4-bit) plus padding to 16 rows."""
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"pack: bits must be 4 or 8 and group_size 32, 64 or 128, got {bits}, {group_size}")
+    n, k = codes.shape[0], codes.shape[1] * 32 // bits
+    nb, groups, tiles = k // 32, k // group_size, -(-n // 16)
+    b8 = codes.view(mx.uint8)  # little-endian: the codes' bytes in order
+    c = mx.stack([b8 & 15, b8 >> 4], axis=-1).reshape(n, k) if bits == 4 else b8
+    pad = tiles * 16 - n
+    if pad:
+        c = mx.concatenate([c, mx.zeros((pad, k), mx.uint8)])
+        scales = mx.concatenate([scales, mx.zeros((pad, groups), scales.dtype)])
+        biases = mx.concatenate([biases, mx.zeros((pad, groups), biases.dtype)])
+    c = c.reshape(tiles, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # tile, block, quad, row, byte
+    if bits == 4:
+        c = c[:, :, :4] | (c[:, :, 4:] << 4)
+    side = lambda a: a.reshape(tiles, 16, groups).transpose(0, 2, 1).reshape(tiles, groups * 16)  # noqa: E731
+    return c.reshape(tiles, -1), side(scales), side(biases)
+
+
+def qmatmul_packed(x: mx.array, pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, bits: int,
+                   group_size: int, n: int, stream=None) -> mx.array:
+    """`qmatmul` (int8 activations) on weights from `pack`; n is W's row count. Needs `packed_available()`. Scales
+    float32 or float16. Equal to `qmatmul` up to float summation order: the same integer dot products."""
+    return _need().qmatmul_packed(x, pcodes, pscales, pbiases, bits=bits, group_size=group_size, n=n, stream=stream)
+
+
 def qembed(ids: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int,
            dtype: Optional[mx.Dtype] = None, stream=None) -> mx.array:
     """Rows `ids` of W, dequantized: `mx.dequantize(codes[ids], scales[ids], biases[ids], ...)` in one op; the result
@@ -122,5 +165,5 @@ def describe() -> str:
     return f"native kernels: {_ext.isa()}, {_ext.threads()} threads"
 
 
-__all__ = ["available", "reason", "qmatmul", "qembed", "isa", "supported_isas", "set_isa", "threads", "set_threads",
+__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "qmatmul_packed", "packed_available", "isa", "supported_isas", "set_isa", "threads", "set_threads",
            "describe"]

@@ -4,7 +4,8 @@
 
 namespace mlxc_native {
 const KernelSet* kernels_avx512vnni() {
-  static const KernelSet k{"avx512vnni", avx512vnni::qmm_int8, avx512vnni::qmm_float, avx512vnni::qmm_int8_tiles};
+  static const KernelSet k{"avx512vnni", avx512vnni::qmm_int8, avx512vnni::qmm_float, avx512vnni::qmm_int8_tiles,
+                             avx512vnni::qmm_int8_packed};
   return &k;
 }
 }  // namespace mlxc_native

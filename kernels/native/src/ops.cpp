@@ -88,9 +88,10 @@ struct Scratch {
 };
 
 void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
-                 mx::array& out, int bits, int group_size, bool int8) {
+                 mx::array& out, int bits, int group_size, bool int8, int packed_rows) {
   const int K = x.shape(-1);
-  const int64_t N = codes.shape(0), M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
+  const bool packed = packed_rows > 0;
+  const int64_t N = packed ? packed_rows : codes.shape(0), M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
   if (M == 0 || N == 0) return;
   thread_local Scratch t;
 
@@ -117,7 +118,10 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   }
   const Tuning& tu = tuning();
   const KernelSet& ks = active_kernels();
-  const bool tiles = int8 && ks.qmm_int8_tiles != nullptr && M >= tu.tiles_min_m;
+  if (packed && ks.qmm_int8_packed == nullptr)
+    throw std::runtime_error(std::string("[mlxc.qmatmul_packed] packed weights need the avx512vnni kernels; running ") +
+                             ks.name);
+  const bool tiles = packed || (int8 && ks.qmm_int8_tiles != nullptr && M >= tu.tiles_min_m);
   prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data(), tiles);
 
   const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, t.cc)), contiguous(scales, t.sc),
@@ -128,7 +132,7 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
     t.y.resize(M * N);
     y = t.y.data();
   }
-  const QmmFn fn = tiles ? ks.qmm_int8_tiles : int8 ? ks.qmm_int8 : ks.qmm_float;
+  const QmmFn fn = packed ? ks.qmm_int8_packed : tiles ? ks.qmm_int8_tiles : int8 ? ks.qmm_int8 : ks.qmm_float;
   const int64_t align = tiles ? 16 : 4;  // chunks start on whole tiles
   const int threads = get_threads();
   if (threads > 1 && static_cast<double>(M) * N * K >= tu.parallel_min_work) {
@@ -237,8 +241,9 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.set_output_array(out);
   enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), codes = mx::array::unsafe_weak_copy(inputs[1]),
                 scales = mx::array::unsafe_weak_copy(inputs[2]), biases = mx::array::unsafe_weak_copy(inputs[3]),
-                out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_, int8 = int8_]() mutable {
-    run_qmatmul(x, codes, scales, biases, out, bits, gs, int8);
+                out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_, int8 = int8_,
+                packed = packed_rows_]() mutable {
+    run_qmatmul(x, codes, scales, biases, out, bits, gs, int8, packed);
   });
 }
 
@@ -248,19 +253,22 @@ void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 std::vector<mx::Shape> QMatmul::output_shapes(const std::vector<mx::array>& inputs) {
   mx::Shape shape = inputs[0].shape();
-  shape.back() = inputs[1].shape(0);
+  shape.back() = packed_rows_ > 0 ? packed_rows_ : inputs[1].shape(0);
   return {shape};
 }
 
 bool QMatmul::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QMatmul&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_ && int8_ == o.int8_;
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && int8_ == o.int8_ && packed_rows_ == o.packed_rows_;
 }
 
 std::vector<mx::array> QMatmul::jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
                                     const std::vector<int>& argnums) {
   for (int a : argnums)
     if (a != 0) throw std::invalid_argument("[MlxcQMatmul] is differentiable with respect to x only");
+  if (packed_rows_ > 0)
+    return {qmatmul_packed(tangents[0], primals[1], primals[2], primals[3], bits_, group_size_, packed_rows_,
+                           stream())};
   return {qmatmul(tangents[0], primals[1], primals[2], primals[3], bits_, group_size_, int8_, stream())};
 }
 
@@ -269,6 +277,7 @@ std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const
   std::vector<mx::array> grads;
   for (int a : argnums) {
     if (a != 0) throw std::invalid_argument("[MlxcQMatmul] is differentiable with respect to x only");
+    if (packed_rows_ > 0) throw std::invalid_argument("[MlxcQMatmul] packed weights have no vjp; use the MLX layout");
     // d/dx (x @ W.T) = cotangent @ W: MLX's quantized matmul without the transpose
     const auto& sc = primals[2];
     auto g = mx::quantized_matmul(mx::astype(cotangents[0], sc.dtype(), stream()), primals[1], sc, primals[3],
@@ -276,6 +285,36 @@ std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const
     grads.push_back(mx::astype(g, primals[0].dtype(), stream()));
   }
   return grads;
+}
+
+mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::array& pscales,
+                         const mx::array& pbiases, int bits, int group_size, int n, mx::StreamOrDevice s) {
+  const char* op = "mlxc.qmatmul_packed";
+  if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (n <= 0) fail(op, "n (the weight's row count) must be positive");
+  const int64_t tiles = (static_cast<int64_t>(n) + 15) / 16, block_bytes = bits == 4 ? 256 : 512;
+  if (pcodes.dtype() != mx::uint8 || pcodes.ndim() != 2 || pcodes.shape(0) != tiles ||
+      pcodes.shape(1) % block_bytes != 0)
+    fail(op, "pcodes must be uint8 of shape (ceil(n / 16), K / 32 * " + std::to_string(block_bytes) + "), got " +
+                 shape_str(pcodes.shape()) + " for n = " + std::to_string(n) + " (use mlxc.kernels.native.pack)");
+  const int64_t K = pcodes.shape(1) / block_bytes * 32;
+  if (K % group_size != 0 || K > kMaxK) fail(op, "K = " + std::to_string(K) + " does not fit group_size");
+  const mx::Shape want = {static_cast<int>(tiles), static_cast<int>(K / group_size * 16)};
+  if (pscales.shape() != want || pbiases.shape() != want)
+    fail(op, "pscales and pbiases must have shape " + shape_str(want) + ", got " + shape_str(pscales.shape()) +
+                 " and " + shape_str(pbiases.shape()));
+  if ((pscales.dtype() != mx::float32 && pscales.dtype() != mx::float16) || pbiases.dtype() != pscales.dtype())
+    fail(op, "pscales and pbiases must share one dtype, float32 or float16");
+  if (x.ndim() < 1 || x.shape(-1) != K) fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K));
+  if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
+  if (active_kernels().qmm_int8_packed == nullptr)
+    fail(op, std::string("packed weights need the avx512vnni kernels; running ") + active_kernels().name);
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return mx::array(std::move(shape), x.dtype(), std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, true, n),
+                   {x, pcodes, pscales, pbiases});
 }
 
 // ---------------------------------------------------------------------------------------------------- qembed

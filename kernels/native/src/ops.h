@@ -15,14 +15,24 @@ namespace mx = mlx::core;
 mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
                   int bits, int group_size, bool int8_activations, mx::StreamOrDevice s = {});
 
+// The same product on weights packed ahead of time by mlxc.kernels.native.pack (16 rows side by side; int8
+// activations; AVX-512 VNNI kernels): pcodes uint8 [ceil(n/16), K/32 * 256 (4-bit) or 512 (8-bit)], pscales and
+// pbiases [ceil(n/16), K/group_size * 16] in float32 or float16; n is W's row count.
+mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::array& pscales,
+                         const mx::array& pbiases, int bits, int group_size, int n, mx::StreamOrDevice s = {});
+
 // Rows of a quantized matrix, dequantized: ids [...] (integer) -> [..., K] in `dtype` (default: the scales' dtype).
 mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
                  int bits, int group_size, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s = {});
 
 class QMatmul : public mx::UnaryPrimitive {
  public:
-  QMatmul(mx::Stream stream, int bits, int group_size, bool int8_activations)
-      : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size), int8_(int8_activations) {}
+  QMatmul(mx::Stream stream, int bits, int group_size, bool int8_activations, int packed_rows = 0)
+      : mx::UnaryPrimitive(stream),
+        bits_(bits),
+        group_size_(group_size),
+        int8_(int8_activations),
+        packed_rows_(packed_rows) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -37,6 +47,7 @@ class QMatmul : public mx::UnaryPrimitive {
  private:
   int bits_, group_size_;
   bool int8_;
+  int packed_rows_;  // > 0: the weight is packed (inputs are pcodes, pscales, pbiases) and has this many rows
 };
 
 class QEmbed : public mx::UnaryPrimitive {
