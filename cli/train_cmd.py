@@ -54,6 +54,7 @@ def run(args) -> int:
                          label_smoothing=args.label_smoothing, seed=args.train_seed, log_every=args.log_every,
                          save_every=args.save_every, out_dir=args.output)
     model = load(args.src, **build_options(args), lora=lora, progress=progress)
+    model.require_causal_lm("mlxc train (next-token LoRA fine-tuning)")
     context = model.context_length
     if context is not None and config.seq_len > context:
         raise MlxcError(f"--seq-len {config.seq_len} exceeds the model's context length ({context} positions)")

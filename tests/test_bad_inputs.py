@@ -161,9 +161,9 @@ def test_config_missing_required_key(ckpt):
     assert "hidden_size" in _error(str(ckpt))
 
 
-@pytest.mark.parametrize("arch,model_type", [("GPT2LMHeadModel", "gpt2"), ("GemmaForCausalLM", "gemma")])
+@pytest.mark.parametrize("arch,model_type", [("GPT2LMHeadModel", "gpt2"), ("CohereForCausalLM", "cohere")])
 def test_unknown_architecture_lists_supported(ckpt, arch, model_type):
-    """A declared unsupported architecture is an error even though the tensors have Llama's names (Gemma's do, and
+    """A declared unsupported architecture is an error even though the tensors have Llama's names (Cohere's do, and
     its math differs): the tensor-name fallback is only for configs that declare nothing."""
     config = json.loads((ckpt / "config.json").read_text())
     config.update(architectures=[arch], model_type=model_type)
