@@ -2,6 +2,7 @@
 // are tested against, and the path on CPUs without AVX2).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -98,7 +99,11 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
 }
 
 Tuning& tuning() {
-  static Tuning t;
+  static Tuning t = [] {
+    Tuning u;
+    if (const char* v = std::getenv("MLXC_NATIVE_PAR_MIN")) u.parallel_min_work = std::atoi(v);
+    return u;
+  }();
   return t;
 }
 

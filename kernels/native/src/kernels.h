@@ -80,7 +80,7 @@ void row_scales(const QWeight& w, int64_t n, float* sbuf, float* bbuf, const flo
 
 // Tuning knobs, read at each call (set from Python for experiments: _mlxc_native.set_tuning).
 struct Tuning {
-  int parallel_min_work = 1 << 17;  // multiply-adds below which a call stays on one thread
+  int parallel_min_work = 1 << 20;  // multiply-adds below which a call stays on one thread (MLXC_NATIVE_PAR_MIN)
   int chunks_per_thread = 8;
   int tiles_min_m = 3;  // activation rows from which qmm_int8_tiles runs (where the ISA has it)
 };

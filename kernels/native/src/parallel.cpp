@@ -57,7 +57,7 @@ class Pool {
     }
   }
 
-  std::atomic<int> spin_us{50};
+  std::atomic<int> spin_us{20};
 
  private:
   void work() {
@@ -125,7 +125,7 @@ Pool& pool() {
   // Leaked on purpose: joining threads from a static destructor at interpreter exit can deadlock.
   static Pool* p = [] {
     auto* q = new Pool();
-    q->spin_us.store(env_int("MLXC_NATIVE_SPIN_US", 50));
+    q->spin_us.store(env_int("MLXC_NATIVE_SPIN_US", 20));
     return q;
   }();
   return *p;
