@@ -133,6 +133,11 @@ def _softcap(a, k, t):
     return f"mx.tanh({a[0]} / {k['cap']!r}) * {k['cap']!r}"
 
 
+@implements("clip")
+def _clip(a, k, t):
+    return f"mx.clip({a[0]}, {k['min']!r}, {k['max']!r})"
+
+
 @implements("cast")
 def _cast(a, k, t):
     return f"{a[0]}.astype({MX_DTYPES[k['dtype']]})"
@@ -187,8 +192,16 @@ def _stack(a, k, t):
 
 @implements("moe", helpers=("moe",))
 def _moe(a, k, t):
-    return (f"moe({_list(a)}, top_k={k['top_k']}, normalize={k['normalize']}, "
-            f"activation={_ACTIVATIONS[k['activation']]})")
+    experts = []
+    for expr, typ in zip(a[2:], t[2:]):  # a quantized expert weight travels as its storage arrays and layout
+        if typ.quant is None:
+            experts.append(expr)
+        else:
+            codes, scales, biases, _ = _qargs(expr, typ.quant)
+            experts.append(f"({codes}, {scales}, {biases}, {typ.quant.group_size}, {typ.quant.bits})")
+    mixing = ", weights_in_float32=True" if k["weights_in_float32"] else ""
+    return (f"moe({_list(a[:2] + experts)}, top_k={k['top_k']}, normalize={k['normalize']}, "
+            f"activation={_ACTIVATIONS[k['activation']]}{mixing})")
 
 
 _ACTIVATIONS = {"silu": "nn.silu", "gelu": "nn.gelu", "gelu_tanh": "nn.gelu_approx", "relu": "nn.relu"}

@@ -60,10 +60,17 @@ class _Lowering:
         q = self.linear(b, x, "q_proj", nq * d, h, a.bias, "q")
         k = self.linear(b, x, "k_proj", nkv * d, h, a.bias, "k")
         v = self.linear(b, x, "v_proj", nkv * d, h, a.bias, "v")
+        if a.qk_norm and a.qk_norm_across_heads:  # over the whole projection, all heads at once (OLMoE)
+            rms = NormConfig(NormType.RMS, norm.eps, norm.unit_offset)
+            q = self.norm(b, q, "q_norm", "q_normed", rms, nq * d)
+            k = self.norm(b, k, "k_norm", "k_normed", rms, nkv * d)
+        if a.clip_qkv is not None:
+            q, k, v = (b.op("clip", val, min=-a.clip_qkv, max=a.clip_qkv, name=f"{nm}_clipped")
+                       for val, nm in ((q, "q"), (k, "k"), (v, "v")))
         heads = []
         for val, n, nm in ((q, nq, "q"), (k, nkv, "k"), (v, nkv, "v")):
             r = b.op("reshape", val, shape=[B, T, n, d], name=f"{nm}_heads")
-            if a.qk_norm and nm != "v":  # over each head's features, before rope (Qwen3, Gemma 3)
+            if a.qk_norm and not a.qk_norm_across_heads and nm != "v":  # each head's features (Qwen3, Gemma 3)
                 r = self.norm(b, r, f"{nm}_norm", f"{nm}_normed", norm, d)  # the model's kind: Phi's is LayerNorm
             heads.append(b.op("transpose", r, perm=[0, 2, 1, 3], name=f"{nm}_t"))
         q, k, v = heads
@@ -111,7 +118,7 @@ class _Lowering:
         up = b.param("experts.up_proj.weight", self.t(e, i, h))
         down = b.param("experts.down_proj.weight", self.t(e, h, i))
         out = b.op("moe", x, logits, gate, up, down, top_k=m.top_k, normalize=m.normalize,
-                   activation=f.activation.value, name="experts_out")
+                   activation=f.activation.value, weights_in_float32=m.weights_in_float32, name="experts_out")
         if m.shared_expert_intermediate_size is None:
             return out
         shared = self._gated(b, x, "shared_expert", m.shared_expert_intermediate_size, f.activation.value, False)

@@ -144,6 +144,9 @@ class MoESpec(_Frozen):
     shared_expert_intermediate_size: Optional[Count] = None
     shared_expert_gate: bool = False
     router_bias: bool = False
+    # the chosen probabilities scale expert outputs in float32 (Mixtral); otherwise they are cast to the compute
+    # dtype first (Qwen-MoE, OLMoE): the two differ in half precision, so each family says which transformers does
+    weights_in_float32: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -213,6 +216,8 @@ class AttentionConfig:
     scale: float  # query scaling before the softmax
     softcap: Optional[float]
     qk_norm: bool
+    qk_norm_across_heads: bool = False  # the q/k norm spans the whole projection, before the head split (OLMoE)
+    clip_qkv: Optional[float] = None  # q, k, v clamped to [-clip, clip] after the projections (OLMoE)
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,8 @@ class ModelSpec(_Frozen):
     query_scale: Optional[float] = Field(None, gt=0)  # default head_dim ** -0.5
     attn_logit_softcap: Optional[float] = Field(None, gt=0)
     qk_norm: bool = False  # the model's norm over head_dim on queries and keys before rope (Qwen3, Gemma 3, Phi)
+    qk_norm_across_heads: bool = False  # with qk_norm: one RMSNorm over the whole q (k) projection (OLMoE)
+    clip_qkv: Optional[float] = Field(None, gt=0)  # clamp q, k, v to [-clip_qkv, clip_qkv] (OLMoE, OLMo)
     mlp_bias: bool = False
     sliding_window: Optional[Count] = None
     layers: tuple[LayerSpec, ...] = ()
@@ -310,6 +317,8 @@ class ModelSpec(_Frozen):
             raise ValueError("an FFN of kind moe needs the moe settings (num_experts, top_k, ...)")
         if self.residual == Residual.PARALLEL and self.norm == NormType.RMS and self.norm_unit_offset:
             raise ValueError("unit-offset norms are a Gemma convention; Gemma blocks are sandwich, not parallel")
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ValueError("qk_norm_across_heads says how queries and keys are normalized; it needs qk_norm")
         if self.head.kind != HeadKind.CAUSAL_LM and self.tie_word_embeddings:
             raise ValueError("only a causal LM head can be tied to the embeddings")
         return self
@@ -342,6 +351,8 @@ class ModelSpec(_Frozen):
                 scale=self.query_scale if self.query_scale is not None else d**-0.5,
                 softcap=self.attn_logit_softcap,
                 qk_norm=self.qk_norm,
+                qk_norm_across_heads=self.qk_norm_across_heads,
+                clip_qkv=self.clip_qkv,
             ),
             ffn=FFNConfig(
                 kind=ffn,

@@ -216,6 +216,13 @@ def _dropout(x: TensorType, p: float):
     return x
 
 
+@op("clip", OpGroup.UNARY, ("x",), (AttrDef("min", float), AttrDef("max", float)))
+def _clip(x: TensorType, min: float, max: float):
+    """x clamped to [min, max] (OLMoE's `clip_qkv` on queries, keys and values)."""
+    require(min <= max, f"clip needs min <= max, got [{min}, {max}]")
+    return x
+
+
 @op("cast", OpGroup.UNARY, ("x",), (AttrDef("dtype", DType),))
 def _cast(x: TensorType, dtype: DType):
     """Convert element type."""
@@ -298,14 +305,20 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window
 
 
 @op("moe", OpGroup.MATMUL, ("x", "router_logits", "gate", "up", "down"),
-    (AttrDef("top_k", int), AttrDef("normalize", bool, False), AttrDef("activation", str, "silu")))
+    (AttrDef("top_k", int), AttrDef("normalize", bool, False), AttrDef("activation", str, "silu"),
+     AttrDef("weights_in_float32", bool, False)),
+    quantized=("gate", "up", "down"))
 def _moe(x: TensorType, router_logits: TensorType, gate: TensorType, up: TensorType, down: TensorType, top_k: int,
-         normalize: bool, activation: str):
+         normalize: bool, activation: str, weights_in_float32: bool):
     """A mixture of gated experts: each token goes to its `top_k` experts by softmax(router_logits) (computed in
     float32; renormalized over the chosen ones when `normalize`), and their outputs `down(act(gate x) * up x)`
-    are summed with those weights. gate/up are [E, I, H], down [E, H, I]. Only chosen experts run."""
+    are summed with those weights. gate/up are [E, I, H], down [E, H, I], each may be quantized. Only chosen
+    experts run. The weights scale the outputs in float32 when `weights_in_float32` (Mixtral), else in the
+    compute dtype (Qwen-MoE, OLMoE)."""
     require(activation in ACTIVATIONS, f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
     require(gate.rank == up.rank == down.rank == 3, "expert weights must be [experts, out, in]")
+    for w in (gate, up, down):
+        _check_groups(w)
     e, i, h = gate.shape
     require(up.shape == gate.shape, f"up {up} and gate {gate} disagree")
     require(down.shape == (e, h, i), f"down {down} does not match gate {gate}")

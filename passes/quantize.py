@@ -1,5 +1,5 @@
 """Weight storage passes: `storage-types` (parameters typed as the checkpoint stores them) and `quantize` (store
-matmul and embedding weights as affine group-quantized tensors, MLX's 2-8 bit layout)."""
+matmul, embedding and expert weights as affine group-quantized tensors, MLX's 2-8 bit layout)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,14 @@ def global_names(program: Program) -> dict[tuple[str, str], list[str]]:
     return out
 
 
+# op -> the operand positions of its weights: matmul weights, embedding tables, a mixture's stacked experts
+WEIGHT_OPERANDS: Mapping[str, tuple[int, ...]] = {"linear": (1,), "embed": (1,), "moe": (2, 3, 4)}
+
+
 def weight_uses(fn: Function) -> list[tuple[Operation, Value]]:
-    """(op, weight) for each matmul weight and embedding table in the body: the values worth quantizing."""
-    return [(o, o.operands[1]) for o in fn.ops if o.op in ("linear", "embed")]
+    """(op, weight) for each matmul weight, embedding table and expert weight in the body: the values worth
+    quantizing."""
+    return [(o, o.operands[i]) for o in fn.ops for i in WEIGHT_OPERANDS.get(o.op, ())]
 
 
 def redirect(fn: Function, old: Value, new: Value) -> None:
@@ -69,7 +74,11 @@ class StorageTypes(Pass):
 @dataclass(frozen=True)
 class Quantize(Pass):
     """Weights dominate memory and, on GPU targets, matmul bandwidth. Quantizing is a load-time `quantize` op on each
-    float weight a matmul or lookup reads (after fusion, the fused weight), so the artifact stores the codes."""
+    float weight a matmul or lookup reads (after fusion, the fused weight), so the artifact stores the codes.
+
+    A mixture's router stays float: its top-k choice is discontinuous in its weights, so rounding them re-routes
+    tokens near a tie to other experts (a jump in the output, measured several times the rounding error of the
+    experts themselves), and it is a tiny matrix [experts, hidden]."""
 
     name = "quantize"
     bits: int = 4
@@ -80,11 +89,14 @@ class Quantize(Pass):
         report = PassReport(self.name, {"quantized": 0, "kept float": 0})
         for fn in program.functions:
             done: dict[int, Value] = {}
+            routers = _router_weights(fn)
             for op, w in weight_uses(fn):
                 if w.type.quant is not None or id(w) in done:
                     continue
                 is_embedding = w.name.startswith(("embed_tokens", "lm_head"))
-                if w.type.rank != 2 or w.type.shape[-1] % self.group_size or (is_embedding and not self.embeddings):
+                rank = 3 if op.op == "moe" else 2  # experts: [E, out, in], quantized per expert row
+                if w.type.rank != rank or w.type.shape[-1] % self.group_size or (is_embedding and not self.embeddings) \
+                        or id(w) in routers:
                     report.changes["kept float"] += 1
                     continue
                 q = Operation("quantize", [w], {"bits": self.bits, "group_size": self.group_size},
@@ -94,3 +106,10 @@ class Quantize(Pass):
                 done[id(w)] = q.result
                 report.changes["quantized"] += 1
         return program, report
+
+
+def _router_weights(fn: Function) -> set[int]:
+    """The weights of the linears that compute a mixture's router logits."""
+    producer = fn.producers()
+    linears = [producer.get(o.operands[1]) for o in fn.ops if o.op == "moe"]
+    return {id(lin.operands[1]) for lin in linears if lin is not None and lin.op == "linear"}

@@ -74,7 +74,7 @@ def _close(ours: np.ndarray, want: np.ndarray, rtol=1e-5, atol=1e-6) -> None:
 # to the IR without one fails here (and its test below fails if the interpreter cannot run it).
 TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "linear", "rms_norm", "layer_norm",
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
-          "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows"}
+          "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "clip"}
 
 
 def needs_op(name: str):
@@ -298,6 +298,14 @@ def test_shift_and_softcap():
     np.testing.assert_array_equal(out["s"], x + np.float32(1.0))
     _close(out["c"], 30.0 * np.tanh(x.astype(np.float64) / 30.0), rtol=1e-5, atol=1e-5)
     assert np.abs(out["c"]).max() < 30.0 < np.abs(x).max()
+
+
+@needs_op("clip")
+def test_clip():
+    x = _rand(4, 5, scale=3)
+    out = derive({"x": ("f32[4, 5]", x)}, "%c = clip(%x) {min = -1.5, max = 0.5} : f32[4, 5]")
+    np.testing.assert_array_equal(out["c"], np.minimum(np.maximum(x, np.float32(-1.5)), np.float32(0.5)))
+    assert (x < -1.5).any() and (x > 0.5).any() and ((x > -1.5) & (x < 0.5)).any()
 
 
 @needs_op("stack")

@@ -61,6 +61,9 @@ def _undo(op: Operation, results: list[W.Tensor]) -> Optional[list[W.Tensor]]:
         return _split_rows(results[0], sizes, attrs["axis"])
     if kind == "split":
         return [mx.concatenate([_float(r) for r in results], axis=attrs["axis"])]
+    if kind == "stack":  # per-expert tensors from the stacked experts
+        stacked = _float(results[0])
+        return [x.squeeze(attrs["axis"]) for x in mx.split(stacked, stacked.shape[attrs["axis"]], axis=attrs["axis"])]
     if kind in ("quantize", "dequantize", "cast"):
         return [_float(results[0])]  # the operand as the model computes with it (a float weight)
     if kind == "shift":  # a Gemma norm's gain 1 + w
