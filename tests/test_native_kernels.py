@@ -295,6 +295,18 @@ def test_packed_weights_compute_what_the_unpacked_kernel_computes(bits, group_si
     np.testing.assert_array_equal(np.array(compiled(x)), np.array(y))
 
 
+@pytest.mark.parametrize("bits,group_size", BITS_GROUPS)
+@pytest.mark.parametrize("scale_dtype", [mx.float32, mx.float16])
+def test_qembed_on_packed_tables(bits, group_size, scale_dtype):
+    """The packed table gives the same rows as the MLX layout (a tied embedding and LM head share one copy)."""
+    codes, scales, biases, _ = weight(37, 32 * 12, bits, group_size, seed=23, dtype=scale_dtype)
+    pc, ps, pb = native.pack(codes, scales, biases, bits=bits, group_size=group_size)
+    ids = mx.array([[36, 0, 15, 16], [17, 31, 32, -1]])
+    got = native.qembed_packed(ids, pc, ps, pb, bits=bits, group_size=group_size, n=37, dtype=mx.float32)
+    want = native.qembed(ids, codes, scales, biases, bits=bits, group_size=group_size, dtype=mx.float32)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
 @packed
 def test_packed_arguments_are_checked():
     codes, scales, biases, _ = weight(20, 64, 4, 32)

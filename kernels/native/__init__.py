@@ -124,6 +124,14 @@ def qmatmul_packed(x: mx.array, pcodes: mx.array, pscales: mx.array, pbiases: mx
     return _need().qmatmul_packed(x, pcodes, pscales, pbiases, bits=bits, group_size=group_size, n=n, stream=stream)
 
 
+def qembed_packed(ids: mx.array, pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, bits: int,
+                  group_size: int, n: int, dtype: Optional[mx.Dtype] = None, stream=None) -> mx.array:
+    """`qembed` on a table from `pack` (n rows), so a tied embedding and LM head can share one packed copy. Portable
+    code: runs wherever the extension does."""
+    return _need().qembed_packed(ids, pcodes, pscales, pbiases, bits=bits, group_size=group_size, n=n, dtype=dtype,
+                                 stream=stream)
+
+
 def qembed(ids: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int,
            dtype: Optional[mx.Dtype] = None, stream=None) -> mx.array:
     """Rows `ids` of W, dequantized: `mx.dequantize(codes[ids], scales[ids], biases[ids], ...)` in one op; the result
@@ -165,5 +173,6 @@ def describe() -> str:
     return f"native kernels: {_ext.isa()}, {_ext.threads()} threads"
 
 
-__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "qmatmul_packed", "packed_available", "isa", "supported_isas", "set_isa", "threads", "set_threads",
+__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "qmatmul_packed", "qembed_packed",
+           "packed_available", "isa", "supported_isas", "set_isa", "threads", "set_threads",
            "describe"]

@@ -32,6 +32,9 @@ NB_MODULE(_mlxc_native, m) {
         "group_size"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
         "Rows ids of W, dequantized: shape ids.shape + (K,).");
 
+  m.def("qembed_packed", &mlxc_native::qembed_packed, "ids"_a, "pcodes"_a, "pscales"_a, "pbiases"_a, nb::kw_only(),
+        "bits"_a, "group_size"_a, "n"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
+        "Rows ids of a packed W, dequantized.");
   m.def("isa", [] { return std::string(mlxc_native::active_kernels().name); },
         "The instruction set whose kernels run.");
   m.def("supported_isas", &mlxc_native::supported_isas, "Instruction sets this CPU can run, best first.");

@@ -171,41 +171,84 @@ void embed_rows(const I* ids, size_t count, const QWeight& w, T* out) {
   }
 }
 
-template <typename I>
-void embed_dispatch_out(const I* ids, size_t count, const QWeight& w, mx::array& out) {
-  if (out.dtype() == mx::float32)
-    embed_rows(ids, count, w, out.data<float>());
-  else if (out.dtype() == mx::float16)
-    embed_rows(ids, count, w, out.data<mx::float16_t>());
+// The same from packed weights (see kernels_x86.inc): row n is lane n % 16 of tile n / 16.
+template <typename I, typename T>
+void embed_rows_packed(const I* ids, size_t count, const QWeight& w, T* out) {
+  const int K = w.K, nb = K / 32, G = K / w.group_size;
+  const size_t block_bytes = w.bits == 4 ? 256 : 512, tile_bytes = nb * block_bytes;
+  std::vector<float> s(G), b(G);
+  const size_t item = w.scale_type == FloatType::f32 ? 4 : 2;
+  for (size_t i = 0; i < count; ++i) {
+    int64_t n = static_cast<int64_t>(ids[i]);
+    if (n < 0) n += w.N;
+    n = std::min<int64_t>(std::max<int64_t>(n, 0), w.N - 1);
+    const int64_t t = n / 16, r = n % 16;
+    for (int g = 0; g < G; ++g) {  // scales and biases of group g sit at [t, g * 16 + r]
+      const size_t off = (static_cast<size_t>(t) * G * 16 + g * 16 + r) * item;
+      to_float(static_cast<const char*>(w.scales) + off, w.scale_type, 1, &s[g]);
+      to_float(static_cast<const char*>(w.biases) + off, w.scale_type, 1, &b[g]);
+    }
+    const uint8_t* c = w.codes + t * tile_bytes + 4 * r;
+    T* o = out + i * K;
+    for (int k = 0; k < K; ++k) {
+      const int blk = k / 32, j = (k % 32) / 4, byte = k % 4;
+      int code;
+      if (w.bits == 4) {
+        const uint8_t v = c[blk * block_bytes + (j % 4) * 64 + byte];
+        code = j < 4 ? v & 0x0F : v >> 4;
+      } else {
+        code = c[blk * block_bytes + j * 64 + byte];
+      }
+      o[k] = static_cast<T>(s[k / w.group_size] * static_cast<float>(code) + b[k / w.group_size]);
+    }
+  }
+}
+
+template <typename I, typename T>
+void embed_any(const I* ids, size_t count, const QWeight& w, bool packed, T* out) {
+  if (packed)
+    embed_rows_packed(ids, count, w, out);
   else
-    embed_rows(ids, count, w, out.data<mx::bfloat16_t>());
+    embed_rows(ids, count, w, out);
+}
+
+template <typename I>
+void embed_dispatch_out(const I* ids, size_t count, const QWeight& w, bool packed, mx::array& out) {
+  if (out.dtype() == mx::float32)
+    embed_any(ids, count, w, packed, out.data<float>());
+  else if (out.dtype() == mx::float16)
+    embed_any(ids, count, w, packed, out.data<mx::float16_t>());
+  else
+    embed_any(ids, count, w, packed, out.data<mx::bfloat16_t>());
 }
 
 void run_qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
-                mx::array& out, int bits, int group_size) {
+                mx::array& out, int bits, int group_size, int packed_rows) {
   if (ids.size() == 0) return;
   std::vector<char> ic, cc, sc, bc;
   const char* idp = contiguous(ids, ic);
-  const int K = static_cast<int>(static_cast<int64_t>(codes.shape(1)) * 32 / bits);
+  const bool packed = packed_rows > 0;
+  const int K = out.shape(-1);
   const QWeight w{reinterpret_cast<const uint8_t*>(contiguous(codes, cc)), contiguous(scales, sc),
-                  contiguous(biases, bc), float_type(scales.dtype()), codes.shape(0), K, bits, group_size};
+                  contiguous(biases, bc), float_type(scales.dtype()), packed ? packed_rows : codes.shape(0), K, bits,
+                  group_size};
   switch (ids.dtype()) {
     case mx::int32:
-      return embed_dispatch_out(reinterpret_cast<const int32_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const int32_t*>(idp), ids.size(), w, packed, out);
     case mx::uint32:
-      return embed_dispatch_out(reinterpret_cast<const uint32_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const uint32_t*>(idp), ids.size(), w, packed, out);
     case mx::int64:
-      return embed_dispatch_out(reinterpret_cast<const int64_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const int64_t*>(idp), ids.size(), w, packed, out);
     case mx::uint64:
-      return embed_dispatch_out(reinterpret_cast<const uint64_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const uint64_t*>(idp), ids.size(), w, packed, out);
     case mx::int16:
-      return embed_dispatch_out(reinterpret_cast<const int16_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const int16_t*>(idp), ids.size(), w, packed, out);
     case mx::uint16:
-      return embed_dispatch_out(reinterpret_cast<const uint16_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const uint16_t*>(idp), ids.size(), w, packed, out);
     case mx::int8:
-      return embed_dispatch_out(reinterpret_cast<const int8_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const int8_t*>(idp), ids.size(), w, packed, out);
     default:
-      return embed_dispatch_out(reinterpret_cast<const uint8_t*>(idp), ids.size(), w, out);
+      return embed_dispatch_out(reinterpret_cast<const uint8_t*>(idp), ids.size(), w, packed, out);
   }
 }
 
@@ -218,6 +261,10 @@ mx::Stream cpu_stream(mx::StreamOrDevice s) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------- qmatmul
+
+int check_packed(const char* op, const mx::array& pcodes, const mx::array& pscales, const mx::array& pbiases,
+                 int bits, int group_size, int n);
+
 
 mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
                   int bits, int group_size, bool int8_activations, mx::StreamOrDevice s) {
@@ -290,6 +337,20 @@ std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const
 mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::array& pscales,
                          const mx::array& pbiases, int bits, int group_size, int n, mx::StreamOrDevice s) {
   const char* op = "mlxc.qmatmul_packed";
+  const int64_t K = check_packed(op, pcodes, pscales, pbiases, bits, group_size, n);
+  if (x.ndim() < 1 || x.shape(-1) != K) fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K));
+  if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
+  if (active_kernels().qmm_int8_packed == nullptr)
+    fail(op, std::string("packed weights need the avx512vnni kernels; running ") + active_kernels().name);
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return mx::array(std::move(shape), x.dtype(), std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, true, n),
+                   {x, pcodes, pscales, pbiases});
+}
+
+// Validates the packed layout (mlxc.kernels.native.pack); returns K.
+int check_packed(const char* op, const mx::array& pcodes, const mx::array& pscales, const mx::array& pbiases,
+                 int bits, int group_size, int n) {
   if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
@@ -307,14 +368,7 @@ mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::
                  " and " + shape_str(pbiases.shape()));
   if ((pscales.dtype() != mx::float32 && pscales.dtype() != mx::float16) || pbiases.dtype() != pscales.dtype())
     fail(op, "pscales and pbiases must share one dtype, float32 or float16");
-  if (x.ndim() < 1 || x.shape(-1) != K) fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K));
-  if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
-  if (active_kernels().qmm_int8_packed == nullptr)
-    fail(op, std::string("packed weights need the avx512vnni kernels; running ") + active_kernels().name);
-  mx::Shape shape = x.shape();
-  shape.back() = n;
-  return mx::array(std::move(shape), x.dtype(), std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, true, n),
-                   {x, pcodes, pscales, pbiases});
+  return static_cast<int>(K);
 }
 
 // ---------------------------------------------------------------------------------------------------- qembed
@@ -328,8 +382,22 @@ mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& 
   if (!is_float(out_type)) fail(op, "dtype must be float32, float16 or bfloat16");
   mx::Shape shape = ids.shape();
   shape.push_back(K);
-  return mx::array(std::move(shape), out_type, std::make_shared<QEmbed>(cpu_stream(s), bits, group_size),
+  return mx::array(std::move(shape), out_type, std::make_shared<QEmbed>(cpu_stream(s), bits, group_size, K),
                    {ids, codes, scales, biases});
+}
+
+mx::array qembed_packed(const mx::array& ids, const mx::array& pcodes, const mx::array& pscales,
+                        const mx::array& pbiases, int bits, int group_size, int n, std::optional<mx::Dtype> dtype,
+                        mx::StreamOrDevice s) {
+  const char* op = "mlxc.qembed_packed";
+  const int K = check_packed(op, pcodes, pscales, pbiases, bits, group_size, n);
+  if (!mx::issubdtype(ids.dtype(), mx::integer)) fail(op, "ids must be integers");
+  const mx::Dtype out_type = dtype.value_or(pscales.dtype());
+  if (!is_float(out_type)) fail(op, "dtype must be float32, float16 or bfloat16");
+  mx::Shape shape = ids.shape();
+  shape.push_back(K);
+  return mx::array(std::move(shape), out_type, std::make_shared<QEmbed>(cpu_stream(s), bits, group_size, K, n),
+                   {ids, pcodes, pscales, pbiases});
 }
 
 void QEmbed::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -339,8 +407,8 @@ void QEmbed::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.set_output_array(out);
   enc.dispatch([ids = mx::array::unsafe_weak_copy(inputs[0]), codes = mx::array::unsafe_weak_copy(inputs[1]),
                 scales = mx::array::unsafe_weak_copy(inputs[2]), biases = mx::array::unsafe_weak_copy(inputs[3]),
-                out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_]() mutable {
-    run_qembed(ids, codes, scales, biases, out, bits, gs);
+                out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_, packed = packed_rows_]() mutable {
+    run_qembed(ids, codes, scales, biases, out, bits, gs, packed);
   });
 }
 
@@ -350,13 +418,13 @@ void QEmbed::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 std::vector<mx::Shape> QEmbed::output_shapes(const std::vector<mx::array>& inputs) {
   mx::Shape shape = inputs[0].shape();
-  shape.push_back(static_cast<int>(static_cast<int64_t>(inputs[1].shape(1)) * 32 / bits_));
+  shape.push_back(k_);
   return {shape};
 }
 
 bool QEmbed::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QEmbed&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_;
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && k_ == o.k_ && packed_rows_ == o.packed_rows_;
 }
 
 }  // namespace mlxc_native

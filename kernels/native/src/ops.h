@@ -25,6 +25,11 @@ mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::
 mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
                  int bits, int group_size, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s = {});
 
+// qembed on a table packed by mlxc.kernels.native.pack (so a tied embedding and LM head share one packed copy).
+mx::array qembed_packed(const mx::array& ids, const mx::array& pcodes, const mx::array& pscales,
+                        const mx::array& pbiases, int bits, int group_size, int n, std::optional<mx::Dtype> dtype,
+                        mx::StreamOrDevice s = {});
+
 class QMatmul : public mx::UnaryPrimitive {
  public:
   QMatmul(mx::Stream stream, int bits, int group_size, bool int8_activations, int packed_rows = 0)
@@ -52,7 +57,8 @@ class QMatmul : public mx::UnaryPrimitive {
 
 class QEmbed : public mx::UnaryPrimitive {
  public:
-  QEmbed(mx::Stream stream, int bits, int group_size) : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size) {}
+  QEmbed(mx::Stream stream, int bits, int group_size, int k, int packed_rows = 0)
+      : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size), k_(k), packed_rows_(packed_rows) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -61,7 +67,8 @@ class QEmbed : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
-  int bits_, group_size_;
+  int bits_, group_size_, k_;
+  int packed_rows_;  // > 0: the table is packed (pcodes, pscales, pbiases) and has this many rows
 };
 
 }  // namespace mlxc_native
