@@ -2,7 +2,7 @@
 
 Each engine runs in its own process (OpenBLAS worker threads busy-wait after a call and would slow whatever runs
 next on a 2-core machine), on the same seeded weights:
-  native packed   the same, on weights packed once into 16-row tiles (native.pack; AVX-512 VNNI)
+  native packed   the same, on weights packed once into 16-row tiles (native.pack)
   native int8     4-bit g32 (Q4_1's layout after mlxc's load), activations quantized to int8 per 32-block
   native float    the same weights, activations in float
   mx.qmm          mx.quantized_matmul on the same codes, scales and biases
@@ -54,8 +54,6 @@ def measure(engine: str, args) -> dict:
 
     if engine.startswith("native") and not native.available():
         raise SystemExit(f"native kernels unavailable: {native.reason()}")
-    if engine == "native packed" and not native.packed_available():
-        raise SystemExit("packed weights need the avx512vnni kernels")
     if engine.startswith("native") and args.threads:
         native.set_threads(args.threads)
     sdt = mx.float16 if args.scales == "f16" else mx.float32

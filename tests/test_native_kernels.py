@@ -271,14 +271,10 @@ def test_gguf_blocks_as_mlxc_loads_them(tmp_path):
         assert_int8_close(native.qmatmul(x, *args, bits=t.quant.bits, group_size=32), x, want[name])
 
 
-packed = pytest.mark.skipif(not native.packed_available(), reason="packed weights need the avx512vnni kernels")
-
-
-@packed
 @pytest.mark.parametrize("bits,group_size", BITS_GROUPS)
 @pytest.mark.parametrize("scale_dtype", [mx.float32, mx.float16])
 @pytest.mark.parametrize("m", [1, 7, 19])
-def test_packed_weights_compute_what_the_unpacked_kernel_computes(bits, group_size, scale_dtype, m):
+def test_packed_weights_compute_what_the_unpacked_kernel_computes(isa, bits, group_size, scale_dtype, m):
     """`pack` moves codes, scales and biases into 16-row tiles; `qmatmul_packed` then does the same integer dot
     products as `qmatmul` (so the same activation-quantization bound), N = 37 leaving a partial tile."""
     n, k = 37, k_for(32 * 9, group_size)
@@ -307,7 +303,6 @@ def test_qembed_on_packed_tables(bits, group_size, scale_dtype):
     np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
-@packed
 def test_packed_arguments_are_checked():
     codes, scales, biases, _ = weight(20, 64, 4, 32)
     pc, ps, pb = native.pack(codes, scales, biases, bits=4, group_size=32)

@@ -8,8 +8,8 @@
     else:
         print(native.reason())
 
-For decode, `pack` (plain MLX ops, once at load) and `qmatmul_packed` are about 2.5x faster on AVX-512 VNNI: 16
-weight rows side by side, so the integer dot products need no horizontal sums.
+For decode, `pack` (plain MLX ops, once at load) and `qmatmul_packed` are about 2.5x faster (AVX-512 VNNI): 16
+weight rows side by side, so the integer dot products need no horizontal sums. Every ISA has a packed kernel.
 
 The layout is MLX's `mx.quantize` output, which is exactly GGUF Q4_0 / Q4_1 / Q8_0 after mlxc's load (group 32);
 groups of 64 and 128 work too. `qmatmul` quantizes activations to int8 per 32-element block (llama.cpp's scheme) for
@@ -84,11 +84,6 @@ def qmatmul(x: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *,
                            int8_activations=int8_activations, stream=stream)
 
 
-def packed_available() -> bool:
-    """Whether `qmatmul_packed` runs here (it needs the AVX-512 VNNI kernels)."""
-    return _ext is not None and _ext.isa() == "avx512vnni"
-
-
 def pack(codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
          ) -> tuple[mx.array, mx.array, mx.array]:
     """W (MLX's affine layout) repacked for `qmatmul_packed`: 16 rows side by side, so each 32-bit lane of the
@@ -119,8 +114,8 @@ def pack(codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, grou
 
 def qmatmul_packed(x: mx.array, pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, bits: int,
                    group_size: int, n: int, stream=None) -> mx.array:
-    """`qmatmul` (int8 activations) on weights from `pack`; n is W's row count. Needs `packed_available()`. Scales
-    float32 or float16. Equal to `qmatmul` up to float summation order: the same integer dot products."""
+    """`qmatmul` (int8 activations) on weights from `pack`; n is W's row count. Scales float32 or float16. Equal to
+    `qmatmul` up to float summation order: the same integer dot products, so the same error bound."""
     return _need().qmatmul_packed(x, pcodes, pscales, pbiases, bits=bits, group_size=group_size, n=n, stream=stream)
 
 
@@ -173,6 +168,5 @@ def describe() -> str:
     return f"native kernels: {_ext.isa()}, {_ext.threads()} threads"
 
 
-__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "qmatmul_packed", "qembed_packed",
-           "packed_available", "isa", "supported_isas", "set_isa", "threads", "set_threads",
+__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "qmatmul_packed", "qembed_packed", "isa", "supported_isas", "set_isa", "threads", "set_threads",
            "describe"]

@@ -27,7 +27,7 @@ NB_MODULE(_mlxc_native, m) {
         "y = x @ W.T for W in MLX's affine layout (codes, scales, biases); y has x's dtype.");
   m.def("qmatmul_packed", &mlxc_native::qmatmul_packed, "x"_a, "pcodes"_a, "pscales"_a, "pbiases"_a, nb::kw_only(),
         "bits"_a, "group_size"_a, "n"_a, "stream"_a = nb::none(),
-        "y = x @ W.T for W packed by mlxc.kernels.native.pack (int8 activations, AVX-512 VNNI).");
+        "y = x @ W.T for W packed by mlxc.kernels.native.pack (int8 activations).");
   m.def("qembed", &mlxc_native::qembed, "ids"_a, "codes"_a, "scales"_a, "biases"_a, nb::kw_only(), "bits"_a,
         "group_size"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
         "Rows ids of W, dequantized: shape ids.shape + (K,).");

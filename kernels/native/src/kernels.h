@@ -52,8 +52,8 @@ struct KernelSet {
   // Optional, for many activation rows: int8 path on tiles of 16 weight rows repacked on the fly; takes activations
   // in natural order (prepare_acts with natural_order). Rows [n0, n1) with n0 a multiple of 16.
   QmmFn qmm_int8_tiles = nullptr;
-  // Optional: int8 path on weights packed ahead of time (QWeight then holds the packed arrays, f32 or f16 scales;
-  // see kernels_x86.inc); natural-order activations; n0 a multiple of 16.
+  // int8 path on weights packed ahead of time (QWeight then holds the packed arrays, f32 or f16 scales; see
+  // kernels_x86.inc); natural-order activations; n0 a multiple of 16.
   QmmFn qmm_int8_packed = nullptr;
 };
 

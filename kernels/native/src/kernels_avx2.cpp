@@ -4,7 +4,7 @@
 
 namespace mlxc_native {
 const KernelSet* kernels_avx2() {
-  static const KernelSet k{"avx2", avx2::qmm_int8, avx2::qmm_float};
+  static const KernelSet k{"avx2", avx2::qmm_int8, avx2::qmm_float, nullptr, avx2::qmm_int8_packed};
   return &k;
 }
 }  // namespace mlxc_native

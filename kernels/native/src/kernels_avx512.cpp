@@ -4,7 +4,7 @@
 
 namespace mlxc_native {
 const KernelSet* kernels_avx512() {
-  static const KernelSet k{"avx512", avx512::qmm_int8, avx512::qmm_float};
+  static const KernelSet k{"avx512", avx512::qmm_int8, avx512::qmm_float, nullptr, avx512::qmm_int8_packed};
   return &k;
 }
 }  // namespace mlxc_native

@@ -118,9 +118,6 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   }
   const Tuning& tu = tuning();
   const KernelSet& ks = active_kernels();
-  if (packed && ks.qmm_int8_packed == nullptr)
-    throw std::runtime_error(std::string("[mlxc.qmatmul_packed] packed weights need the avx512vnni kernels; running ") +
-                             ks.name);
   const bool tiles = packed || (int8 && ks.qmm_int8_tiles != nullptr && M >= tu.tiles_min_m);
   prepare_acts(x32, M, K, bits, group_size, int8, !int8, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data(), tiles);
 
@@ -340,8 +337,6 @@ mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::
   const int64_t K = check_packed(op, pcodes, pscales, pbiases, bits, group_size, n);
   if (x.ndim() < 1 || x.shape(-1) != K) fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K));
   if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
-  if (active_kernels().qmm_int8_packed == nullptr)
-    fail(op, std::string("packed weights need the avx512vnni kernels; running ") + active_kernels().name);
   mx::Shape shape = x.shape();
   shape.back() = n;
   return mx::array(std::move(shape), x.dtype(), std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, true, n),

@@ -16,7 +16,7 @@ mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& s
                   int bits, int group_size, bool int8_activations, mx::StreamOrDevice s = {});
 
 // The same product on weights packed ahead of time by mlxc.kernels.native.pack (16 rows side by side; int8
-// activations; AVX-512 VNNI kernels): pcodes uint8 [ceil(n/16), K/32 * 256 (4-bit) or 512 (8-bit)], pscales and
+// activations; every ISA, fastest with AVX-512 VNNI): pcodes uint8 [ceil(n/16), K/32 * 256 (4-bit) or 512 (8-bit)], pscales and
 // pbiases [ceil(n/16), K/group_size * 16] in float32 or float16; n is W's row count.
 mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::array& pscales,
                          const mx::array& pbiases, int bits, int group_size, int n, mx::StreamOrDevice s = {});
