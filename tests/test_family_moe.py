@@ -473,6 +473,7 @@ def _config(name: str, **overrides) -> dict:
     ("qwen2-moe", dict(norm_topk_prob="yes"), "norm_topk_prob"),
     ("qwen3-moe", dict(moe_intermediate_size=-1), "moe_intermediate_size"),
     ("olmoe-clip", dict(clip_qkv=-1.0), "clip_qkv"),
+    ("qwen3-moe", dict(num_experts=4, num_local_experts=6), "expert count is given twice"),
 ])
 def test_bad_configs_are_refused(name, overrides, message):
     with pytest.raises(MlxcError, match=message):
@@ -582,3 +583,40 @@ def test_published_hyperparameters():
 ])
 def test_hub_ids_name_presets(repo, preset):
     assert preset_for_hub_id(repo) == preset
+
+
+def test_lora_training_through_the_experts(tmp_path_factory):
+    """Gradients reach adapters before the mixture and on its shared expert through the grouped path (rows sorted
+    by expert, counted on the host; the choice of experts gets no gradient, the routing weights do, as in
+    transformers): the loss falls, every adapter's B moves and nothing else does."""
+    import mlx.utils
+
+    from mlxc.runtime.train import TrainConfig, train_lora
+
+    _, path = _case("qwen2-moe", tmp_path_factory)
+    model = mlxc.load(str(path), lora=mlxc.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "gate_proj")))
+    before = {n: np.array(a) for n, a in mlx.utils.tree_flatten(model.net.parameters())}
+    rows = [[3 + (start + i) % 7 for i in range(n)] for start, n in ((0, 12), (3, 9), (5, 16), (1, 10))] * 4
+    result = train_lora(model.net, rows, TrainConfig(steps=12, batch_size=4, seq_len=16, learning_rate=2e-2,
+                                                     warmup_steps=2, seed=0, log_every=6))
+    assert all(np.isfinite(result.losses)) and np.mean(result.losses[-3:]) < 0.8 * result.losses[0]
+    after = {n: np.array(a) for n, a in mlx.utils.tree_flatten(model.net.parameters())}
+    assert any("shared_expert.gate_proj.lora_B" in n for n in after)
+    for n in before:
+        if ".lora_" not in n:
+            assert np.array_equal(before[n], after[n]), n
+        elif ".lora_B" in n:
+            assert not np.array_equal(before[n], after[n]), n
+
+
+@pytest.mark.parametrize("name", ["qwen2-moe", "qwen3-moe"])
+def test_no_experts_means_dense_layers(name):
+    """num_experts 0: transformers builds every layer dense, and so does mlxc; the written config says the same."""
+    data = {k: v for k, v in _config(name, num_experts=0).items() if k != "num_local_experts"}
+    spec = spec_from_hf_config(data)
+    cls, _ = CASES[name]()
+    with torch.device("meta"):
+        ref = cls(type(CASES[name]()[1])(**{k: v for k, v in data.items() if k != "architectures"}))
+    assert not any(hasattr(layer.mlp, "experts") for layer in ref.model.layers)
+    assert spec.moe is None and {spec.layer(i).ffn.kind for i in range(spec.num_layers)} == {FFNType.GATED}
+    assert spec_from_hf_config(hf_config_from_spec(spec)) == spec.model_copy(update={"name": "model"})

@@ -42,7 +42,10 @@ def _count(c, key: str, value: Any) -> int:
 def num_experts(c, *keys: str) -> int:
     """The expert count under the first of `keys` the config has (transformers 5 saves Qwen3-MoE's `num_experts` as
     `num_local_experts` and OLMoE's the other way round)."""
-    key = next((k for k in keys if k in c), keys[0])
+    given = {k: c.data[k] for k in keys if k in c}
+    if len(set(map(repr, given.values()))) > 1:
+        raise c.error(f"the expert count is given twice and differs: {', '.join(f'{k}={v!r}' for k, v in given.items())}")
+    key = next(iter(given), keys[0])
     value = c.get(key)
     if isinstance(value, int) and not isinstance(value, bool) and value == 0:
         return 0

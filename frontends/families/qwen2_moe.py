@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...ir.errors import MlxcError
 from ..spec import AttentionType, FFNType, LayerSpec, ModelSpec
 from . import _moe, llama
 from .base import HEAD_NAMES, Family, NameTable
@@ -118,19 +117,19 @@ def base_fields(spec: ModelSpec, architecture: str, model_type: str) -> dict[str
                                                      "sliding_window": None, "layers": ()}))
     for key in ("attention_bias", "mlp_bias", "head_dim"):
         out.pop(key, None)
-    m = spec.moe
-    if m is None:
-        raise MlxcError(f"model {spec.name!r} has no mixture of experts; a {model_type} config needs one")
-    out.update(architectures=[architecture], model_type=model_type, num_experts=m.num_experts,
-               moe_intermediate_size=m.intermediate_size, decoder_sparse_step=1,
-               mlp_only_layers=_moe.dense_layers(spec), **_moe.moe_fields(spec))
+    m = spec.moe  # None: no experts at all, every layer dense (num_experts 0)
+    out.update(architectures=[architecture], model_type=model_type, num_experts=m.num_experts if m else 0,
+               decoder_sparse_step=1, mlp_only_layers=_moe.dense_layers(spec) if m else [], **_moe.moe_fields(spec))
+    if m is not None:
+        out["moe_intermediate_size"] = m.intermediate_size
     return out
 
 
 def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
     out = base_fields(spec, "Qwen2MoeForCausalLM", "qwen2_moe")
-    shared = spec.moe.shared_expert_intermediate_size
-    out.update(qkv_bias=spec.attention_bias, shared_expert_intermediate_size=shared, **window_fields(spec))
+    out.update(qkv_bias=spec.attention_bias, **window_fields(spec))
+    if spec.moe is not None:
+        out["shared_expert_intermediate_size"] = spec.moe.shared_expert_intermediate_size
     if spec.head_dim is not None and spec.head_dim != spec.hidden_size // spec.num_heads:
         out["head_dim"] = spec.head_dim  # not a config field, but the modeling code reads it
     return out
