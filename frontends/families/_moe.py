@@ -44,7 +44,8 @@ def num_experts(c, *keys: str) -> int:
     `num_local_experts` and OLMoE's the other way round)."""
     given = {k: c.data[k] for k in keys if k in c}
     if len(set(map(repr, given.values()))) > 1:
-        raise c.error(f"the expert count is given twice and differs: {', '.join(f'{k}={v!r}' for k, v in given.items())}")
+        both = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise c.error(f"the expert count is given twice and differs: {both}")
     key = next(iter(given), keys[0])
     value = c.get(key)
     if isinstance(value, int) and not isinstance(value, bool) and value == 0:
