@@ -171,7 +171,9 @@ def main() -> None:
     engines = [e for e in args.engines.split(",") if e in ENGINES]
     results = {}
     for e in engines:
-        cmd = [sys.executable, __file__, "--engine", e] + [a for a in sys.argv[1:] if not a.startswith("--engines")]
+        cmd = [sys.executable, __file__, "--engine", e, "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--scales", args.scales, "--batches", ",".join(map(str, args.batches))]
+        cmd += ["--skip-step"] if args.skip_step else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{e}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
