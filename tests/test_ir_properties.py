@@ -49,20 +49,31 @@ floats = st.one_of(
 )
 optional_floats = st.one_of(st.none(), floats)
 
-rope_scalings = st.builds(
-    RopeScaling,
-    kind=st.sampled_from(list(RopeKind)),
-    factor=st.one_of(st.just(1.0), floats),
-    low_freq_factor=st.one_of(st.just(1.0), floats),
-    high_freq_factor=st.one_of(st.just(4.0), floats),
-    original_max_position_embeddings=st.one_of(st.just(0), st.integers(0, 1 << 20)),
-    beta_fast=st.one_of(st.just(32.0), floats),
-    beta_slow=st.one_of(st.just(1.0), floats),
-    attention_factor=optional_floats,
-    mscale=optional_floats,
-    mscale_all_dim=optional_floats,
-    truncate=st.booleans(),
-)
+
+def rope_scalings(dims: int):
+    """RopeScalings for `dims` rotated features: longrope carries one short and one long factor per frequency."""
+    factors = st.lists(floats, min_size=dims // 2, max_size=dims // 2)
+    return st.sampled_from(list(RopeKind)).flatmap(lambda kind: _rope_scalings(
+        kind, factors if kind == RopeKind.LONGROPE else st.none()))
+
+
+def _rope_scalings(kind, factors):
+    return st.builds(
+        RopeScaling,
+        kind=st.just(kind),
+        short_factor=factors,
+        long_factor=factors,
+        factor=st.one_of(st.just(1.0), floats),
+        low_freq_factor=st.one_of(st.just(1.0), floats),
+        high_freq_factor=st.one_of(st.just(4.0), floats),
+        original_max_position_embeddings=st.one_of(st.just(0), st.integers(0, 1 << 20)),
+        beta_fast=st.one_of(st.just(32.0), floats),
+        beta_slow=st.one_of(st.just(1.0), floats),
+        attention_factor=optional_floats,
+        mscale=optional_floats,
+        mscale_all_dim=optional_floats,
+        truncate=st.booleans(),
+    )
 
 
 @dataclass
@@ -227,7 +238,7 @@ def _op_rope(g: _Gen):
     dims = g.draw(st.sampled_from([d for d in range(2, s[-1] + 1, 2)]))
     attrs = {"dims": dims, "base": g.draw(floats)}
     if g.draw(st.booleans()):
-        attrs["scaling"] = g.draw(rope_scalings)
+        attrs["scaling"] = g.draw(rope_scalings(dims))
     if g.draw(st.booleans()):
         attrs["traditional"] = g.draw(st.booleans())
     g.add(g.b.op("rope", x, name=g.name(), **attrs))
@@ -329,7 +340,7 @@ def test_random_programs_round_trip_as_json(program):
 
 
 @SETTINGS
-@given(rope_scalings)
+@given(rope_scalings(8))
 def test_rope_scaling_struct_round_trips(scaling):
     b = FunctionBuilder("main", Program())
     x = b.input("x", TensorType(DType.F32, ("B", 2, "T", 8)))
