@@ -216,10 +216,13 @@ def test_in_a_graph_with_other_ops():
     np.testing.assert_allclose(np.array(compiled), np.array(got), rtol=1e-6, atol=1e-6)
 
 
-def test_gradient_with_respect_to_x():
-    codes, scales, biases, w = weight(17, 32 * 3, 4, 32)
+@pytest.mark.parametrize("scale_dtype", [mx.float32, mx.float16])
+def test_gradient_with_respect_to_x(scale_dtype):
+    """For LoRA training on a quantized base: d(x @ W.T)/dx through MLX's quantized matmul, in float32."""
+    codes, scales, biases, w = weight(17, 32 * 3, 4, 32, dtype=scale_dtype)
     x = activations(2, 32 * 3)
     g = mx.grad(lambda x: native.qmatmul(x, codes, scales, biases, bits=4, group_size=32).sum())(x)
+    assert g.dtype == mx.float32
     np.testing.assert_allclose(np.array(g), np.array(mx.ones((2, 17)) @ w), rtol=1e-5, atol=1e-5)
 
 

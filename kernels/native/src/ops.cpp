@@ -322,9 +322,9 @@ std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const
   for (int a : argnums) {
     if (a != 0) throw std::invalid_argument("[MlxcQMatmul] is differentiable with respect to x only");
     if (packed_rows_ > 0) throw std::invalid_argument("[MlxcQMatmul] packed weights have no vjp; use the MLX layout");
-    // d/dx (x @ W.T) = cotangent @ W: MLX's quantized matmul without the transpose
-    const auto& sc = primals[2];
-    auto g = mx::quantized_matmul(mx::astype(cotangents[0], sc.dtype(), stream()), primals[1], sc, primals[3],
+    // d/dx (x @ W.T) = cotangent @ W: MLX's quantized matmul without the transpose, in float32
+    auto f32 = [&](const mx::array& a) { return mx::astype(a, mx::float32, stream()); };
+    auto g = mx::quantized_matmul(f32(cotangents[0]), primals[1], f32(primals[2]), f32(primals[3]),
                                   /*transpose=*/false, group_size_, bits_, "affine", stream());
     grads.push_back(mx::astype(g, primals[0].dtype(), stream()));
   }
