@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 
 from ..ir import Function, Program, Quant, Value
 from ..ir.errors import MlxcError
-from ..ir.printer import format_attr
 from .mlx_ops import IMPLEMENTATIONS, MX_DTYPES
 
 # Names a generated method must not bind locally: the module's imports and helpers (templates/*.j2), the method's
 # own plumbing, and Python's builtins (a value called `zip` would break the layer loop). `ROPE_<n>` constants are
 # reserved by pattern.
 _RESERVED = {
-    "self", "cache", "offset", "layer", "layer_cache", "mx", "nn", "np", "math", "attention", "dropout", "RoPE",
-    "rope_inv_freq", "yarn_attention_factor", "longrope_attention_factor", "CACHE_WINDOWS",
+    "self", "cache", "layer", "layer_cache", "mx", "nn", "np", "math", "attention", "dropout", "RoPE",
+    "rope_inv_freq", "yarn_attention_factor", "longrope_attention_factor", "STATES", "make_cache", "new_state",
+    "KVCache", "RotatingKVCache", "ArrayState",
 } | set(dir(builtins))
 _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 
@@ -41,14 +41,15 @@ class EmittedClass:
     init: list[str]
     args: str
     body: list[str]
+    methods: list[str] = field(default_factory=list)  # more methods' lines, after __call__
 
 
 @dataclass
 class ModuleParts:
     classes: list[EmittedClass] = field(default_factory=list)
-    ropes: dict[str, str] = field(default_factory=dict)  # constructor source -> constant name
+    constants: dict[str, str] = field(default_factory=dict)  # module-level constant source -> its name
     helpers: set[str] = field(default_factory=set)  # templates/<name>.py.j2 the module needs
-    cache_windows: list[int | None] = field(default_factory=list)
+    states: tuple = ()  # the model's states (ir.state.State), one object each in make_cache()
 
 
 def _expr_list(values) -> str:
@@ -61,35 +62,17 @@ class _Emitter:
         self.slots: dict[str, int] = {}
 
     def slot_count(self, fn: Function) -> int:
+        """How many state objects a call of `fn` takes: one per stateful op it (and its callees) runs."""
         if fn.name not in self.slots:
-            n = 0
-            for o in fn.ops:
-                if o.op == "attention":
-                    n += 1
-                elif o.op == "call":
-                    n += self.slot_count(self.program[o.attrs["callee"]])
-            self.slots[fn.name] = n
+            self.slots[fn.name] = len(self.program.states(fn))
         return self.slots[fn.name]
 
-    def windows(self, fn: Function) -> list[int | None]:
-        out: list[int | None] = []
-        for o in fn.ops:
-            if o.op == "attention":
-                out.append(o.attrs["window"])
-            elif o.op == "call":
-                out += self.windows(self.program[o.attrs["callee"]])
-        return out
-
-    def rope_constant(self, attrs: dict) -> str:
-        scaling = {k: v for k, v in attrs["scaling"].non_default_items()}
-        args = [f"dims={attrs['dims']}", f"base={attrs['base']!r}"]
-        if attrs["traditional"]:
-            args.append("traditional=True")
-        args += [f"{k}={format_attr(v) if k == 'kind' else repr(v)}" for k, v in scaling.items() if k != "kind"]
-        if scaling["kind"].value != "default":
-            args.insert(2, f'kind="{scaling["kind"].value}"')
-        src = f"RoPE({', '.join(args)})"
-        return self.parts.ropes.setdefault(src, f"ROPE_{len(self.parts.ropes)}")
+    def constant(self, source: tuple[str, str]) -> str:
+        """A module-level constant's name, made once per distinct source (`ROPE_0 = RoPE(...)`)."""
+        stem, src = source
+        if src not in self.parts.constants:
+            self.parts.constants[src] = f"{stem}_{sum(n.startswith(stem + '_') for n in self.parts.constants.values())}"
+        return self.parts.constants[src]
 
     def emit(self, fn: Function) -> EmittedClass:
         names: dict[Value, str] = {}
@@ -116,8 +99,8 @@ class _Emitter:
         inputs = [local(v) for v in fn.inputs]
 
         slots = self.slot_count(fn)
-        # @main always takes a list of caches (one per attention layer, however many); a callee reaching exactly
-        # one slot takes that cache object itself
+        # @main always takes a list of states (one per stateful op, however many); a callee reaching exactly one
+        # takes that state object itself
         as_list = slots > 1 or (slots == 1 and fn.name == Program.ENTRY)
         init = self._declare_params(fn)
         body: list[str] = []
@@ -129,10 +112,6 @@ class _Emitter:
             if src is None:
                 raise CodegenError(f"@{fn.name}: symbolic dim {d} does not appear in any input shape")
             body.append(f"{d} = {names[src[0]]}.shape[{src[1]}]")
-        if any(o.op == "rope" for o in fn.ops):
-            if slots != 1:
-                raise CodegenError(f"@{fn.name}: rope needs exactly one cache slot in its function, found {slots}")
-            body.append("offset = cache.offset if cache is not None else 0")
 
         slot = 0
         ops = fn.ops
@@ -169,19 +148,17 @@ class _Emitter:
                     args.append(self._slot_expr(as_list, slot, n))
                     slot += n
                 expr = f"{self._call_target(o.attrs['prefix'])}({_expr_list(args)})"
-            elif o.op == "attention":
-                self.parts.helpers.add("attention")
-                cache = self._slot_expr(as_list, slot, 1)
-                slot += 1
-                extra = "".join(f", {k}={o.attrs[k]!r}" for k in ("window", "softcap") if o.attrs[k] is not None)
-                expr = f"attention({_expr_list(args)}, {cache}, scale={o.attrs['scale']!r}{extra})"
-            elif o.op == "rope":
-                expr = f"{self.rope_constant(o.attrs)}({args[0]}, offset)"
             else:
                 impl = IMPLEMENTATIONS.get(o.op)
                 if impl is None:
                     raise CodegenError(f"@{fn.name}: no MLX implementation for op {o.op!r}")
                 self.parts.helpers.update(impl.helpers)
+                if impl.constant is not None:
+                    args.insert(0, self.constant(impl.constant(o.attrs)))
+                n = len(o.opdef.states(o.attrs, [v.type for v in o.operands]))
+                if n:
+                    args.append(self._slot_expr(as_list, slot, n))
+                    slot += n
                 expr = impl.fragment(args, o.attrs, [v.type for v in o.operands])
                 if len(o.results) > 1:
                     body.append(f"{_expr_list(local(r) for r in o.results)} = {expr}")
@@ -192,8 +169,14 @@ class _Emitter:
         body.append("return " + _expr_list(names[v] for v in fn.outputs))
 
         cache_arg = ", cache=None" if slots else ""
-        doc = f"IR function @{fn.name}" + (f"; {slots} cache slot{'s' if slots > 1 else ''}" if slots else "")
-        return EmittedClass(class_name(fn.name), doc, init + children, _expr_list(inputs) + cache_arg, body)
+        states = self.program.states(fn)
+        doc = f"IR function @{fn.name}" + (f"; state: {', '.join(map(str, states))}" if states else "")
+        methods = []
+        if fn.name == Program.ENTRY and states:
+            methods = ["def make_cache(self, max_kv_size=None):",
+                       '    """One state object per stateful op, in call order (see STATES)."""',
+                       "    return make_cache(max_kv_size)"]
+        return EmittedClass(class_name(fn.name), doc, init + children, _expr_list(inputs) + cache_arg, body, methods)
 
     @staticmethod
     def _slot_expr(as_list: bool, start: int, n: int) -> str:
@@ -302,5 +285,7 @@ def emit_program(program: Program) -> ModuleParts:
     em = _Emitter(program, parts)
     for fn in program.functions:
         parts.classes.append(em.emit(fn))
-    parts.cache_windows = em.windows(program.main)
+    parts.states = program.states(program.main)
+    if parts.states:
+        parts.helpers.add("state")
     return parts

@@ -5,10 +5,9 @@ and that the load-time interpreter (`runtime/derive.py`) evaluates. An op's mean
 A fragment is a function of the operand expressions, the op's attributes and the operand types (so a matmul on a
 quantized weight can choose MLX's quantized kernel); it returns one Python expression. Multi-result ops return an
 expression giving a sequence. Helpers a fragment calls (`attention`, `moe`, ...) are module-level functions from
-`templates/`, named in `helpers`.
-
-Stateful ops (attention, rope: they read the call's cache) are written by the emitter itself, which owns the cache
-plumbing; every other op is here.
+`templates/`, named in `helpers`. A stateful op (one that declares `state=` in `ir/ops.py`) gets the expression of
+its state object as one more argument, after its operands. An op that needs a module-level constant (rope's
+frequency table) gives its source with `constant`; the emitter names it once per module and passes that name first.
 """
 
 from __future__ import annotations
@@ -30,18 +29,19 @@ Fragment = Callable[[list[str], dict, Sequence[TensorType]], str]
 class Implementation:
     fragment: Fragment
     helpers: tuple[str, ...] = ()  # templates/<name>.py.j2 the fragment calls
+    constant: Callable[[dict], tuple[str, str]] | None = None  # attrs -> (name stem, source) of a module constant
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 
 
-def implements(op: str, helpers: tuple[str, ...] = ()):
+def implements(op: str, helpers: tuple[str, ...] = (), constant=None):
     """Register the decorated fragment as `op`'s MLX implementation."""
 
     def register(fragment: Fragment) -> Fragment:
         if op in IMPLEMENTATIONS:
             raise ValueError(f"op {op!r} has two MLX implementations")
-        IMPLEMENTATIONS[op] = Implementation(fragment, helpers)
+        IMPLEMENTATIONS[op] = Implementation(fragment, helpers, constant)
         return fragment
 
     return register
@@ -185,6 +185,32 @@ def _deinterleave_rows(a, k, t):
 @implements("stack")
 def _stack(a, k, t):
     return f"mx.stack([{_list(a)}], axis={k['axis']})"
+
+
+# ---------------------------------------------------------------------------------------------- position and attention
+
+
+def _rope_table(attrs) -> tuple[str, str]:
+    """The RoPE object (frequencies fixed at construction) a rope op calls: one per distinct configuration."""
+    scaling = dict(attrs["scaling"].non_default_items())
+    args = [f"dims={attrs['dims']}", f"base={attrs['base']!r}"]
+    if scaling["kind"].value != "default":
+        args.append(f'kind="{scaling["kind"].value}"')
+    if attrs["traditional"]:
+        args.append("traditional=True")
+    args += [f"{k}={v!r}" for k, v in scaling.items() if k != "kind"]
+    return "ROPE", f"RoPE({', '.join(args)})"
+
+
+@implements("rope", helpers=("rope",), constant=_rope_table)
+def _rope(a, k, t):
+    return f"{a[0]}({a[1]}, {a[2]})"
+
+
+@implements("attention", helpers=("attention",))
+def _attention(a, k, t):
+    extra = "".join(f", {name}={k[name]!r}" for name in ("window", "softcap") if k[name] is not None)
+    return f"attention({_list(a)}, scale={k['scale']!r}{extra})"
 
 
 # ---------------------------------------------------------------------------------------------- mixtures and heads

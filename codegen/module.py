@@ -32,14 +32,13 @@ def generate_module(program: Program, title: str = "A language model compiled by
         title=title,
         version=_version(),
         ir_file=ir_file,
-        cache_windows=_compact_list(parts.cache_windows),
+        states=_compact_list([(s.kind.value, s.window) for s in parts.states]),
     )
     blocks = [header.rstrip("\n")]
-    if parts.ropes:
-        blocks.append(_ENV.get_template("rope.py.j2").render().rstrip("\n"))
-        blocks.append("\n".join(f"{name} = {src}" for src, name in parts.ropes.items()))
     for helper in sorted(parts.helpers):
         blocks.append(_ENV.get_template(f"{helper}.py.j2").render().rstrip("\n"))
+    if parts.constants:
+        blocks.append("\n".join(f"{name} = {src}" for src, name in parts.constants.items()))
     blocks += [_ENV.get_template("class.py.j2").render(cls=c).rstrip("\n") for c in parts.classes]
     src = "\n\n\n".join(blocks) + "\n"
     compile(src, "<generated>", "exec")  # a codegen bug should fail here, not at first use

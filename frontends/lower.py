@@ -17,6 +17,7 @@ from .spec import (AttentionConfig, FFNConfig, FFNType, HeadKind, LayerConfig, M
                    Residual)
 
 B, T = "B", "T"
+OFFSET = TensorType(DType.I32, ())  # the position of a call's first token, an explicit input of every model
 
 
 class _Lowering:
@@ -57,6 +58,7 @@ class _Lowering:
         h, d, nq, nkv = self.spec.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads
         b = FunctionBuilder(fname, self.program)
         x = b.input("x", self.t(B, T, h))
+        offset = b.input("offset", OFFSET) if a.rope is not None else None
         q = self.linear(b, x, "q_proj", nq * d, h, a.bias, "q")
         k = self.linear(b, x, "k_proj", nkv * d, h, a.bias, "k")
         v = self.linear(b, x, "v_proj", nkv * d, h, a.bias, "v")
@@ -76,8 +78,8 @@ class _Lowering:
         q, k, v = heads
         if a.rope is not None:
             rope = dict(dims=a.rope_dims, base=a.rope_theta, scaling=a.rope)
-            q = b.op("rope", q, name="q_rot", **rope)
-            k = b.op("rope", k, name="k_rot", **rope)
+            q = b.op("rope", q, offset, name="q_rot", **rope)
+            k = b.op("rope", k, offset, name="k_rot", **rope)
         o = b.op("attention", q, k, v, scale=a.scale, window=a.window, softcap=a.softcap, name="attn")
         o = b.op("transpose", o, perm=[0, 2, 1, 3], name="attn_t")
         o = b.op("reshape", o, shape=[B, T, nq * d], name="attn_flat")
@@ -131,8 +133,9 @@ class _Lowering:
         size = self.spec.hidden_size
         b = FunctionBuilder(fname, self.program)
         x = b.input("x", self.t(B, T, size))
+        offset = b.input("offset", OFFSET) if cfg.attention.rope is not None else None
         h = self.norm(b, x, "input_norm", "h", cfg.norm, size)
-        a = b.op("call", h, callee=attn_fn, prefix="attn", name="attn")
+        a = b.op("call", h, offset, callee=attn_fn, prefix="attn", name="attn")
         if cfg.residual == Residual.PARALLEL:  # one norm feeds both; both add to the same residual
             m = b.op("call", h, callee=ffn_fn, prefix="mlp", name="mlp")
             b.build(b.op("add", b.op("add", x, a, name="x_attn"), m, name="out"))
@@ -168,12 +171,14 @@ class _Lowering:
 
         b = FunctionBuilder("main", self.program)
         ids = b.input("input_ids", TensorType(DType.I32, (B, T)))
+        offset = b.input("offset", OFFSET)  # where this call's tokens start: positions offset .. offset + T - 1
         table = b.param("embed_tokens.weight", self.t(s.vocab_size, s.hidden_size))
         h = b.op("embed", ids, table, name="h")
         if s.embedding_multiplier is not None:
             h = b.op("scale", h, factor=s.embedding_multiplier, name="h_scaled")
         for i, c in enumerate(configs):
-            h = b.op("call", h, callee=layer_fns[c], prefix=f"layers.{i}", name="h")
+            positions = offset if c.attention.rope is not None else None
+            h = b.op("call", h, positions, callee=layer_fns[c], prefix=f"layers.{i}", name="h")
         h = self.norm(b, h, "norm", "h_final", configs[0].norm if configs else _model_norm(s), s.hidden_size)
         b.build(self.head(b, h, ids, table))
         # callees first, entry last: reads top-down like a source file

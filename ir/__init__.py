@@ -11,12 +11,14 @@ from .graph import Function, FunctionBuilder, Operation, Program, Value
 from .opdef import OPS, OpDef, OpGroup, lookup
 from .parser import parse_program
 from .printer import print_function, print_program
+from .state import State, StateKind
 from .types import DType, Dim, Quant, TensorType
 from .verify import verify
 
 __all__ = [
     "OPS", "DType", "Dim", "Function", "FunctionBuilder", "MlxcError", "OpDef", "OpGroup", "Operation",
-    "ParseError", "Program", "Quant", "RopeKind", "RopeScaling", "TensorType", "Value", "VerifyError", "from_json",
+    "ParseError", "Program", "Quant", "RopeKind", "RopeScaling", "State", "StateKind", "TensorType", "Value",
+    "VerifyError", "from_json",
     "lookup", "parse_program", "print_function", "print_program", "to_dot", "to_graph", "to_json", "to_svg",
     "verify",
 ]

@@ -14,6 +14,7 @@ from .graph import Function, Operation, Program, Value
 from .opdef import lookup
 from .parser import _Tokens, _parse_type
 from .printer import format_op
+from .state import State
 
 if TYPE_CHECKING:
     import networkx
@@ -70,6 +71,7 @@ def to_json(program: Program) -> str:
             "derived": [op_dict(o) for o in fn.derived],
             "ops": [op_dict(o) for o in fn.ops],
             "outputs": [v.name for v in fn.outputs],
+            "state": [str(st) for st in program.states(fn)],
         }
 
     return json.dumps({"format": "mlxc-ir", "version": 2, "functions": [fn_dict(f) for f in program.functions]}, indent=1)
@@ -99,7 +101,8 @@ def from_json(text: str) -> Program:
 
             derived = [read_op(o) for o in f.get("derived", [])]
             ops = [read_op(o) for o in f["ops"]]
-            program.add(Function(f["name"], inputs, params, ops, [scope[n] for n in f["outputs"]], derived))
+            declared = tuple(State.parse(x) for x in f["state"]) if "state" in f else None
+            program.add(Function(f["name"], inputs, params, ops, [scope[n] for n in f["outputs"]], derived, declared))
         return program
     except MlxcError:
         raise

@@ -59,6 +59,9 @@ class Function:
     # Load-time ops on parameters only (e.g. concatenating Q/K/V weights): run once when weights are bound, so the
     # generated code sees their results as parameters. Printed as `derive` lines after the params.
     derived: list[Operation] = field(default_factory=list)
+    # The states a text (or JSON) form declared for this function, checked by the verifier against the ones its ops
+    # imply (`Program.states`); None for functions built in memory.
+    declared_states: tuple | None = None
 
     def all_ops(self) -> list[Operation]:
         return self.derived + self.ops
@@ -134,6 +137,18 @@ class Program:
             if o.op == "call":
                 sub = o.attrs["prefix"]
                 yield from self._paths(self[o.attrs["callee"]], prefix + (sub + "." if sub else ""))
+
+    def states(self, fn: Function) -> tuple:
+        """The states `fn` keeps between calls, in op order: each stateful op's, and each callee's in turn."""
+        out: list = []
+        for o in fn.ops:
+            if o.op == "call":
+                callee = self.get(o.attrs["callee"])
+                if callee is not None:
+                    out += self.states(callee)
+            else:
+                out += o.opdef.states(o.attrs, [v.type for v in o.operands])
+        return tuple(out)
 
     def _parameters(self, select) -> Iterator[tuple[str, Value]]:
         seen: set[str] = set()

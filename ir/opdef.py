@@ -24,7 +24,7 @@ class OpGroup(str, enum.Enum):
     UNARY = "unary"  # elementwise, one input
     BINARY = "binary"  # elementwise, two inputs, broadcasting
     SHAPE = "shape"  # reshape/transpose/split/concat: no arithmetic
-    POSITION = "position"  # rotary embeddings: read the call's position state
+    POSITION = "position"  # rotary embeddings at explicit positions
     ATTENTION = "attention"  # reads and extends the call's KV cache
     CALL = "call"
 
@@ -110,9 +110,15 @@ class OpDef:
     doc: str
     needs_program: bool = False  # the type rule also receives `program=` (calls look up their callee)
     quantized_operands: tuple[str, ...] = ()  # operands that may hold a quantized weight
-    # Reads or changes something besides its operands (the call's KV cache or position, randomness): never merged
-    # with a twin by CSE, never run at load time.
+    # Reads or changes something besides its operands (per-layer state, randomness): never merged with a twin by
+    # CSE, never dropped by DCE, never run at load time.
     effects: bool = False
+    # The states the op keeps between calls, from its attributes and operand types (see `ir.state`); a stateful op
+    # has effects.
+    state: Callable[..., tuple] | None = None
+
+    def states(self, attrs: dict[str, Any], operand_types: list[TensorType]) -> tuple:
+        return tuple(self.state(attrs, *operand_types)) if self.state is not None else ()
 
     def operand_names(self, n: int) -> list[str]:
         """The declared name of each of n operands (a variadic name repeats)."""
@@ -168,14 +174,15 @@ OPS: dict[str, OpDef] = {}
 
 
 def op(name: str, group: OpGroup, operands: tuple[str, ...], attrs: tuple[AttrDef, ...] = (), needs_program=False,
-       quantized: tuple[str, ...] = (), effects: bool = False):
-    """Declare an op; the decorated function is its type rule (operand types, attrs) -> result type(s)."""
+       quantized: tuple[str, ...] = (), effects: bool = False, state: Callable[..., tuple] | None = None):
+    """Declare an op; the decorated function is its type rule (operand types, attrs) -> result type(s). `state`
+    gives the states the op keeps between calls (attrs, *operand types) -> tuple of `ir.state.State`."""
 
     def register(rule: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
             raise ValueError(f"op {name!r} declared twice")
         OPS[name] = OpDef(name, group, operands, attrs, rule, (rule.__doc__ or "").strip(), needs_program, quantized,
-                          effects)
+                          effects or state is not None, state)
         return rule
 
     return register

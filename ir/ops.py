@@ -1,8 +1,8 @@
 """The op vocabulary. Each op is declared once: operands, attributes and its type rule.
 
-Attention and rotary embedding stay composite ops: kernel selection decides later how they run. Both read the
-state of the call they run in (the KV cache and the position offset of that layer), which is how one function body
-serves every layer and both prefill and decode.
+Attention and rotary embedding stay composite ops: kernel selection decides later how they run. Attention keeps a
+KV state per call (declared with `state=`, see `ir/state.py`), and rope takes the position offset as an explicit
+input, which is how one function body serves every layer and both prefill and decode.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from math import prod
 
 from .attrs import RopeKind, RopeScaling
 from .opdef import AttrDef, Ints, OpGroup, Shape, Symbol, op, require
+from .state import State, StateKind
 from .types import DType, Quant, TensorType
 
 # ---------------------------------------------------------------- data and matmul
@@ -253,18 +254,19 @@ def _dequantize(x: TensorType):
 @op(
     "rope",
     OpGroup.POSITION,
-    ("x",),
+    ("x", "offset"),
     (
         AttrDef("dims", int),
         AttrDef("base", float),
         AttrDef("scaling", RopeScaling, RopeScaling()),
         AttrDef("traditional", bool, False),
     ),
-    effects=True,
 )
-def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, traditional: bool):
-    """Rotary embedding of x [B, heads, T, head_dim] at the call's positions, on the first `dims` features."""
+def _rope(x: TensorType, offset: TensorType, dims: int, base: float, scaling: RopeScaling, traditional: bool):
+    """Rotary embedding of x [B, heads, T, head_dim] at positions offset, offset + 1, ..., on the first `dims`
+    features. The offset (a scalar: where this call's tokens start) is an explicit input."""
     require(x.rank == 4, f"rope expects [B, heads, T, head_dim], got {x}")
+    require(offset.rank == 0 and not offset.dtype.is_float, f"rope offset must be an integer scalar, got {offset}")
     require(0 < dims <= x.shape[-1] and dims % 2 == 0, f"rope dims {dims} invalid for head_dim {x.shape[-1]}")
     if scaling.kind == RopeKind.LONGROPE:  # one divisor per rotary frequency, for both context lengths
         for name in ("short_factor", "long_factor"):
@@ -281,11 +283,12 @@ def _rope(x: TensorType, dims: int, base: float, scaling: RopeScaling, tradition
     ("q", "k", "v"),
     (AttrDef("scale", float), AttrDef("window", int, None, optional=True),
      AttrDef("softcap", float, None, optional=True)),
-    effects=True,
+    state=lambda attrs, *types: (State(StateKind.KV, attrs["window"]),),
 )
 def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None,
                softcap: float | None):
-    """Causal softmax attention of q [B, Hq, T, D] over the call's cached keys followed by k, v [B, Hkv, T, D].
+    """Causal softmax attention of q [B, Hq, T, D] over the keys and values its KV state holds followed by k, v
+    [B, Hkv, T, D], which it then appends to that state.
 
     `window` limits each query to the last `window` positions (itself included), as sliding-window models do;
     `softcap` squashes the scaled scores with cap * tanh(s / cap) before the softmax (Gemma 2).

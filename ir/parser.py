@@ -10,6 +10,7 @@ from .attrs import STRUCT_ATTRS, RopeKind
 from .errors import ParseError, TypeRuleError
 from .graph import Function, Operation, Program, Value
 from .opdef import Symbol, lookup
+from .state import State
 from .types import DType, Quant, TensorType
 
 _TOKEN = re.compile(
@@ -195,6 +196,7 @@ class _FunctionParser:
             t.expect(")")
         else:
             out_types = [_parse_type(t)]
+        declared = self.parse_states() if t.accept("state") else None
         t.expect("{")
         params, ops = [], []
         while t.accept("param"):
@@ -216,7 +218,28 @@ class _FunctionParser:
             raise t.error(
                 f"@{name} returns {[str(v.type) for v in outputs]} but declares {[str(x) for x in out_types]}", at=ret_at
             )
-        return Function(name, inputs, params, ops, outputs, derived)
+        return Function(name, inputs, params, ops, outputs, derived, declared)
+
+    def parse_states(self) -> tuple[State, ...]:
+        """`state(kv, kv(window=7), ssm)` after the return type."""
+        t = self.t
+        t.expect("(")
+        states = []
+        while not t.accept(")"):
+            if states:
+                t.expect(",")
+            at = t.i
+            text = t.expect_kind("ident")
+            if t.accept("("):
+                key = t.expect_kind("ident")
+                t.expect("=")
+                text += f"({key}={t.expect_kind('number')})"
+                t.expect(")")
+            try:
+                states.append(State.parse(text))
+            except ValueError as e:
+                raise t.error(str(e), at=at) from None
+        return tuple(states)
 
     def parse_op(self) -> Operation:
         t = self.t

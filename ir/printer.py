@@ -51,15 +51,18 @@ def _is_default(a: AttrDef, value: Any) -> bool:
     return a.default is not REQUIRED and a.default == value and type(a.default) is type(value)
 
 
-def _signature(fn: Function) -> str:
+def _signature(fn: Function, program: Program | None) -> str:
     ins = ", ".join(f"%{v.name}: {v.type}" for v in fn.inputs)
     outs = [str(v.type) for v in fn.outputs]
     ret = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
-    return f"func @{fn.name}({ins}) -> {ret}"
+    states = program.states(fn) if program is not None else ()
+    kept = f" state({', '.join(map(str, states))})" if states else ""
+    return f"func @{fn.name}({ins}) -> {ret}{kept}"
 
 
-def print_function(fn: Function) -> str:
-    lines = [_signature(fn) + " {"]
+def print_function(fn: Function, program: Program | None = None) -> str:
+    """A function's text; given its program, the signature also lists the states it keeps (`state(kv, ...)`)."""
+    lines = [_signature(fn, program) + " {"]
     lines += [f"  param %{p.name}: {p.type}" for p in fn.params]
     lines += ["  derive " + format_op(o) for o in fn.derived]
     lines += ["  " + format_op(o) for o in fn.ops]
@@ -69,4 +72,4 @@ def print_function(fn: Function) -> str:
 
 
 def print_program(program: Program) -> str:
-    return "\n\n".join(print_function(f) for f in program.functions) + "\n"
+    return "\n\n".join(print_function(f, program) for f in program.functions) + "\n"

@@ -70,6 +70,12 @@ def _verify_function(program: Program, fn: Function) -> None:
             define(r, "result")
     if not fn.outputs:
         raise VerifyError(f"{where}: returns nothing")
+    if fn.declared_states is not None:
+        implied = program.states(fn)
+        if tuple(fn.declared_states) != implied:
+            shown = ", ".join(map(str, implied)) or "none"
+            raise VerifyError(f"{where}: declares state({', '.join(map(str, fn.declared_states))}) but its ops keep "
+                              f"state({shown})")
     for v in fn.outputs:
         if id(v) not in defined:
             raise VerifyError(f"{where}: returns undefined value %{v.name}")

@@ -1,4 +1,6 @@
-"""dce: drop ops whose results nothing uses (body and load-time), then unused parameters and functions."""
+"""dce: drop ops whose results nothing uses (body and load-time), then unused parameters and functions. An op with
+effects (one that keeps per-layer state, draws randomness or calls a function) stays even when nothing reads its
+results: dropping it would skip a state update."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class DeadCodeElimination(Pass):
             for section in ("ops", "derived"):  # body first: it decides which load-time values are needed
                 kept = []
                 for o in reversed(getattr(fn, section)):
-                    if any(id(r) in live for r in o.results):
+                    if any(id(r) in live for r in o.results) or o.opdef.effects:
                         kept.append(o)
                         live.update(id(v) for v in o.operands)
                     else:

@@ -1,4 +1,8 @@
-"""Multi-turn chat that keeps the KV cache between turns: each turn feeds only the tokens the cache lacks."""
+"""Multi-turn chat that keeps the model's state between turns: each turn feeds only the tokens the cache lacks.
+
+When the new prompt diverges from what the cache holds, the cache has to forget its tail: KV states trim; a
+recurrent state (Mamba, RNNs) cannot, so the turn is recomputed from the start instead — never trimmed silently.
+"""
 
 from __future__ import annotations
 
@@ -48,13 +52,13 @@ class ChatSession:
         self.reused = 0  # tokens of the last prompt served from the cache
 
     def _rewind(self, keep: int) -> int:
-        """Drop cached tokens past `keep`; returns how many cached tokens remain (0 if the cache had to restart)."""
+        """Drop cached tokens past `keep`; returns how many cached tokens remain (0 if the cache had to restart:
+        a recurrent state, or a sliding window that no longer holds what the next query would see)."""
         drop = len(self.cached) - keep
         if drop > 0:
-            try:
-                for c in self.cache:
-                    c.trim(drop)
-            except MlxcError:  # a rotating cache may no longer hold what is needed: start over
+            if self.cache.can_rewind(drop):
+                self.cache.rewind(drop)
+            else:
                 self.cache, keep = self.model.make_cache(self.max_kv_size), 0
         self.cached = self.cached[:keep]
         return keep

@@ -58,8 +58,12 @@ def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
             else:
                 env[f"a{i}"] = a
                 names.append(f"a{i}")
+        scope = _globals(impl.helpers)
+        if impl.constant is not None:  # e.g. rope's frequency table: built once per distinct source, as in a module
+            env["const"] = eval(_compiled(impl.constant(op.attrs)[1]), scope)  # noqa: S307
+            names.insert(0, "const")
         source = impl.fragment(names, op.attrs, [v.type for v in op.operands])
-        out = eval(_compiled(source), _globals(impl.helpers), env)  # noqa: S307 - mlxc's own fragments
+        out = eval(_compiled(source), scope, env)  # noqa: S307 - mlxc's own fragments
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     return [conform(x, r.type) for x, r in zip(outs, op.results)]
 

@@ -6,7 +6,8 @@ Like mlx-lm, step n+1 is queued with `mx.async_eval` before token n is handed to
 
 Cache contract: when the stream ends (max tokens, all sequences stopped, or the consumer stops iterating), the cache
 holds the prompt plus every yielded token except the last one, i.e. the last yielded token is the one to feed next.
-The speculative extra step is undone with `cache.trim(1)`.
+The speculative extra step is taken back the way each state allows (`ModelCache.rewind`): KV caches forget it,
+recurrent states return to the snapshot taken just before it — never trimmed silently.
 
 LongRoPE (Phi-3): keys cached while the sequence was within the original context were rotated with the short
 factors; like transformers' Phi-3 generation, the step that takes the sequence past that context runs the whole
@@ -168,7 +169,7 @@ class _Stepper:
 
     def __init__(self, step: StepFn, cache: list, recompute_at: int | None, context) -> None:
         self.step, self.cache, self.recompute_at = step, cache, recompute_at
-        self.held = int(getattr(cache[0], "offset", 0)) if cache else 0  # positions the cache holds
+        self.held = int(getattr(cache, "offset", 0))  # positions the cache holds
         self.seen: list[mx.array] = [] if context is None else [_as_prompt(context)] if len(context) else []
 
     def __call__(self, ids: mx.array) -> mx.array:
@@ -180,8 +181,7 @@ class _Stepper:
                 raise MlxcError(f"the sequence grows past the model's original context ({self.recompute_at} "
                                 f"positions), where its LongRoPE cache has to be recomputed from the token ids, but "
                                 f"the cache holds {self.held} positions and only {known} ids were given (context=)")
-            for c in self.cache:
-                c.reset()
+            self.cache.reset()
             ids = mx.concatenate(self.seen + [ids], axis=1)
             self.seen, self.held = [], 0
         self.seen.append(ids)
@@ -277,6 +277,7 @@ def generate_stream(
         for n in range(max_new_tokens):
             if n + 1 < max_new_tokens:
                 tokens = y.tokens if isinstance(y, TokenLogprobs) else y
+                before = _snapshot(cache)  # to take the step back if the stream ends before it is wanted
                 next_y, next_done = pick(run(tokens[:, None]))
                 mx.async_eval(*arrays(next_y), next_done)
                 pending = True
@@ -295,9 +296,22 @@ def generate_stream(
                 y, y_done, pending = next_y, next_done, False
     finally:
         if pending:
-            for c in cache:
-                if hasattr(c, "trim"):
-                    c.trim(1)
+            _rewind(cache, before)
+
+
+def _snapshot(cache):
+    """What `_rewind` needs to take back one step (nothing for a cache of KV states only)."""
+    return cache.snapshot() if hasattr(cache, "snapshot") and not cache.rewindable else None
+
+
+def _rewind(cache, snapshot) -> None:
+    """Take back the last step: a model cache rewinds each state its own way; a bare list of KV caches trims."""
+    if hasattr(cache, "rewind"):
+        cache.rewind(1, snapshot)
+    else:
+        for c in cache:
+            if hasattr(c, "trim"):
+                c.trim(1)
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,21 @@ class CompiledModel:
         ids = self.check_ids(input_ids)
         if self._pool is not None:
             self._check_pooling(ids, cache)
-        logits = self.net(ids, cache)
+        logits = self.forward(ids, cache)
         loss = None if labels is None else self.loss(logits, labels, ids)
         return ModelOutput(logits=logits, loss=loss)
+
+    def forward(self, ids: mx.array, cache=None) -> mx.array:
+        """The generated module on checked ids: tokens start at the position `cache` holds (0 without one), and the
+        cache then holds them too."""
+        if cache is None:
+            return self.net(ids, 0)
+        offset = getattr(cache, "offset", None)
+        if offset is None:
+            raise MlxcError("cache= must be a cache from model.make_cache() (it counts the positions it holds)")
+        logits = self.net(ids, offset, cache)
+        cache.offset = offset + ids.shape[1]
+        return logits
 
     def _check_pooling(self, ids: mx.array, cache) -> None:
         """Pooling sees the whole sequence at once, and needs a pad token to find where a padded row ends."""
@@ -134,7 +146,7 @@ class CompiledModel:
         """One decoding step: next-token logits for `ids` after what `cache` holds."""
         if self.head_kind != CAUSAL_LM:
             self.require_causal_lm("decoding (model.step)")
-        return self.net(ids, cache)
+        return self.forward(ids, cache)
 
     def _longrope_restart(self) -> int | None:
         """Where generation restarts the cache, for a model whose spec says transformers does (Phi-3's LongRoPE)."""
@@ -142,12 +154,14 @@ class CompiledModel:
 
         return longrope_context(self.program) if getattr(self.spec, "longrope_cache_restart", False) else None
 
-    def make_cache(self, max_kv_size: int | None = None) -> list:
-        """Fresh KV caches, one per attention layer; `max_kv_size` bounds every layer to that many positions."""
-        from .cache import check_max_kv_size, make_caches
+    def make_cache(self, max_kv_size: int | None = None) -> "ModelCache":
+        """Fresh state for every stateful op (the generated module's `make_cache`), empty: the next call's tokens
+        start at position 0. `max_kv_size` bounds every KV state to that many positions."""
+        from .cache import ModelCache, check_max_kv_size
 
         check_max_kv_size(max_kv_size)
-        return make_caches(list(self.module.CACHE_WINDOWS), max_kv_size=max_kv_size)
+        make = getattr(self.module, "make_cache", None)
+        return ModelCache(make(max_kv_size) if make is not None else ())
 
     # ------------------------------------------------------------------ generation
 

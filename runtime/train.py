@@ -1,6 +1,6 @@
 """LoRA fine-tuning of any MLX module that carries adapter parameters.
 
-The only contract with the model: `net(ids [B, T] int32, None) -> logits [B, T, V]`, and its adapter parameters are
+The only contract with the model: `net(ids [B, T] int32, 0) -> logits [B, T, V]` (tokens from position 0, no cache), and its adapter parameters are
 the leaves whose dotted names contain a `lora_A` or `lora_B` component (`layers.0.attn.q_proj.lora_A.weight`).
 Everything else is frozen; only the adapters get gradients and optimizer updates, so every other parameter is
 left bitwise unchanged.
@@ -304,7 +304,7 @@ def train_lora(
         raise MlxcError(f"config must be a TrainConfig, got {type(config).__name__}")
     ids_np, labels_np, mask_np, seg_np = _rows(examples, config)
     names = freeze_all_but_adapters(net)
-    vocab = net(mx.array(ids_np[:1, :2]), None).shape[-1]  # one tiny forward, before seeding, to learn V
+    vocab = net(mx.array(ids_np[:1, :2]), 0).shape[-1]  # one tiny forward, before seeding, to learn V
     if ids_np.min() < 0 or ids_np.max() >= vocab:
         bad = int(ids_np.min()) if ids_np.min() < 0 else int(ids_np.max())
         raise MlxcError(f"training data has token id {bad}, out of range for the model's vocabulary of {vocab}")
@@ -317,7 +317,7 @@ def train_lora(
     out_dir = Path(config.out_dir)
 
     def loss_fn(ids, labels, mask):
-        logits = net(ids, None)
+        logits = net(ids, 0)
         return causal_lm_loss(logits, labels, label_smoothing=config.label_smoothing, loss_mask=mask)
 
     loss_and_grad = nn.value_and_grad(net, loss_fn)

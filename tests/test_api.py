@@ -174,7 +174,7 @@ def test_artifact_contents(artifact):
     text = (artifact / "program.mlxc").read_text()
     assert mlxc.ir.print_program(mlxc.ir.verify(mlxc.ir.parse_program(text))) == text
     assert text == str(mlxc.load(artifact).program)
-    assert text.count("func @main(%input_ids: i32[B, T]) -> f32[B, T, 300]") == 1
+    assert text.count("func @main(%input_ids: i32[B, T], %offset: i32[]) -> f32[B, T, 300] state(kv, kv") == 1
     # nothing but the artifact was left next to it (no temporary directories)
     assert [p.name for p in artifact.parent.iterdir()] == [artifact.name]
 
@@ -219,7 +219,7 @@ def test_artifact_model_py_runs_standalone(artifact, tmp_path):
         net = module.Model()
         net.load_weights(list(mx.load({str(artifact / "weights.safetensors")!r}).items()), strict=True)
         net.eval()
-        logits = net(mx.array(np.load({str(ids_file)!r})))
+        logits = net(mx.array(np.load({str(ids_file)!r})), 0)
         np.save({str(out_file)!r}, np.array(logits))
         assert not any(m == "mlxc" or m.startswith("mlxc.") for m in sys.modules if sys.modules[m] is not None)
         """

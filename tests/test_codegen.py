@@ -71,8 +71,8 @@ func @main(%x: f32[2, 4]) -> f32[2, 4] {
   %dropout = linear(%x, %w) : f32[2, 4]
   %ROPE_0 = relu(%dropout) : f32[2, 4]
   %rope_inv_freq = mul(%ROPE_0, %x) : f32[2, 4]
-  %CACHE_WINDOWS = add(%rope_inv_freq, %x) : f32[2, 4]
-  %zip = dropout(%CACHE_WINDOWS) {p = 0.5} : f32[2, 4]
+  %STATES = add(%rope_inv_freq, %x) : f32[2, 4]
+  %zip = dropout(%STATES) {p = 0.5} : f32[2, 4]
   %len = scale(%zip) {factor = 2.0} : f32[2, 4]
   return %len
 }
@@ -86,5 +86,5 @@ def test_values_named_like_helpers_or_builtins_do_not_shadow_them():
     source, got = _run(COLLIDING_NAMES, [x], {"w": w})
     h = np.maximum(x @ w.T, 0) * x + x  # dropout is the identity at inference
     np.testing.assert_allclose(got, 2.0 * h, rtol=1e-5, atol=1e-5)
-    for name in ("dropout", "ROPE_0", "rope_inv_freq", "CACHE_WINDOWS", "zip", "len"):
+    for name in ("dropout", "ROPE_0", "rope_inv_freq", "STATES", "zip", "len"):
         assert f"\n        {name} = " not in source

@@ -86,8 +86,8 @@ def test_expose_hidden_only_adds_outputs():
     assert len(before) == len(after) and report.changes == {"exposed": 4}
     h = "f32[B, T, 64]"
     assert changed == [
-        ("func @main(%input_ids: i32[B, T]) -> f32[B, T, 256] {",
-         f"func @main(%input_ids: i32[B, T]) -> (f32[B, T, 256], {h}, {h}, {h}, {h}) {{"),
+        ("func @main(%input_ids: i32[B, T], %offset: i32[]) -> f32[B, T, 256] state(kv, kv) {",
+         f"func @main(%input_ids: i32[B, T], %offset: i32[]) -> (f32[B, T, 256], {h}, {h}, {h}, {h}) state(kv, kv) {{"),
         ("  return %logits", "  return %logits, %h, %h_1, %h_2, %h_final"),
     ]
 

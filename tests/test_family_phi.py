@@ -262,7 +262,7 @@ def test_the_window_matters(tmp_path_factory):
     full = type(hf).from_pretrained(path, config=type(hf.config)(**config), dtype=torch.float32).eval()
     tokens = ids(VOCAB)
     assert max_diff(hf_logits(full, tokens), hf_logits(hf, tokens)) > 1e-3
-    assert mlxc.load(str(path)).module.CACHE_WINDOWS == [WINDOW] * 2
+    assert mlxc.load(str(path)).module.STATES == [("kv", WINDOW)] * 2
 
 
 @pytest.mark.parametrize("cls, make", [

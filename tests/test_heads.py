@@ -388,7 +388,7 @@ def _hidden_and_logits(path: Path, tokens: np.ndarray):
     from mlxc.passes.expose_hidden import ExposeHidden
 
     model = mlxc.load(str(path), passes=["dce", ExposeHidden()], **INIT)
-    outs = model.net(mx.array(tokens, dtype=mx.int32))
+    outs = model.net(mx.array(tokens, dtype=mx.int32), 0)
     weights = {n: np.array(a) for n, a in tree_flatten(model.net.parameters())}
     return np.array(outs[-1]), np.array(outs[0]), weights
 

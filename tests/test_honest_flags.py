@@ -157,10 +157,11 @@ def test_a_broken_artifact_module_names_file_and_line(capsys, tmp_path, artifact
 
     shutil.copytree(artifact, broken)
     lines = (broken / "model.py").read_text().splitlines()
-    lines[20] = "def (:"
+    at = lines.index("class Model(nn.Module):") + 1
+    lines[at] = "def (:"
     (broken / "model.py").write_text("\n".join(lines) + "\n")
     code, _, err = _run(capsys, "run", str(broken), "--tokens", "1")
-    assert code == 1 and "model.py:21" in err and "internal error" not in err
+    assert code == 1 and f"model.py:{at + 1}" in err and "internal error" not in err
 
 
 # ------------------------------------------------------------------------------------------------ bad flags

@@ -84,6 +84,7 @@ class _Gen:
     b: FunctionBuilder
     pool: list[Value] = field(default_factory=list)
     nparams: int = 0
+    offset: Value | None = None  # the function's position offset input, once a rope needs it
 
     def pick(self) -> Value:
         return self.draw(st.sampled_from(self.pool))
@@ -241,7 +242,9 @@ def _op_rope(g: _Gen):
         attrs["scaling"] = g.draw(rope_scalings(dims))
     if g.draw(st.booleans()):
         attrs["traditional"] = g.draw(st.booleans())
-    g.add(g.b.op("rope", x, name=g.name(), **attrs))
+    if g.offset is None:  # the position offset: one scalar input of the function, shared by every rope
+        g.offset = g.b.input("offset", TensorType(DType.I32, ()))
+    g.add(g.b.op("rope", x, g.offset, name=g.name(), **attrs))
 
 
 def _op_attention(g: _Gen):
@@ -344,7 +347,8 @@ def test_random_programs_round_trip_as_json(program):
 def test_rope_scaling_struct_round_trips(scaling):
     b = FunctionBuilder("main", Program())
     x = b.input("x", TensorType(DType.F32, ("B", 2, "T", 8)))
-    b.build(b.op("rope", x, dims=8, base=10000.0, scaling=scaling))
+    offset = b.input("offset", TensorType(DType.I32, ()))
+    b.build(b.op("rope", x, offset, dims=8, base=10000.0, scaling=scaling))
     text = print_program(b.program)
     again = parse_program(text)
     assert again.main.ops[0].attrs["scaling"] == scaling

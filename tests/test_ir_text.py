@@ -24,6 +24,8 @@ from mlxc.ir import (
     Quant,
     RopeKind,
     RopeScaling,
+    State,
+    StateKind,
     TensorType,
     VerifyError,
     from_json,
@@ -194,8 +196,9 @@ def test_parse_and_verify_errors_are_caught_as_mlxc_errors():
 
 # A program built op by op with the builder (types inferred by the type rules, never parsed), and the text it must
 # print, written by hand: defaults left out (split's axis, rope's traditional, attention's window), attributes in
-# declaration order, quantized types, derive lines after params, several results, a call with a prefix.
-EXPECTED_BUILT = """func @layer(%x: f32[B, T, 32]) -> (f32[B, T, 32], f32[B, T, 16]) {
+# declaration order, quantized types, derive lines after params, several results, a call with a prefix, the explicit
+# position offset and the states each signature keeps.
+EXPECTED_BUILT = """func @layer(%x: f32[B, T, 32], %offset: i32[]) -> (f32[B, T, 32], f32[B, T, 16]) state(kv) {
   param %w.weight: f32[48, 32]
   param %norm.weight: f32[32]
   derive %w_q.weight = quantize(%w.weight) {bits = 4, group_size = 32} : f32[48, 32] q4g32
@@ -204,7 +207,7 @@ EXPECTED_BUILT = """func @layer(%x: f32[B, T, 32]) -> (f32[B, T, 32], f32[B, T, 
   %a, %b = split(%h) {sizes = [32, 16]} : f32[B, T, 32], f32[B, T, 16]
   %q = reshape(%a) {shape = [B, T, 4, 8]} : f32[B, T, 4, 8]
   %qt = transpose(%q) {perm = [0, 2, 1, 3]} : f32[B, 4, T, 8]
-  %r = rope(%qt) {dims = 8, base = 500000.0, scaling = #rope<kind = llama3, factor = 8.0, original_max_position_embeddings = 8192>} : f32[B, 4, T, 8]
+  %r = rope(%qt, %offset) {dims = 8, base = 500000.0, scaling = #rope<kind = llama3, factor = 8.0, original_max_position_embeddings = 8192>} : f32[B, 4, T, 8]
   %o = attention(%r, %r, %r) {scale = 0.125} : f32[B, 4, T, 8]
   %ot = transpose(%o) {perm = [0, 2, 1, 3]} : f32[B, T, 4, 8]
   %flat = reshape(%ot) {shape = [B, T, 32]} : f32[B, T, 32]
@@ -212,10 +215,10 @@ EXPECTED_BUILT = """func @layer(%x: f32[B, T, 32]) -> (f32[B, T, 32], f32[B, T, 
   return %y, %b
 }
 
-func @main(%ids: i32[B, T]) -> f32[B, T, 32] {
+func @main(%ids: i32[B, T], %offset: i32[]) -> f32[B, T, 32] state(kv) {
   param %embed.weight: f32[100, 32]
   %e = embed(%ids, %embed.weight) : f32[B, T, 32]
-  %y, %side = call(%e) {callee = @layer, prefix = "layers.0"} : f32[B, T, 32], f32[B, T, 16]
+  %y, %side = call(%e, %offset) {callee = @layer, prefix = "layers.0"} : f32[B, T, 32], f32[B, T, 16]
   %g = gelu_tanh(%y) : f32[B, T, 32]
   %z = cast(%g) {dtype = bf16} : bf16[B, T, 32]
   %back = cast(%z) {dtype = f32} : f32[B, T, 32]
@@ -229,6 +232,7 @@ def _built() -> Program:
     f32 = lambda *shape: TensorType(DType.F32, shape)  # noqa: E731
     fb = FunctionBuilder("layer", program)
     x = fb.input("x", f32("B", "T", 32))
+    offset = fb.input("offset", TensorType(DType.I32, ()))
     w = fb.param("w.weight", f32(48, 32))
     norm = fb.param("norm.weight", f32(32))
     wq = fb.derive("quantize", w, name="w_q.weight", bits=4, group_size=32)
@@ -238,7 +242,7 @@ def _built() -> Program:
     q = fb.op("reshape", a, name="q", shape=["B", "T", 4, 8])
     qt = fb.op("transpose", q, name="qt", perm=[0, 2, 1, 3])
     scaling = RopeScaling(kind=RopeKind.LLAMA3, factor=8.0, original_max_position_embeddings=8192)
-    r = fb.op("rope", qt, name="r", dims=8, base=500000.0, scaling=scaling, traditional=False)
+    r = fb.op("rope", qt, offset, name="r", dims=8, base=500000.0, scaling=scaling, traditional=False)
     o = fb.op("attention", r, r, r, name="o", scale=0.125, window=None)
     ot = fb.op("transpose", o, name="ot", perm=[0, 2, 1, 3])
     flat = fb.op("reshape", ot, name="flat", shape=["B", "T", 32])
@@ -246,9 +250,10 @@ def _built() -> Program:
     fb.build(y, b)
     fb = FunctionBuilder("main", program)
     ids = fb.input("ids", TensorType(DType.I32, ("B", "T")))
+    offset = fb.input("offset", TensorType(DType.I32, ()))
     table = fb.param("embed.weight", f32(100, 32))
     e = fb.op("embed", ids, table, name="e")
-    y, _ = fb.op("call", e, name=["y", "side"], callee="layer", prefix="layers.0")
+    y, _ = fb.op("call", e, offset, name=["y", "side"], callee="layer", prefix="layers.0")
     g = fb.op("gelu_tanh", y, name="g")
     z = fb.op("cast", g, name="z", dtype=DType.BF16)
     fb.build(fb.op("cast", z, name="back", dtype=DType.F32))
@@ -270,7 +275,7 @@ def test_parsed_structure_is_what_the_text_says():
     assert [o.op for o in layer.derived] == ["quantize"]
     assert [o.op for o in layer.ops] == ["rms_norm", "linear", "split", "reshape", "transpose", "rope", "attention",
                                          "transpose", "reshape", "add"]
-    x, w, norm = layer.inputs[0], layer.params[0], layer.params[1]
+    x, offset, w, norm = layer.inputs[0], layer.inputs[1], layer.params[0], layer.params[1]
     quantize, (rms, linear, split, *_, add) = layer.derived[0], layer.ops
     assert quantize.operands == [w] and quantize.attrs == {"bits": 4, "group_size": 32}
     assert rms.operands[0] is x and rms.operands[1] is norm and rms.attrs["eps"] == 1e-6
@@ -279,6 +284,7 @@ def test_parsed_structure_is_what_the_text_says():
     assert [r.name for r in split.results] == ["a", "b"] and layer.outputs[1] is split.results[1]
     assert add.operands[0] is x and layer.outputs[0] is add.results[0]
     rope = layer.ops[5]
+    assert rope.operands[1] is offset and layer.declared_states == program.states(layer) == (State(StateKind.KV),)
     assert rope.attrs["scaling"] == RopeScaling(kind=RopeKind.LLAMA3, factor=8.0, original_max_position_embeddings=8192)
     assert rope.attrs["traditional"] is False and layer.ops[6].attrs["window"] is None
     assert main.inputs[0].type == TensorType(DType.I32, ("B", "T"))
@@ -314,6 +320,7 @@ def test_json_is_the_documented_form():
                 {"op": "split", "operands": ["y"], "attrs": {"sizes": [4, 4], "axis": -1},
                  "results": [{"name": "a", "type": "f32[B, 4]"}, {"name": "b", "type": "f32[B, 4]"}]}],
         "outputs": ["a", "b"],
+        "state": [],
     }]
 
 

@@ -117,8 +117,10 @@ def test_attribute_of_the_wrong_kind():
     fn = Function("main", [x], [], [Operation("transpose", [x], {"perm": "1, 0"}, [y])], [y])
     expect(program(fn), "@main", "transpose(%x)", "'perm' expects a list of ints")
     q, r = v("q", 1, 2, 3, 4), v("r", 1, 2, 3, 4)
-    fn = Function("main", [q], [], [Operation("rope", [q], {"dims": 4, "base": 1.0, "scaling": {"factor": 2}}, [r])], [r])
-    expect(program(fn), "@main", "rope(%q)", "'scaling' expects RopeScaling")
+    off = v("offset", dtype=DType.I32)
+    fn = Function("main", [q, off], [], [Operation("rope", [q, off], {"dims": 4, "base": 1.0, "scaling": {"factor": 2}},
+                                                   [r])], [r])
+    expect(program(fn), "@main", "rope(%q, %offset)", "'scaling' expects RopeScaling")
 
 
 def test_wrong_arity():
@@ -219,12 +221,26 @@ def test_attention_rules():
 
 
 def test_rope_rules():
-    x, y = v("x", 1, 2, "T", 8), v("y", 1, 2, "T", 8)
-    fn = Function("main", [x], [], [Operation("rope", [x], {"dims": 3, "base": 1e4}, [y])], [y])
-    expect(program(fn), "@main", "rope(%x)", "rope dims 3 invalid for head_dim 8")
+    x, y, off = v("x", 1, 2, "T", 8), v("y", 1, 2, "T", 8), v("offset", dtype=DType.I32)
+    fn = Function("main", [x, off], [], [Operation("rope", [x, off], {"dims": 3, "base": 1e4}, [y])], [y])
+    expect(program(fn), "@main", "rope(%x, %offset)", "rope dims 3 invalid for head_dim 8")
     x3, y3 = v("x", 2, "T", 8), v("y", 2, "T", 8)
-    fn = Function("main", [x3], [], [Operation("rope", [x3], {"dims": 8, "base": 1e4}, [y3])], [y3])
-    expect(program(fn), "@main", "rope(%x)", "rope expects [B, heads, T, head_dim]")
+    fn = Function("main", [x3, off], [], [Operation("rope", [x3, off], {"dims": 8, "base": 1e4}, [y3])], [y3])
+    expect(program(fn), "@main", "rope(%x, %offset)", "rope expects [B, heads, T, head_dim]")
+    positions = v("positions", "T", dtype=DType.I32)  # the offset is one scalar: where the call's tokens start
+    fn = Function("main", [x, positions], [], [Operation("rope", [x, positions], {"dims": 8, "base": 1e4}, [y])], [y])
+    expect(program(fn), "@main", "rope offset must be an integer scalar")
+
+
+def test_declared_states_must_be_the_ops_states():
+    """A signature's `state(...)` is checked against the states its ops keep (here one KV state, not two)."""
+    text = ("func @main(%q: f32[1, 2, T, 8]) -> f32[1, 2, T, 8] state(kv, kv) {\n"
+            "  %o = attention(%q, %q, %q) {scale = 0.5} : f32[1, 2, T, 8]\n"
+            "  return %o\n}\n")
+    with pytest.raises(VerifyError, match=r"declares state\(kv, kv\) but its ops keep state\(kv\)"):
+        verify(parse_program(text))
+    assert "state(kv(window=4)) {" in print_program(verify(parse_program(
+        text.replace("state(kv, kv)", "state(kv(window=4))").replace("{scale = 0.5}", "{scale = 0.5, window = 4}"))))
 
 
 # ------------------------------------------------------------------------------------------------ calls
@@ -319,7 +335,8 @@ def test_rope_scaling_fields_are_canonical():
     assert s.kind is RopeKind.LLAMA3 and isinstance(s.factor, float) and isinstance(s.low_freq_factor, float)
     b = FunctionBuilder("main", Program())
     x = b.input("x", t(1, 2, "T", 8))
-    b.build(b.op("rope", x, dims=8, base=10000, scaling=s))
+    off = b.input("offset", t(dtype=DType.I32))
+    b.build(b.op("rope", x, off, dims=8, base=10000, scaling=s))
     text = print_program(verify(b.program))
     assert "#rope<kind = llama3, factor = 8.0, original_max_position_embeddings = 8192>" in text
     assert print_program(parse_program(text)) == text
