@@ -13,6 +13,7 @@ onto these (frontends/families/).
 from __future__ import annotations
 
 from ..ir import DType, FunctionBuilder, Program, TensorType, Value, verify
+from .blocks import builder
 from .spec import (AttentionConfig, FFNConfig, FFNType, HeadKind, LayerConfig, ModelSpec, NormConfig, NormType,
                    Residual)
 
@@ -129,13 +130,21 @@ class _Lowering:
             shared = b.op("mul", b.op("sigmoid", g, name="shared_gate"), shared, name="shared_gated")
         return b.op("add", out, shared, name="out")
 
-    def decoder_layer(self, fname: str, cfg: LayerConfig, attn_fn: str, ffn_fn: str) -> str:
+    def decoder_layer(self, fname: str, cfg: LayerConfig, mixer_fn: str, mixer_prefix: str,
+                      ffn_fn: str | None) -> str:
+        """Norms and residuals around the layer's mixer (attention, or a block from frontends/blocks/) and its FFN,
+        if it has one."""
         size = self.spec.hidden_size
         b = FunctionBuilder(fname, self.program)
         x = b.input("x", self.t(B, T, size))
-        offset = b.input("offset", OFFSET) if cfg.attention.rope is not None else None
+        offset = b.input("offset", OFFSET) if _uses_offset(cfg) else None
         h = self.norm(b, x, "input_norm", "h", cfg.norm, size)
-        a = b.op("call", h, offset, callee=attn_fn, prefix="attn", name="attn")
+        a = b.op("call", h, offset, callee=mixer_fn, prefix=mixer_prefix, name="attn")
+        if ffn_fn is None:  # the mixer is the whole layer (Mamba, RNN stacks)
+            if cfg.residual == Residual.SANDWICH:
+                a = self.norm(b, a, "attn_out_norm", "attn_normed", cfg.norm, size)
+            b.build(b.op("add", x, a, name="out"))
+            return fname
         if cfg.residual == Residual.PARALLEL:  # one norm feeds both; both add to the same residual
             m = b.op("call", h, callee=ffn_fn, prefix="mlp", name="mlp")
             b.build(b.op("add", b.op("add", x, a, name="x_attn"), m, name="out"))
@@ -150,24 +159,45 @@ class _Lowering:
         b.build(b.op("add", x, m, name="out"))
         return fname
 
+    def mixer(self, configs: list[LayerConfig]) -> dict[LayerConfig, tuple[str, str]]:
+        """Build each distinct mixer once: (function name, parameter prefix) per layer configuration."""
+        attn_fns = _names("attention", [c.attention for c in configs if c.attention is not None], lambda a: a.window)
+        others = [(c.block, c.mixer) for c in configs if c.attention is None]
+        other_fns = _names("mixer", others, lambda key: key[0].value)
+        out, made = {}, set()
+        for c in configs:
+            if c.attention is not None:
+                name, prefix = attn_fns[c.attention], "attn"
+                if name not in made:
+                    self.attention(name, c.attention, c.norm)
+            else:
+                kind = builder(c.block)
+                name, prefix = other_fns[(c.block, c.mixer)], kind.prefix
+                if len(set(others)) == 1:
+                    name = c.block.value  # one kind of mixer: named after it (`@mamba`)
+                if name not in made:
+                    kind.build(self, name, c.mixer, c)
+            made.add(name)
+            out[c] = (name, prefix)
+        return out
+
     # ------------------------------------------------------------------------------------------------ the model
 
     def lower(self) -> Program:
         s = self.spec
         configs = [s.layer(i) for i in range(s.num_layers)]
-        attn_fns = _names("attention", [c.attention for c in configs], lambda a: a.window)
-        ffn_fns = _names("mlp", [c.ffn for c in configs], lambda f: f.kind.value)
-        layer_fns = _names("decoder_layer", configs, lambda c: c.attention.window)
+        mixers = self.mixer(configs)
+        ffn_fns = _names("mlp", [c.ffn for c in configs if c.ffn is not None], lambda f: f.kind.value)
+        layer_fns = _names("decoder_layer", configs,
+                           lambda c: c.attention.window if c.attention is not None else c.block.value)
         made: set[str] = set()
         for c in configs:
-            attn, ffn, layer = attn_fns[c.attention], ffn_fns[c.ffn], layer_fns[c]
-            if attn not in made:
-                self.attention(attn, c.attention, c.norm)
-            if ffn not in made:
+            ffn, layer = ffn_fns[c.ffn] if c.ffn is not None else None, layer_fns[c]
+            if ffn is not None and ffn not in made:
                 self.ffn(ffn, c.ffn)
             if layer not in made:
-                self.decoder_layer(layer, c, attn, ffn)
-            made |= {attn, ffn, layer}
+                self.decoder_layer(layer, c, *mixers[c], ffn)
+            made |= {ffn, layer}
 
         b = FunctionBuilder("main", self.program)
         ids = b.input("input_ids", TensorType(DType.I32, (B, T)))
@@ -177,7 +207,7 @@ class _Lowering:
         if s.embedding_multiplier is not None:
             h = b.op("scale", h, factor=s.embedding_multiplier, name="h_scaled")
         for i, c in enumerate(configs):
-            positions = offset if c.attention.rope is not None else None
+            positions = offset if _uses_offset(c) else None
             h = b.op("call", h, positions, callee=layer_fns[c], prefix=f"layers.{i}", name="h")
         h = self.norm(b, h, "norm", "h_final", configs[0].norm if configs else _model_norm(s), s.hidden_size)
         b.build(self.head(b, h, ids, table))
@@ -205,6 +235,11 @@ class _Lowering:
             return self.linear(b, h, "classifier.out_proj", head.num_labels, head.classifier_hidden_size, True,
                                "logits")
         return self.linear(b, h, "score", head.num_labels, s.hidden_size, head.bias, "logits")
+
+
+def _uses_offset(cfg: LayerConfig) -> bool:
+    """Only rotary attention needs the position: state-space and recurrent mixers are position-free."""
+    return cfg.attention is not None and cfg.attention.rope is not None
 
 
 def _model_norm(spec: ModelSpec) -> NormConfig:

@@ -11,7 +11,7 @@ function.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 from dataclasses import dataclass
 
@@ -21,9 +21,21 @@ from ..ir.attrs import RopeKind, RopeScaling
 
 
 class BlockKind(str, enum.Enum):
-    """What one layer of the stack is. Hybrids list different kinds per layer."""
+    """What mixes information across positions in one layer (its FFN, if any, follows). Hybrids list different kinds
+    per layer; each kind's builder lives in frontends/blocks/, and each non-attention kind's settings in a
+    ModelSpec field (`MIXER_FIELDS`)."""
 
-    ATTENTION = "attention"  # pre-norm transformer block: attention then FFN
+    ATTENTION = "attention"
+    MAMBA = "mamba"  # Mamba v1: selective state space
+    MAMBA2 = "mamba2"  # Mamba-2: multi-head SSD
+    LSTM = "lstm"
+    GRU = "gru"
+    MINGRU = "mingru"  # "Were RNNs All We Needed?"
+
+
+# The ModelSpec field holding each non-attention block kind's settings.
+MIXER_FIELDS: dict = {"mamba": "mamba", "mamba2": "mamba2", "lstm": "recurrent", "gru": "recurrent",
+                      "mingru": "recurrent"}
 
 
 class AttentionType(str, enum.Enum):
@@ -35,6 +47,7 @@ class FFNType(str, enum.Enum):
     GATED = "gated"  # down(act(gate(x)) * up(x)): SwiGLU, GeGLU
     DENSE = "dense"  # down(act(up(x)))
     MOE = "moe"  # a mixture of gated experts (see MoESpec)
+    NONE = "none"  # no FFN sublayer: the mixer is the whole layer (Mamba, RNN stacks)
 
 
 class Residual(str, enum.Enum):
@@ -236,8 +249,9 @@ class LayerConfig:
     block: BlockKind
     residual: Residual
     norm: NormConfig
-    attention: AttentionConfig
-    ffn: FFNConfig
+    attention: Optional[AttentionConfig]  # for attention layers
+    ffn: Optional[FFNConfig]  # None: no FFN sublayer
+    mixer: Any = None  # a non-attention block's settings (its ModelSpec field, e.g. the MambaSpec)
 
 
 class ModelSpec(_Frozen):
@@ -249,7 +263,7 @@ class ModelSpec(_Frozen):
     hidden_size: Count
     intermediate_size: Count
     num_layers: Count
-    num_heads: Count
+    num_heads: Optional[Count] = None  # attention heads; a model without attention layers has none
     num_kv_heads: Optional[Count] = None
     head_dim: Optional[Count] = None
     max_position_embeddings: Count = 4096
@@ -299,19 +313,26 @@ class ModelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self):
-        kv = self.kv_heads
-        if self.num_heads % kv:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
-        if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim"
-            )
+        if self.has_attention and self.num_heads is None:
+            raise ValueError("attention layers need num_heads")
+        kinds = {layer.block for layer in self.layers} - {BlockKind.ATTENTION}
+        missing = sorted(k.value for k in kinds if getattr(self, MIXER_FIELDS[k.value], None) is None)
+        if missing:
+            raise ValueError(f"{missing[0]} layers need the `{MIXER_FIELDS[missing[0]]}` settings")
+        if self.has_attention:
+            kv = self.kv_heads
+            if self.num_heads % kv:
+                raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
+            if self.head_dim is None and self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim"
+                )
+            if self.position == PositionEmbedding.ROPE and self.rope_dims % 2:
+                raise ValueError(f"rotary embeddings need an even number of rotated features, got {self.rope_dims}")
         if len(self.layers) != self.num_layers:
             raise ValueError(f"layers lists {len(self.layers)} entries but num_layers is {self.num_layers}")
         if any(l.attention == AttentionType.SLIDING_WINDOW for l in self.layers) and not self.sliding_window:
             raise ValueError("a layer uses sliding-window attention but sliding_window is not set")
-        if self.position == PositionEmbedding.ROPE and self.rope_dims % 2:
-            raise ValueError(f"rotary embeddings need an even number of rotated features, got {self.rope_dims}")
         uses_moe = self.ffn == FFNType.MOE or any(layer.ffn == FFNType.MOE for layer in self.layers)
         if uses_moe and self.moe is None:
             raise ValueError("an FFN of kind moe needs the moe settings (num_experts, top_k, ...)")
@@ -328,17 +349,34 @@ class ModelSpec(_Frozen):
         """Rotated features per head: head_dim times partial_rotary_factor, as transformers computes it."""
         return int(self.dim_per_head * self.partial_rotary_factor)
 
+    @property
+    def has_attention(self) -> bool:
+        return any(layer.block == BlockKind.ATTENTION for layer in self.layers)
+
     def layer(self, i: int) -> LayerConfig:
         """Layer i's settings: the model's, with the layer's overrides applied."""
         layer = self.layers[i]
-        d = self.dim_per_head
-        rope = layer.rope or self.rope
         ffn = layer.ffn or self.ffn
         return LayerConfig(
             block=layer.block,
             residual=self.residual,
             norm=NormConfig(self.norm, self.norm_eps, self.norm_unit_offset),
-            attention=AttentionConfig(
+            attention=self._attention(i) if layer.block == BlockKind.ATTENTION else None,
+            ffn=None if ffn == FFNType.NONE else FFNConfig(
+                kind=ffn,
+                intermediate_size=self.intermediate_size,
+                activation=self.activation,
+                bias=self.mlp_bias,
+                moe=self.moe if ffn == FFNType.MOE else None,
+            ),
+            mixer=None if layer.block == BlockKind.ATTENTION else getattr(self, MIXER_FIELDS[layer.block.value]),
+        )
+
+    def _attention(self, i: int) -> AttentionConfig:
+        layer = self.layers[i]
+        d = self.dim_per_head
+        rope = layer.rope or self.rope
+        return AttentionConfig(
                 num_heads=self.num_heads,
                 num_kv_heads=self.kv_heads,
                 head_dim=d,
@@ -353,15 +391,7 @@ class ModelSpec(_Frozen):
                 qk_norm=self.qk_norm,
                 qk_norm_across_heads=self.qk_norm_across_heads,
                 clip_qkv=self.clip_qkv,
-            ),
-            ffn=FFNConfig(
-                kind=ffn,
-                intermediate_size=self.intermediate_size,
-                activation=self.activation,
-                bias=self.mlp_bias,
-                moe=self.moe if ffn == FFNType.MOE else None,
-            ),
-        )
+            )
 
     @property
     def kv_heads(self) -> int:
