@@ -213,6 +213,15 @@ def _attention(a, k, t):
     return f"attention({_list(a)}, scale={k['scale']!r}{extra})"
 
 
+# ---------------------------------------------------------------------------------------------- state-space blocks
+
+
+@implements("causal_conv1d", helpers=("conv",))
+def _causal_conv1d(a, k, t):
+    bias = a[2] if len(a) == 4 else "None"
+    return f"causal_conv1d({a[0]}, {a[1]}, {bias}, {a[-1]})"
+
+
 # ---------------------------------------------------------------------------------------------- mixtures and heads
 
 

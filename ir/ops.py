@@ -304,6 +304,24 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window
     return q.with_shape(q.shape[:3] + (v.shape[3],))
 
 
+# ---------------------------------------------------------------- state-space and recurrent building blocks
+
+
+@op("causal_conv1d", OpGroup.MATMUL, ("x", "weight", "bias?"),
+    state=lambda attrs, *types: (State(StateKind.CONV),))
+def _causal_conv1d(x: TensorType, weight: TensorType, bias: TensorType | None = None):
+    """Depthwise causal convolution over time: out[t, c] = sum_k weight[c, 0, k] * x[t - K + 1 + k, c] + bias[c],
+    x [B, T, C], weight [C, 1, K] (a depthwise Conv1d's layout). Its state holds the last K - 1 inputs, so a call
+    continues where the previous one stopped (zeros before the first)."""
+    require(x.rank == 3, f"causal_conv1d expects x [B, T, C], got {x}")
+    require(weight.rank == 3 and weight.shape[0] == x.shape[2] and weight.shape[1] == 1,
+            f"causal_conv1d weight must be [{x.shape[2]}, 1, K], got {weight}")
+    require(x.dtype == weight.dtype, f"dtype mismatch: input {x.dtype.value}, weight {weight.dtype.value}")
+    if bias is not None:
+        require(bias.shape == (x.shape[2],), f"bias {bias} does not match {x.shape[2]} channels")
+    return x
+
+
 # ---------------------------------------------------------------- mixtures of experts and task heads
 
 

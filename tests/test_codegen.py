@@ -88,3 +88,35 @@ def test_values_named_like_helpers_or_builtins_do_not_shadow_them():
     np.testing.assert_allclose(got, 2.0 * h, rtol=1e-5, atol=1e-5)
     for name in ("dropout", "ROPE_0", "rope_inv_freq", "STATES", "zip", "len"):
         assert f"\n        {name} = " not in source
+
+
+CONV = """func @main(%x: f32[B, T, 6]) -> f32[B, T, 6] state(conv) {
+  param %w: f32[6, 1, 4]
+  param %b: f32[6]
+  %y = causal_conv1d(%x, %w, %b) : f32[B, T, 6]
+  return %y
+}
+"""
+
+
+def test_causal_conv1d_state_carries_the_window_across_calls():
+    """A stateful op of another kind than KV: one prefill equals chunks and single steps through its conv state,
+    and both equal numpy's causal convolution."""
+    from mlxc.runtime.cache import ModelCache
+
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(6, 1, 4)).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    x = rng.normal(size=(2, 9, 6)).astype(np.float32)
+    padded = np.concatenate([np.zeros((2, 3, 6), np.float32), x], axis=1)
+    ref = np.stack([(padded[:, t : t + 4, :] * w[:, 0, :].T[None]).sum(axis=1) for t in range(9)], axis=1) + b
+    source, full = _run(CONV, [x], {"w": w, "b": b})
+    np.testing.assert_allclose(full, ref, rtol=1e-5, atol=1e-5)
+    assert "STATES = [('conv', None)]" in source
+    program = verify(parse_program(CONV))
+    module = import_module(write_module(source))
+    net = module.Model()
+    net.load_weights(W.bind(program, {"w": mx.array(w), "b": mx.array(b)}))
+    cache = ModelCache(net.make_cache())
+    parts = [net(mx.array(x[:, :5]), cache)] + [net(mx.array(x[:, t : t + 1]), cache) for t in range(5, 9)]
+    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), ref, rtol=1e-5, atol=1e-5)
+    assert not cache.rewindable and cache[0].arrays[0].shape == (2, 3, 6)
