@@ -17,7 +17,11 @@ metadata it reads); pre-tokenizers are a table here (`_PRE_TOKENIZERS`).
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import re
+import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +35,7 @@ from ..ir.attrs import RopeKind
 from ..ir.errors import MlxcError
 from ..ir.layout import DeinterleaveRows, LayoutRule
 from .spec import ModelSpec, RopeSpec
-from .spec_file import validation_message
+from .spec_file import check_finite, validation_message
 
 PathLike = Union[str, Path]
 
@@ -120,8 +124,7 @@ class GGUFCheckpoint:
     architecture: str
     metadata: Mapping[str, Any] = field(repr=False)  # every key/value pair, decoded to Python values
     tensor_infos: Mapping[str, GGUFTensorInfo] = field(repr=False)  # by GGUF tensor name, in file order
-    _reader: Any = field(repr=False, compare=False)
-    _index: Mapping[str, int] = field(repr=False, compare=False, default_factory=dict)
+    _data: Any = field(repr=False, compare=False)  # the file's mapping (_GGUFData)
 
     @property
     def arch(self) -> GGUFArch:
@@ -132,40 +135,118 @@ class GGUFCheckpoint:
         return _ir_name(self.arch, gguf_name, self.path)
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's stored data as the reader maps it (quantized types: uint8 blocks, numpy-ordered rows)."""
-        try:
-            return self._reader.tensors[self._index[name]].data
-        except KeyError:
-            raise MlxcError(f"{self.path}: no tensor named {name!r}") from None
+        """The tensor's stored data, mapped from the file (quantized types: uint8 blocks, numpy-ordered rows)."""
+        info = self.tensor_infos.get(name)
+        if info is None:
+            raise MlxcError(f"{self.path}: no tensor named {name!r}")
+        return self._data.array(info)
 
     def tensor(self, name: str) -> np.ndarray:
         """A tensor by GGUF name as float32 numpy, in the file's own layout (no Q/K un-permutation)."""
         return _to_numpy_float(self, name)
 
 
-def _reader_class():
-    """GGUFReader, with its per-field slicing done on a plain ndarray view of the memmap.
-
-    The stock reader slices an `np.memmap` once per metadata element; memmap's `__array_finalize__` makes that
-    about three times slower for a 49k-token vocabulary (3 s vs 1 s). The view shares the mapping, so tensor data
-    is still read lazily from the file.
-    """
-    from gguf import GGUFReader
-
-    class _Reader(GGUFReader):
-        def _get(self, offset, dtype, count=1, override_order=None):  # same contract as GGUFReader._get
-            plain = self.__dict__.get("_plain")
-            if plain is None:
-                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
-            count = int(count)
-            itemsize = np.dtype(dtype).itemsize
-            arr = plain[offset : offset + itemsize * count].view(dtype=dtype)[:count]
-            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-    return _Reader
+# GGUF metadata value types (gguf's GGUFValueType): struct codes of the scalars, then string and array.
+_SCALAR_FORMATS: Final = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+_MAX_DIMS: Final = 4  # GGML_MAX_DIMS
+_MAX_ARRAY: Final = 1 << 24  # elements of one metadata array; real vocabularies have a few hundred thousand
+_MIN_KV_BYTES: Final = 13  # key length (8) + value type (4) + the smallest value (1)
+_MIN_TENSOR_BYTES: Final = 24  # name length (8) + dimension count (4) + type (4) + offset (8)
 
 
-def _open_reader(path: Path):
+class _Header:
+    """A cursor over the file's bytes that refuses to read past the end: every length, count and offset the file
+    declares is checked against the bytes that really follow before anything is built from it (as llama.cpp's
+    `gguf_init_from_file` checks them), so a corrupt or hostile header is an MlxcError, never a huge allocation
+    or a loop over counts the file cannot hold."""
+
+    def __init__(self, buf, size: int, path: Path):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def corrupt(self, message: str) -> MlxcError:
+        return MlxcError(f"{self.path} is truncated or corrupt: {message} (the file is {self.size} bytes)")
+
+    def need(self, n: int, what: str) -> int:
+        """Claim `n` bytes for `what`; returns where they start."""
+        start = self.pos
+        if n < 0 or start + n > self.size:
+            raise self.corrupt(f"{what} at byte {start} needs {n} bytes, but only {self.size - start} remain")
+        self.pos = start + n
+        return start
+
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack_from("<" + fmt, self.buf, self.need(struct.calcsize("<" + fmt), what))[0]
+
+    def string(self, what: str, strict: bool = True) -> str:
+        n = self.unpack("Q", f"the length of {what}")
+        start = self.need(n, what)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8", errors="strict" if strict else "replace")
+        except UnicodeDecodeError:
+            raise self.corrupt(f"{what} at byte {start} is not UTF-8") from None
+
+    def value(self, vtype: int, key: str) -> Any:
+        """A metadata value as Python: str, int, float, bool or a list of them. FLOAT32 gets its shortest repr."""
+        fmt = _SCALAR_FORMATS.get(vtype)
+        if fmt is not None:
+            value = self.unpack(fmt, f"the value of `{key}`")
+            return float(str(np.float32(value))) if vtype == _FLOAT32 else value  # 9.999999747e-06 -> 1e-05
+        if vtype == _STRING:
+            return self.string(f"the value of `{key}`", strict=False)
+        if vtype != _ARRAY:
+            raise self.corrupt(f"metadata key `{key}` has unknown value type {vtype}")
+        itype = self.unpack("I", f"the element type of `{key}`")
+        count = self.unpack("Q", f"the length of `{key}`")
+        if itype == _ARRAY:
+            raise self.corrupt(f"metadata key `{key}` is an array of arrays, which GGUF readers do not support")
+        if count > _MAX_ARRAY:
+            raise self.corrupt(f"metadata array `{key}` declares {count} elements (at most {_MAX_ARRAY} are read)")
+        fmt = _SCALAR_FORMATS.get(itype)
+        if fmt is not None:
+            dtype = np.dtype("<" + fmt if fmt != "?" else "?")
+            start = self.need(count * dtype.itemsize, f"the {count} elements of `{key}`")
+            return np.frombuffer(self.buf, dtype, count, start).tolist()
+        if itype != _STRING:
+            raise self.corrupt(f"metadata array `{key}` has unknown element type {itype}")
+        if count * 8 > self.size - self.pos:
+            raise self.corrupt(f"metadata array `{key}` declares {count} strings, more than the "
+                               f"{self.size - self.pos} remaining bytes can hold")
+        out, buf, size, unpack, pos = [], self.buf, self.size, struct.unpack_from, self.pos
+        for i in range(count):
+            n = unpack("<Q", buf, pos)[0] if pos + 8 <= size else None
+            if n is None or n > size - pos - 8:
+                raise self.corrupt(f"string {i} of `{key}` at byte {pos} runs past the end of the file")
+            out.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"))
+            pos += 8 + n
+        self.pos = pos
+        return out
+
+
+_PLAIN_TYPES: Final = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+                       "F64": np.dtype("<f8"), "I8": np.dtype("i1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"),
+                       "I64": np.dtype("<i8")}
+
+
+@dataclass(frozen=True)
+class _GGUFData:
+    """The file's mapping: `array(info)` views one tensor's bytes, read from the file only when used."""
+
+    buf: Any
+
+    def array(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The stored data in numpy order: float and integer types as such, block-quantized types as uint8 rows."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        dtype, shape = _PLAIN_TYPES.get(info.ggml_type), info.shape
+        if dtype is None:
+            dtype, shape = np.dtype(np.uint8), quant_shape_to_byte_shape(shape, GGMLQuantizationType[info.ggml_type])
+        return np.frombuffer(self.buf, dtype, info.n_bytes // dtype.itemsize, info.offset).reshape(shape)
+
+
+def _open_reader(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo], _GGUFData]:
+    """Parse the header (metadata and tensor table), every declared size checked against the file's."""
     if not path.exists():
         raise MlxcError(f"GGUF file {path} does not exist")
     if not path.is_file():
@@ -173,51 +254,88 @@ def _open_reader(path: Path):
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-    except OSError as e:
-        raise MlxcError(f"cannot read {path}: {e.strerror or e}") from None
+            size = os.fstat(f.fileno()).st_size
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if len(head) == 8 else None
+    except (OSError, ValueError) as e:
+        raise MlxcError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if head[:4] != GGUF_MAGIC:
         raise MlxcError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, expected {GGUF_MAGIC!r})")
     if len(head) < 8:
         raise MlxcError(f"{path} is truncated: it ends inside the GGUF header")
-    size = path.stat().st_size
+    h = _Header(buf, size, path)
+    h.need(4, "the magic")
+    version = h.unpack("I", "the version")
+    if version and version & 0xFFFF == 0:
+        raise MlxcError(f"{path} is a big-endian GGUF file; mlxc reads little-endian ones (llama.cpp's "
+                        "gguf-convert-endian converts it)")
+    if version not in (2, 3):
+        raise MlxcError(f"{path} has GGUF version {version}; mlxc reads versions 2 and 3")
+    n_tensors = h.unpack("Q", "the tensor count")
+    n_kv = h.unpack("Q", "the metadata count")
+    if n_kv * _MIN_KV_BYTES > size - h.pos:
+        raise h.corrupt(f"the header declares {n_kv} metadata entries, more than the rest of the file can hold")
+    metadata: dict[str, Any] = {}
+    types: dict[str, int] = {}
+    for i in range(n_kv):
+        key = h.string(f"metadata key {i}")
+        if key in metadata:
+            raise h.corrupt(f"metadata key `{key}` appears twice")
+        vtype = h.unpack("I", f"the value type of `{key}`")
+        metadata[key], types[key] = h.value(vtype, key), vtype
+    if n_tensors * _MIN_TENSOR_BYTES > size - h.pos:
+        raise h.corrupt(f"the header declares {n_tensors} tensors, more than the rest of the file can hold")
+    table = []
+    for i in range(n_tensors):
+        name = h.string(f"the name of tensor {i}")
+        n_dims = h.unpack("I", f"the dimension count of tensor {name}")
+        if n_dims > _MAX_DIMS:
+            raise h.corrupt(f"tensor {name} declares {n_dims} dimensions (GGUF allows at most {_MAX_DIMS})")
+        ne = [h.unpack("Q", f"dimension {j} of tensor {name}") for j in range(n_dims)]
+        table.append((name, ne, h.unpack("I", f"the type of tensor {name}"),
+                      h.unpack("Q", f"the data offset of tensor {name}")))
+    alignment = metadata.get("general.alignment", 32)
+    if "general.alignment" in metadata and (types["general.alignment"] != 4 or not alignment
+                                            or alignment & (alignment - 1)):
+        raise h.corrupt(f"general.alignment is {alignment!r}; it must be a power of two stored as UINT32")
+    data_offset = -(-h.pos // alignment) * alignment
+    infos: dict[str, GGUFTensorInfo] = {}
+    for name, ne, raw_type, offset in table:
+        if name in infos:
+            raise h.corrupt(f"tensor {name} appears twice in the tensor table")
+        infos[name] = _tensor_info(h, name, ne, raw_type, offset, data_offset, alignment)
+    end = data_offset
+    for info in sorted(infos.values(), key=lambda t: t.offset):
+        if info.offset < end:
+            raise h.corrupt(f"the data of tensor {info.name} (bytes {info.offset}-{info.offset + info.n_bytes}) "
+                            "overlaps another tensor's")
+        end = info.offset + info.n_bytes
+    return metadata, infos, _GGUFData(buf)
+
+
+def _tensor_info(h: _Header, name: str, ne: list[int], raw_type: int, offset: int, data_offset: int,
+                 alignment: int) -> GGUFTensorInfo:
+    """One tensor-table entry checked as llama.cpp checks it: a known type, rows of whole blocks, an aligned offset,
+    and data inside the file."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     try:
-        reader = _reader_class()(str(path))
-    except Exception as e:  # the reader fails with ValueError/IndexError/KeyError/... on damaged headers
-        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise MlxcError(
-            f"{path} is truncated or corrupt: its GGUF header could not be parsed ({detail}); "
-            f"the file is {size} bytes"
-        ) from None
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)
-    if end > size:
-        raise MlxcError(f"{path} is truncated: its tensor data needs {end} bytes but the file has {size}")
-    return reader
-
-
-def _field_value(fld) -> Any:
-    """A metadata value as Python: str, int, float, bool or a list of them. FLOAT32 gets its shortest repr."""
-    from gguf import GGUFValueType
-
-    types = fld.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        if len(types) < 2 or not fld.data:
-            return []
-        if types[1] == GGUFValueType.STRING:
-            return [fld.parts[i].tobytes().decode("utf-8", errors="replace") for i in fld.data]
-        if types[1] == GGUFValueType.ARRAY:
-            return fld.contents()  # nested arrays: rare, let the reader decode them
-        values = np.concatenate([fld.parts[i] for i in fld.data]) if len(fld.data) > 1 else fld.parts[fld.data[0]]
-        return values.tolist()
-    if types[0] == GGUFValueType.STRING:
-        return fld.parts[fld.data[0]].tobytes().decode("utf-8", errors="replace")
-    value = fld.parts[fld.data[0]][0]
-    if types[0] == GGUFValueType.FLOAT32:
-        return float(str(np.float32(value)))  # 9.999999747e-06 -> 1e-05, as the converter wrote it
-    if types[0] == GGUFValueType.BOOL:
-        return bool(value)
-    return value.item()
+        qtype = GGMLQuantizationType(raw_type)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise h.corrupt(f"tensor {name} has unknown type {raw_type}") from None
+    if any(d >= 1 << 63 for d in ne):
+        raise h.corrupt(f"tensor {name} has a negative dimension")
+    if ne and ne[0] % block:
+        raise h.corrupt(f"tensor {name} ({qtype.name}) has rows of {ne[0]} values, not a whole number of "
+                        f"{block}-value blocks")
+    n_bytes = math.prod(ne) // block * type_size
+    if offset % alignment:
+        raise h.corrupt(f"tensor {name}'s data offset {offset} is not a multiple of the alignment {alignment}")
+    start = data_offset + offset
+    if start + n_bytes > h.size:
+        raise MlxcError(f"{h.path} is truncated: tensor {name} needs bytes {start}-{start + n_bytes} but the file "
+                        f"has {h.size}")
+    return GGUFTensorInfo(name=name, ggml_type=qtype.name, shape=tuple(reversed(ne)), n_bytes=n_bytes, offset=start)
 
 
 def read_gguf(path: PathLike, name: Optional[str] = None) -> GGUFCheckpoint:
@@ -226,30 +344,71 @@ def read_gguf(path: PathLike, name: Optional[str] = None) -> GGUFCheckpoint:
     `name` names the spec; it defaults to the file name without `.gguf`.
     """
     p = Path(path).expanduser()
-    reader = _open_reader(p)
-    try:
-        metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    except Exception as e:
-        raise MlxcError(f"{p}: malformed metadata ({type(e).__name__}: {e})") from None
-    infos = {
-        t.name: GGUFTensorInfo(
-            name=t.name,
-            ggml_type=t.tensor_type.name,
-            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
-            n_bytes=int(t.n_bytes),
-            offset=int(t.data_offset),
-        )
-        for t in reader.tensors
-    }
+    metadata, infos, data = _open_reader(p)
     architecture = metadata.get("general.architecture")
     known = architectures()
     if architecture not in known:
         raise MlxcError(
             f"{p}: unsupported GGUF architecture {architecture!r} (general.architecture); supported: {_supported()}"
         )
-    spec = _spec(known[architecture], metadata, infos, name or p.name.removesuffix(".gguf"), p)
-    index = {t.name: i for i, t in enumerate(reader.tensors)}
-    return GGUFCheckpoint(p, spec, architecture, metadata, infos, reader, index)
+    _check_metadata_types(architecture, metadata, p)
+    try:
+        spec = _spec(known[architecture], metadata, infos, name or p.name.removesuffix(".gguf"), p)
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:  # a value of a shape no
+        raise MlxcError(f"{p}: malformed metadata ({type(e).__name__}: {e})") from None  # check above foresaw
+    check_finite(spec, str(p))
+    return GGUFCheckpoint(p, spec, architecture, metadata, infos, data)
+
+
+# Metadata the spec is built from, by the kind of value it must hold (keys after the architecture's prefix).
+_INT_KEYS: Final = ("embedding_length", "feed_forward_length", "block_count", "context_length", "vocab_size",
+                    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                    "attention.value_length", "rope.dimension_count", "attention.sliding_window",
+                    "rope.scaling.original_context_length")
+_NUMBER_KEYS: Final = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
+                       "rope.freq_base_swa", "rope.scaling.factor", "rope.scaling.attn_factor",
+                       "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "attn_logit_softcapping",
+                       "final_logit_softcapping")
+_TOKEN_ID_KEYS: Final = ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id", "unknown_token_id")
+
+
+def _check_metadata_types(arch: str, md: Mapping[str, Any], path: Path) -> None:
+    """Values the spec reads must be of the kind their key means (a count an integer, a token id a non-negative
+    integer), so a damaged file fails naming the key rather than deep inside the arithmetic."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def bad(key: str, value: Any, what: str) -> MlxcError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return MlxcError(f"{path}: metadata key `{key}` should be {what}, got {shown}")
+
+    for k in _INT_KEYS:
+        key = f"{arch}.{k}"
+        v = md.get(key)
+        if v is not None and not is_int(v) and not (isinstance(v, list) and v and all(map(is_int, v))):
+            raise bad(key, v, "an integer")
+    for k in _NUMBER_KEYS:
+        key = f"{arch}.{k}"
+        v = md.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(key, v, "a number")
+    for k in _TOKEN_ID_KEYS:
+        key = f"tokenizer.ggml.{k}"
+        v = md.get(key)
+        if v is not None and not (is_int(v) and v >= 0):
+            raise bad(key, v, "a token id (an integer >= 0)")
+    for key, kind in (("tokenizer.ggml.tokens", str), ("tokenizer.ggml.merges", str)):
+        v = md.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, kind) for x in v)):
+            raise bad(key, v, "a list of strings")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = md.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)):
+            raise bad(key, v, "a list of numbers")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+        v = md.get(key)
+        if v is not None and not isinstance(v, str):
+            raise bad(key, v, "a string")
 
 
 # ------------------------------------------------------------------------------------------------------- spec

@@ -7,16 +7,15 @@ that `peft.PeftModel.from_pretrained` loads back.
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import mlx.core as mx
 
-from ..files import make_sibling_dir
+from ..files import carry_over, check_safetensors, replacing_dir
 from ..ir.errors import MlxcError
 from . import hf
 
@@ -44,9 +43,14 @@ def read_peft_adapter(path: str | Path, family: str | None = None) -> PeftAdapte
     if not (d / CONFIG_FILE).is_file():
         raise MlxcError(f"{d} is not a PEFT adapter folder: no {CONFIG_FILE}")
     try:
-        cfg = json.loads((d / CONFIG_FILE).read_text())
+        cfg = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise MlxcError(f"{d / CONFIG_FILE}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise MlxcError(f"{d / CONFIG_FILE}: malformed JSON ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise MlxcError(f"{d / CONFIG_FILE}: expected a JSON object, got {type(cfg).__name__}")
+    rank, alpha, dropout, rslora = _settings(cfg, d / CONFIG_FILE)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise MlxcError(f"{d}: only LoRA adapters are supported, this one is {cfg.get('peft_type')}")
     for key, ok in (("bias", ("none", None)), ("modules_to_save", (None, [])), ("layers_to_transform", (None, [])),
@@ -58,6 +62,7 @@ def read_peft_adapter(path: str | Path, family: str | None = None) -> PeftAdapte
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
         raise MlxcError(f"{d}: no {WEIGHTS_FILE} (pickled adapter_model.bin files are not read)")
+    check_safetensors(weights)
     try:
         raw = mx.load(str(weights))
     except Exception as e:
@@ -69,16 +74,39 @@ def read_peft_adapter(path: str | Path, family: str | None = None) -> PeftAdapte
         ir_module = hf.hf_to_ir_name(m.group(1) + ".weight", family) if m else None
         if not m or ir_module in (None, hf.UNMAPPED):
             raise MlxcError(f"{weights}: unexpected adapter tensor {name}")
+        # lora_A is [r, in], lora_B [out, r]: the rank the config declares is what the tensors must hold
+        if arr.ndim != 2 or arr.shape[0 if m.group(2) == "lora_A" else 1] != rank:
+            raise MlxcError(f"{weights}: adapter tensor {name} has shape {list(arr.shape)}, which does not hold "
+                            f"rank r={rank} from {CONFIG_FILE}")
+        if not mx.issubdtype(arr.dtype, mx.floating):
+            raise MlxcError(f"{weights}: adapter tensor {name} has dtype {arr.dtype}; LoRA weights are floats")
         tensors[f"{ir_module[: -len('.weight')]}.{m.group(2)}.weight"] = arr
     if not tensors:
         raise MlxcError(f"{weights} holds no LoRA tensors")
     leaves = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in tensors})
-    try:
-        return PeftAdapter(rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
-                           dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(leaves),
-                           rslora=bool(cfg.get("use_rslora", False)), tensors=tensors)
-    except (TypeError, ValueError) as e:
-        raise MlxcError(f"{d / CONFIG_FILE}: malformed LoRA settings ({e})") from None
+    return PeftAdapter(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(leaves), rslora=rslora,
+                       tensors=tensors)
+
+
+def _settings(cfg: dict, where: Path) -> tuple[int, float, float, bool]:
+    """r, lora_alpha, lora_dropout and use_rslora, each of the kind peft writes (a rank is a positive integer, the
+    others finite numbers and a boolean), so a damaged config fails here, naming the key."""
+    def number(key: str, default: float) -> float:
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise MlxcError(f"{where}: malformed LoRA settings: {key} must be a finite number, got {v!r}")
+        return float(v)
+
+    r = cfg.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise MlxcError(f"{where}: malformed LoRA settings: r must be a positive integer, got {r!r}")
+    dropout = number("lora_dropout", 0.0)
+    if not 0 <= dropout < 1:
+        raise MlxcError(f"{where}: malformed LoRA settings: lora_dropout must be in [0, 1), got {dropout}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise MlxcError(f"{where}: malformed LoRA settings: use_rslora must be true or false, got {rslora!r}")
+    return r, number("lora_alpha", 8), dropout, rslora
 
 
 def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array], base_model: str = "",
@@ -101,16 +129,11 @@ def save_peft_adapter(path: str | Path, config, tensors: Mapping[str, mx.array],
         "use_rslora": config.rslora, "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
         "init_lora_weights": True,
     }
-    # written beside the destination and swapped in, so a failure never leaves half an adapter
-    tmp = make_sibling_dir(d)
-    try:
+    # built beside the destination and swapped in whole (an existing folder's other files carried over as hard
+    # links), so an interruption at any point leaves the old adapter or the new one, never a mix of the two
+    with replacing_dir(d) as tmp:
+        if d.is_dir():
+            carry_over(d, tmp, skip=(WEIGHTS_FILE, CONFIG_FILE))
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), out, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        if d.exists():  # an existing folder keeps its other files; the adapter's two are replaced
-            for f in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(tmp / f, d / f)
-        else:
-            os.replace(tmp, d)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return d

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -10,6 +11,7 @@ from typing import Any, Mapping, Union
 import yaml
 from pydantic import ValidationError
 
+from ..files import write_text_atomic
 from ..ir.errors import MlxcError
 from .spec import ModelSpec
 
@@ -36,14 +38,33 @@ def validation_message(err: ValidationError, where: str, rename: Mapping[str, st
     return f"{where}: invalid model spec:\n" + "\n".join(lines)
 
 
+def check_finite(spec: ModelSpec, where: str) -> ModelSpec:
+    """Refuse NaN and infinity anywhere in a spec: JSON and YAML read `NaN` / `.inf` as numbers, and a rope base or
+    a norm epsilon that is not finite loads without complaint and then computes nothing but NaN."""
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MlxcError(f"{where}: invalid model spec: {path} is {value}; it must be a finite number")
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+
+    walk(spec.model_dump(), "")
+    return spec
+
+
 def spec_from_mapping(data: Any, where: str) -> ModelSpec:
     """Validate plain data as a ModelSpec, turning pydantic's error into an MlxcError that names `where`."""
     if not isinstance(data, Mapping):
         raise MlxcError(f"{where}: expected a mapping of ModelSpec fields, got {type(data).__name__}")
     try:
-        return ModelSpec.model_validate(dict(data))
+        return check_finite(ModelSpec.model_validate(dict(data)), where)
     except ValidationError as err:
         raise MlxcError(validation_message(err, where)) from None
+    except (TypeError, ValueError, RecursionError) as err:  # a key that is not a string, nesting too deep, ...
+        raise MlxcError(f"{where}: invalid model spec: {type(err).__name__}: {err}") from None
 
 
 def load_spec_file(path: PathLike) -> ModelSpec:
@@ -78,6 +99,6 @@ def dump_spec_file(spec: ModelSpec, path: PathLike) -> None:
     data = _spec_data(spec)
     text = json.dumps(data, indent=2) + "\n" if p.suffix.lower() == ".json" else yaml.safe_dump(data, sort_keys=False)
     try:
-        p.write_text(text, encoding="utf-8")
+        write_text_atomic(p, text)
     except OSError as err:
         raise MlxcError(f"cannot write spec file {p}: {err.strerror or err}") from None

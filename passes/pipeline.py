@@ -8,6 +8,7 @@ pass and can write every stage as re-parseable IR.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
 
@@ -140,14 +141,26 @@ def run_pipeline(
         if dump_dir.exists() and not dump_dir.is_dir():
             raise MlxcError(f"--dump-dir {dump_dir} exists and is not a directory")
         dump_dir.mkdir(parents=True, exist_ok=True)
-        (dump_dir / "00-input.mlxc").write_text(print_program(program))
+        _dump(dump_dir / "00-input.mlxc", print_program(program))
     for i, p in enumerate(passes, 1):
         program, report = p.run(program)
         verify(program)
         if on_report is not None:
             on_report(report)
         if dump_dir is not None:
-            (dump_dir / f"{i:02d}-{p.name}.mlxc").write_text(f"// after {report}\n" + print_program(program))
+            _dump(dump_dir / f"{i:02d}-{p.name}.mlxc", f"// after {report}\n" + print_program(program))
         if p.name == stop_after:
             break
     return program
+
+
+def _dump(path: Path, text: str) -> None:
+    """One stage's IR, written whole or not at all: a temporary sibling renamed into place (passes import only
+    `ir`, so this is not `mlxc.files`)."""
+    tmp = path.with_name(f".{path.name}.mlxc-{os.getpid()}-dump")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

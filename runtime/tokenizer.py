@@ -10,16 +10,23 @@ It reproduces what transformers 5 does with a saved fast tokenizer, without impo
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jinja2
+import jinja2.compiler
 import jinja2.ext
+import jinja2.filters
 import jinja2.nodes
+import jinja2.runtime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -94,28 +101,296 @@ def _raise_exception(message: str) -> None:
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     # Jinja's own tojson HTML-escapes '<', '>', '&' and '\''; chat templates expect raw JSON.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if len(str(indent)) > 64 or (isinstance(indent, int) and indent > 64) or len(str(separators)) > 64:
+        raise TemplateLimit("the template's tojson asks for an indent or separators beyond what a prompt needs")
+    return _check_sized(json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                   sort_keys=sort_keys))
 
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# Limits on what a chat template may do. A template is code from a file someone else wrote: the sandbox (below)
+# keeps it away from Python's internals; these keep it from exhausting the machine. Real templates render a prompt
+# in milliseconds and never come near them.
+TEMPLATE_SECONDS = 10.0  # compiling plus rendering one template
+TEMPLATE_CHARS = 1 << 24  # the longest string (and the longest output) a template may build: 16 Mi characters
+TEMPLATE_ITEMS = 1 << 20  # the longest list or tuple it may build by repetition or concatenation
+TEMPLATE_SOURCE = 1 << 20  # the largest template source accepted
+_BIG_NUMBER = re.compile(r"\d{8,}")  # a width or precision of 10**7 or more in a format string
+_NESTED_FIELD = re.compile(r"\{[^{}]*:[^{}]*\{")  # `{:{w}}`: a width taken from the arguments
+
+
+class TemplateLimit(jinja2.exceptions.SecurityError):
+    """A chat template went past one of the limits above."""
+
+
+class TemplateTimeout(Exception):
+    """A chat template ran past TEMPLATE_SECONDS (raised in the rendering thread by `_Deadline`)."""
+
+
+def _check_sized(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > TEMPLATE_CHARS:
+        raise TemplateLimit(f"the template built a string of {len(value)} characters (at most {TEMPLATE_CHARS})")
+    if isinstance(value, (list, tuple)) and len(value) > TEMPLATE_ITEMS:
+        raise TemplateLimit(f"the template built a list of {len(value)} items (at most {TEMPLATE_ITEMS})")
+    return value
+
+
+def _check_numbers(args: Iterable[Any]) -> None:
+    """No integer argument may be large enough to ask for a huge allocation in one C call (`'x'.center(10**9)`,
+    `(1).to_bytes(10**9)`, `lipsum(10**9)`)."""
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_CHARS:
+            raise TemplateLimit(f"the template passed {a}, a size beyond what a prompt needs")
+
+
+def _length(value: Any) -> int:
+    return len(value) if isinstance(value, (str, list, tuple, bytes)) else 0
+
+
+def _check_format(fmt: Any, args: Any) -> None:
+    """`%` formatting and `.format` with a huge width or precision would pad in one C call: refuse one written in
+    the format string, and one taken from the arguments (`%*d`, `{:{}}`)."""
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("latin-1")
+    if not isinstance(fmt, str):
+        return
+    if _BIG_NUMBER.search(fmt):
+        raise TemplateLimit("the template's format string asks for a width or precision beyond what a prompt needs")
+    if "*" in fmt or _NESTED_FIELD.search(fmt):
+        values = args.values() if isinstance(args, Mapping) else args if isinstance(args, (list, tuple)) else [args]
+        _check_numbers(values)
+
+
+def _bounded_join(parts: Iterable[Any], sep: str = "", convert: bool = True) -> str:
+    """`str.join` that refuses before building a string longer than TEMPLATE_CHARS (`convert`: str() each part,
+    as the `join` filter and `~` do; else a part that is not a string is Python's TypeError)."""
+    parts = [p if isinstance(p, str) or not convert else str(p) for p in parts]
+    if not all(isinstance(p, str) for p in parts):
+        raise TypeError("sequence item: expected str instance")
+    if sum(map(len, parts)) + len(sep) * max(len(parts) - 1, 0) > TEMPLATE_CHARS:
+        raise TemplateLimit(f"the template joined strings into more than {TEMPLATE_CHARS} characters")
+    return sep.join(parts)
+
+
+def _check_string_method(s: str | bytes, name: str, args: tuple, kwargs: dict) -> None:
+    """The string methods whose result can outgrow their inputs many times over, bounded before they run."""
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], type(s)) and isinstance(args[1], type(s)):
+        old, new = args[0], args[1]
+        hits = s.count(old) if old else len(s) + 1
+        grown = len(s) + hits * max(len(new) - len(old), 0)
+    elif name == "expandtabs":
+        size = (args[0] if args else kwargs.get("tabsize", 8))
+        grown = len(s) + s.count("\t" if isinstance(s, str) else b"\t") * (size if isinstance(size, int) else 0)
+    elif name == "translate" and args and isinstance(args[0], Mapping):
+        widest = max((len(v) if isinstance(v, (str, bytes)) else 1 for v in args[0].values()), default=1)
+        grown = len(s) * widest
+    else:
+        return
+    if grown > TEMPLATE_CHARS:
+        raise TemplateLimit(f"the template's {name} would build more than {TEMPLATE_CHARS} characters")
+
+
+class _BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Compiles `a ~ b` (string concatenation, which the sandbox does not intercept) to a call that checks the
+    result's length first, so doubling a string in a recursive macro stops at TEMPLATE_CHARS."""
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: jinja2.compiler.Frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+def _bounded_filter(f):
+    """A built-in filter whose arguments (not the value) are checked like a call's."""
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_numbers(list(args[1:]) + list(kwargs.values()))
+        return _check_sized(f(*args, **kwargs))
+    return checked
+
+
+def _join_filter(eval_ctx, value, d: str = "", attribute=None):
+    if attribute is not None:
+        get = jinja2.filters.make_attrgetter(eval_ctx.environment, attribute)
+        value = [get(v) for v in value]
+    return _bounded_join(value, str(d))
+
+
+def _replace_filter(eval_ctx, s, old, new, count=None):
+    s, old, new = str(s), str(old), str(new)
+    hits = s.count(old) if old else len(s) + 1
+    if count is not None:
+        _check_numbers([count])
+        hits = min(hits, max(count, 0)) if count >= 0 else hits
+    if len(s) + hits * max(len(new) - len(old), 0) > TEMPLATE_CHARS:
+        raise TemplateLimit(f"the template's replace would build more than {TEMPLATE_CHARS} characters")
+    return s.replace(old, new) if count is None else s.replace(old, new, count)
+
+
+def _format_filter(value, *args, **kwargs):
+    _check_format(value, list(args) + list(kwargs.values()))
+    return _check_sized(jinja2.filters.do_format(value, *args, **kwargs))
+
+
+def _sum_filter(environment, iterable, attribute=None, start=0):
+    items = list(iterable) if attribute is None else [environment.getattr(x, attribute) for x in iterable]
+    if isinstance(start, (list, tuple)) and sum(map(_length, items)) + len(start) > TEMPLATE_ITEMS:
+        raise TemplateLimit(f"the template's sum would build a list of more than {TEMPLATE_ITEMS} items")
+    return jinja2.filters.do_sum(environment, items, start=start)
+
+
+_SIZED_FILTERS = ("center", "indent", "wordwrap", "truncate", "batch", "slice")  # their arguments are sizes
+_join_filter = jinja2.pass_eval_context(_join_filter)
+_replace_filter = jinja2.pass_eval_context(_replace_filter)
+_sum_filter = jinja2.pass_environment(_sum_filter)
+
+
+def _dict(*args: Any, **kwargs: Any) -> dict:
+    return dict(*args, **kwargs)
+
+
+# mlxc's own globals (transformers' set): they allocate nothing a size argument could inflate
+_TRUSTED_GLOBALS: Final = {"raise_exception": _raise_exception, "strftime_now": _strftime_now, "dict": _dict,
+                           "namespace": _Namespace}
+_TRUSTED_CALLS: Final = tuple(_TRUSTED_GLOBALS.values())
+
+
+class _ChatSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox (no attributes that start with `_`, no mutation of lists and dicts) plus limits on
+    size: arithmetic that repeats or concatenates, calls, filters and `~` are checked before they allocate."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _BoundedCodeGenerator
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            seq, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(times, int) and not isinstance(times, bool) and isinstance(seq, (str, list, tuple, bytes)):
+                limit = TEMPLATE_CHARS if isinstance(seq, (str, bytes)) else TEMPLATE_ITEMS
+                if len(seq) * times > limit:
+                    raise TemplateLimit(f"the template repeats a sequence of {len(seq)} {times} times "
+                                        f"(at most {limit} items)")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                    right * max(abs(left).bit_length(), 1) > 4096:
+                raise TemplateLimit("the template raises to a power with more than 4096 bits")
+        elif operator == "%" and isinstance(left, (str, bytes)):
+            _check_format(left, right)
+        elif operator == "+" and _length(left) + _length(right) > (
+                TEMPLATE_CHARS if isinstance(left, (str, bytes)) else TEMPLATE_ITEMS):
+            raise TemplateLimit("the template concatenates past the longest string or list it may build")
+        return _check_sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's names
+        if not (isinstance(__obj, jinja2.runtime.Macro) or any(__obj is t for t in _TRUSTED_CALLS)
+                or getattr(__obj, "checks_itself", False)):  # data passes freely
+            _check_numbers(list(args) + list(kwargs.values()))
+        target, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
+        if isinstance(target, (str, bytes)):
+            if name == "join" and isinstance(target, str) and len(args) == 1 and not kwargs:
+                return _bounded_join(args[0], target, convert=False)
+            _check_string_method(target, name, args, kwargs)
+        return _check_sized(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Any:
+        """`str.format` / `format_map` as the sandbox runs them, with the widths checked first."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            values = list(args) + list(kwargs.values())
+            _check_format(fmt, [v for a in values for v in (a.values() if isinstance(a, Mapping) else [a])])
+            return _check_sized(wrapped(*args, **kwargs))
+        checked.checks_itself = True  # `call` leaves its arguments to it: they are values, not sizes
+        return checked
+
+    @staticmethod
+    def bounded_concat(parts: Iterable[Any]) -> str:
+        return _bounded_join(parts)
+
+
+class _Deadline:
+    """Interrupts this thread's Python code once `seconds` have passed: a template looping over nested `range`s
+    (each within the sandbox's MAX_RANGE) could otherwise run for hours. A timer thread raises `TemplateTimeout`
+    in it asynchronously (the way a debugger interrupts), so rendering costs nothing extra; a timeout that lands
+    just as the template finishes still counts as one."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self) -> "_Deadline":
+        self.thread, self.armed, self.fired = threading.get_ident(), True, False
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(self.seconds, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.armed:
+                self.fired = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread),
+                                                           ctypes.py_object(TemplateTimeout))
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        with self.lock:
+            self.armed = False
+            self.timer.cancel()
+            if self.fired and kind is None:  # fired but not delivered yet: take it back, and report it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread), None)
+                raise TemplateTimeout()
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    """Compile a chat template in a sandbox configured the way transformers configures it."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = lambda *a, **k: dict(*a, **k)
-    env.globals["namespace"] = _Namespace
+    """Compile a chat template in a sandbox configured the way transformers configures it, plus size and time
+    limits (see `_ChatSandbox`, `_Deadline`)."""
+    if len(template) > TEMPLATE_SOURCE:
+        raise MlxcError(f"chat template is {len(template)} characters long (at most {TEMPLATE_SOURCE} are accepted)")
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+                       optimized=False)  # no constant folding: filters run at render time, under the limits
+    env.filters.update({name: _bounded_filter(env.filters[name]) for name in _SIZED_FILTERS})
+    env.filters.update(tojson=_tojson, join=_join_filter, replace=_replace_filter, format=_format_filter,
+                       sum=_sum_filter)
+    env.globals.update(_TRUSTED_GLOBALS)
     try:
-        return env.from_string(template)
+        with _Deadline(TEMPLATE_SECONDS):
+            return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise MlxcError(f"chat template has a syntax error on line {e.lineno}: {e.message}") from None
+    except (TemplateLimit, TemplateTimeout, RecursionError, MemoryError) as e:
+        raise MlxcError(f"chat template cannot be compiled: {_template_error(e)}") from None
+
+
+def _template_error(e: BaseException) -> str:
+    if isinstance(e, TemplateTimeout):
+        return f"it ran for more than {TEMPLATE_SECONDS:g} s"
+    if isinstance(e, RecursionError):
+        return "it nests or recurses too deeply"
+    if isinstance(e, MemoryError):
+        return "it needs more memory than this machine has"
+    return str(e) or type(e).__name__
+
+
+def _render(template: str, **variables: Any) -> str:
+    """Render within the limits: the output is collected piece by piece and refused past TEMPLATE_CHARS."""
+    compiled = _compile(template)
+    pieces, total = [], 0
+    with _Deadline(TEMPLATE_SECONDS):
+        for piece in compiled.generate(**variables):
+            total += len(piece)
+            if total > TEMPLATE_CHARS:
+                raise TemplateLimit(f"the template's output passed {TEMPLATE_CHARS} characters")
+            pieces.append(piece)
+    return "".join(pieces)
 
 
 def _plain(value: Any) -> Any:
@@ -308,26 +583,30 @@ class Tokenizer:
             raise MlxcError("this tokenizer has no chat template; pass chat_template= or format the prompt yourself")
         if not messages:
             raise MlxcError("cannot apply a chat template to an empty conversation")
+        try:
+            plain = [_plain(m) if isinstance(m, Mapping) else m for m in messages]
+            tools, documents, kwargs = _plain(tools), _plain(documents), _plain(kwargs)
+        except RecursionError:
+            raise MlxcError("chat messages (or tools, documents) are nested too deeply") from None
         chat = []
-        for m in messages:
+        for m in plain:
             if not isinstance(m, Mapping):
                 raise MlxcError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
-            msg = {k: v for k, v in _plain(m).items() if v is not None}
+            msg = {k: v for k, v in m.items() if v is not None}
             reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
             if reasoning is not None:  # templates read `reasoning_content` (gpt-oss ones `thinking`)
                 msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
             chat.append(msg)
-        variables = {**self.special_tokens_map, **_plain(kwargs)}
+        variables = {**self.special_tokens_map, **kwargs}
         try:
-            return _compile(template).render(
-                messages=chat,
-                tools=_plain(tools),
-                documents=_plain(documents),
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+            return _render(template, messages=chat, tools=tools, documents=documents,
+                           add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise MlxcError(f"chat template rejected the conversation: {e}") from None
+        except TemplateTimeout:
+            raise MlxcError(f"chat template ran for more than {TEMPLATE_SECONDS:g} s; it was stopped") from None
+        except Exception as e:  # the template's own code failed (1/0, a type error, recursion): its fault, not ours
+            raise MlxcError(f"chat template failed: {type(e).__name__}: {_template_error(e)}") from None
 
 
 class StreamingDecoder:

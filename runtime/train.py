@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlxc.files import replacing_file
 from mlxc.ir.errors import MlxcError
 from mlxc.runtime.loss import causal_lm_loss, pack_sequences
 
@@ -217,10 +218,10 @@ def adapter_parameters(net: nn.Module) -> dict[str, mx.array]:
 
 
 def save_adapter_weights(net: nn.Module, path: Union[str, Path]) -> Path:
-    """Write the adapter parameters to a safetensors file (parent folders created)."""
+    """Write the adapter parameters to a safetensors file (parent folders created), whole or not at all."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(p), adapter_parameters(net))
+    with replacing_file(p) as tmp:
+        mx.save_safetensors(str(tmp), adapter_parameters(net))
     return p
 
 

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..ir import DType, Program, Quant, TensorType, Value
+from ..files import check_safetensors
 from ..ir.errors import MlxcError
 
 MX_DTYPE = {DType.F32: mx.float32, DType.F16: mx.float16, DType.BF16: mx.bfloat16, DType.I32: mx.int32}
@@ -25,11 +26,17 @@ def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightError(f"{index}: malformed shard index ({e})") from None
-        files = [directory / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.exists()]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+            raise WeightError(f"{index}: malformed shard index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightError(f"{index}: malformed shard index (weight_map must map tensor names to file names)")
+        names = list(dict.fromkeys(weight_map.values()))
+        outside = [f for f in names if Path(f).name != f or f in ("", ".", "..")]
+        if outside:  # a shard is a file in the checkpoint's own directory, never a path elsewhere
+            raise WeightError(f"{index} lists shard {outside[0]!r}, which is not a file name in {directory}")
+        files = [directory / f for f in names]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise WeightError(f"{index} lists shard {missing[0]} which is not in {directory}")
         return files
@@ -40,9 +47,11 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def read_safetensors(files: Iterable[Path]) -> dict[str, mx.array]:
-    """Lazily loaded arrays (MLX reads a tensor's bytes from the file when it is first evaluated)."""
+    """Lazily loaded arrays (MLX reads a tensor's bytes from the file when it is first evaluated); each file's
+    header is checked first (`files.check_safetensors`)."""
     tensors: dict[str, mx.array] = {}
     for f in files:
+        check_safetensors(f, WeightError)
         try:
             part = mx.load(str(f))
         except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
