@@ -104,7 +104,8 @@ def _layer_norm(a, k, t):
 # ---------------------------------------------------------------------------------------------- elementwise
 
 for _op, _fn in (("silu", "nn.silu"), ("gelu", "nn.gelu"), ("gelu_tanh", "nn.gelu_approx"), ("relu", "nn.relu"),
-                 ("sigmoid", "mx.sigmoid"), ("tanh", "mx.tanh")):
+                 ("sigmoid", "mx.sigmoid"), ("tanh", "mx.tanh"),
+                 ("exp", "mx.exp")):
     implements(_op)(lambda a, k, t, _fn=_fn: f"{_fn}({a[0]})")
 
 
@@ -220,6 +221,19 @@ def _attention(a, k, t):
 def _causal_conv1d(a, k, t):
     bias = a[2] if len(a) == 4 else "None"
     return f"causal_conv1d({a[0]}, {a[1]}, {bias}, {a[-1]})"
+
+
+@implements("rms_norm_gated", helpers=("norm_gated",))
+def _rms_norm_gated(a, k, t):
+    return f"rms_norm_gated({_list(a)}, {k['eps']!r}, {k['groups']})"
+
+
+@implements("ssd", helpers=("ssd",))
+def _ssd(a, k, t):
+    bias = a[6] if len(a) == 8 else "None"
+    top = "math.inf" if k["dt_max"] is None else repr(k["dt_max"])
+    limit = "" if k["dt_min"] == 0 and k["dt_max"] is None else f", dt_limit=({k['dt_min']!r}, {top})"
+    return f"ssd({_list(a[:6])}, {bias}, {a[-1]}, chunk_size={k['chunk_size']}{limit})"
 
 
 # ---------------------------------------------------------------------------------------------- mixtures and heads

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from importlib import metadata
+import importlib
 import importlib.util
+import inspect
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 from types import ModuleType
 
@@ -26,10 +30,20 @@ _ENV = jinja2.Environment(
 )
 
 
+def _python_source(module: str, *names: str) -> str:
+    """The source of functions defined in another mlxc module (a kernel's plain-MLX reference), which a helper
+    template carries verbatim: the math has one definition, there and in every generated module."""
+    mod = importlib.import_module(module)
+    return "\n\n\n".join(textwrap.dedent(inspect.getsource(getattr(mod, name))).rstrip() for name in names)
+
+
+_ENV.globals["python_source"] = _python_source
+
+
 def generate_module(program: Program, title: str = "A language model compiled by mlxc.", ir_file: str = "program.mlxc") -> str:
     parts = emit_program(program)
     header = _ENV.get_template("module.py.j2").render(
-        title=title,
+        title=_docstring_text(title),
         version=_version(),
         ir_file=ir_file,
         states=_compact_list([(s.kind.value, s.window) for s in parts.states]),
@@ -43,6 +57,16 @@ def generate_module(program: Program, title: str = "A language model compiled by
     src = "\n\n\n".join(blocks) + "\n"
     compile(src, "<generated>", "exec")  # a codegen bug should fail here, not at first use
     return src
+
+
+def _docstring_text(text: str) -> str:
+    """Text for the module docstring, which is code: the title carries names from the user's files (a spec's
+    `name`, a directory), so quotes and backslashes are escaped and nothing in it can end the string early."""
+    return _UNSAFE_IN_DOCSTRING.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}"), text)
+
+
+_UNSAFE_IN_DOCSTRING = re.compile(r'[\\"\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]')  # quotes, backslashes, control
+_ESCAPES = {"\\": "\\\\", '"': '\\"'}  # characters (not newlines and tabs) and lone surrogates
 
 
 def helper_namespace(names) -> dict:

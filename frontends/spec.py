@@ -170,6 +170,38 @@ class MoESpec(_Frozen):
         return self
 
 
+class Mamba2Spec(_Frozen):
+    """A Mamba-2 mixer (frontends/blocks/mamba2.py): `in_proj` to the gate, x, B, C and dt; a causal depthwise conv
+    with SiLU over x, B and C; the SSD scan over `num_heads` heads of `head_dim` features, a scalar decay per head,
+    B and C shared by the heads of each of `n_groups` groups; a gated RMSNorm per group; `out_proj`.
+    `num_heads * head_dim` must be `expand * hidden_size`, as transformers requires."""
+
+    num_heads: Count
+    head_dim: Count = 64
+    state_size: Count = 128
+    n_groups: Count = 1
+    expand: Count = 2
+    conv_kernel: Count = 4
+    chunk_size: Count = 256
+    use_bias: bool = False  # in_proj and out_proj
+    use_conv_bias: bool = True
+    # dt is clamped to this range in the chunked scan (transformers' `time_step_limit`); None: no upper bound
+    time_step_limit: tuple[Annotated[float, Field(ge=0)], Optional[float]] = (0.0, None)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_heads % self.n_groups:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of n_groups ({self.n_groups})")
+        low, high = self.time_step_limit
+        if high is not None and high <= low:
+            raise ValueError(f"time_step_limit {list(self.time_step_limit)} is empty")
+        return self
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+
 class HeadSpec(_Frozen):
     """The task head over the final hidden states. Classification heads project to `num_labels` with a linear
     layer (`score`), or an MLP (`classifier_hidden_size` set) when built from a spec."""
@@ -290,6 +322,7 @@ class ModelSpec(_Frozen):
     mlp_bias: bool = False
     sliding_window: Optional[Count] = None
     layers: tuple[LayerSpec, ...] = ()
+    mamba2: Optional[Mamba2Spec] = None  # mamba2 layers' mixer
     embedding_multiplier: Optional[float] = None  # embeddings scaled in the compute dtype (Gemma: sqrt(hidden))
     final_logit_softcap: Optional[float] = Field(None, gt=0)
     lm_head_bias: bool = False
@@ -338,6 +371,10 @@ class ModelSpec(_Frozen):
             raise ValueError("an FFN of kind moe needs the moe settings (num_experts, top_k, ...)")
         if self.residual == Residual.PARALLEL and self.norm == NormType.RMS and self.norm_unit_offset:
             raise ValueError("unit-offset norms are a Gemma convention; Gemma blocks are sandwich, not parallel")
+        m2 = self.mamba2
+        if m2 is not None and m2.intermediate_size != m2.expand * self.hidden_size:
+            raise ValueError(f"mamba2: {m2.num_heads} heads of {m2.head_dim} features ({m2.intermediate_size}) must "
+                             f"make expand * hidden_size ({m2.expand * self.hidden_size}) features")
         if self.qk_norm_across_heads and not self.qk_norm:
             raise ValueError("qk_norm_across_heads says how queries and keys are normalized; it needs qk_norm")
         if self.head.kind != HeadKind.CAUSAL_LM and self.tie_word_embeddings:

@@ -26,6 +26,7 @@ class OpGroup(str, enum.Enum):
     SHAPE = "shape"  # reshape/transpose/split/concat: no arithmetic
     POSITION = "position"  # rotary embeddings at explicit positions
     ATTENTION = "attention"  # reads and extends the call's KV cache
+    SCAN = "scan"  # recurrences over time that carry a state between calls (RNN cells, selective scans)
     CALL = "call"
 
 

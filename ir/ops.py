@@ -87,6 +87,7 @@ _unary("gelu_tanh", "tanh-approximated GELU")
 _unary("relu", "max(x, 0)")
 _unary("sigmoid", "1 / (1 + exp(-x))")
 _unary("tanh", "hyperbolic tangent")
+_unary("exp", "e^x (Mamba's A = -exp(A_log), computed once at load)")
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # the unary ops a feed-forward block or an expert may apply
 
@@ -319,6 +320,48 @@ def _causal_conv1d(x: TensorType, weight: TensorType, bias: TensorType | None = 
     require(x.dtype == weight.dtype, f"dtype mismatch: input {x.dtype.value}, weight {weight.dtype.value}")
     if bias is not None:
         require(bias.shape == (x.shape[2],), f"bias {bias} does not match {x.shape[2]} channels")
+    return x
+
+
+@op("rms_norm_gated", OpGroup.NORM, ("x", "gate", "weight"), (AttrDef("eps", float), AttrDef("groups", int, 1)))
+def _rms_norm_gated(x: TensorType, gate: TensorType, weight: TensorType, eps: float, groups: int):
+    """Mamba-2's gated RMSNorm (transformers' MambaRMSNormGated): in float32, h = x * silu(gate), normalized over
+    each of `groups` equal slices of the last axis, rounded to x's dtype, times weight."""
+    require(x.rank >= 1 and gate == x, f"rms_norm_gated expects x and gate of one type, got {x} and {gate}")
+    require(weight.shape == (x.shape[-1],), f"weight {weight} does not match features {x.shape[-1]}")
+    c = x.shape[-1]
+    require(groups > 0 and (not isinstance(c, int) or c % groups == 0),
+            f"{c} features do not split into {groups} groups")
+    return x
+
+
+@op("ssd", OpGroup.SCAN, ("x", "dt", "A", "B", "C", "D", "dt_bias?"),
+    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True)),
+    state=lambda attrs, *types: (State(StateKind.SSM),))
+def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
+         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None):
+    """Mamba-2's state-space duality scan, per head h with a scalar A[h] and its group g of B and C (heads share
+    them, H / G per group), every intermediate in float32:
+
+        dt_t = softplus(dt_t + dt_bias),  S_t = exp(A dt_t) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t + D x_t
+
+    x [B, T, H, P], dt [B, T, H], A, D, dt_bias [H], B, C [B, T, G, N]; y is x's type. Its SSM state keeps S
+    [B, H, P, N], so a call continues where the previous one stopped. A prefill runs in chunks of `chunk_size`
+    (quadratic inside a chunk, recurrent across) with dt clamped to [dt_min, dt_max]; one token after a state
+    steps the recurrence without the clamp, as transformers does."""
+    require(x.rank == 4 and dt.rank == 3 and B.rank == 4 and C.rank == 4,
+            f"ssd expects x [B, T, H, P], dt [B, T, H], B and C [B, T, G, N]; got {x}, {dt}, {B}, {C}")
+    h, g = x.shape[2], B.shape[2]
+    require(dt.shape == x.shape[:3], f"dt {dt} does not match x {x}")
+    require(B == C and B.shape[:2] == x.shape[:2], f"B {B} and C {C} must match each other and x {x}")
+    require(x.dtype == dt.dtype == B.dtype, f"x, dt, B and C must share a dtype, got {x}, {dt}, {B}")
+    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            require(t.shape == (h,) and t.dtype.is_float, f"{name} must be a float [{h}] (one per head), got {t}")
+    if isinstance(h, int) and isinstance(g, int):
+        require(g > 0 and h % g == 0, f"{h} heads do not split into {g} groups of B and C")
+    require(chunk_size > 0, f"chunk_size must be positive, got {chunk_size}")
+    require(dt_min >= 0 and (dt_max is None or dt_max > dt_min), f"bad dt limit [{dt_min}, {dt_max}]")
     return x
 
 

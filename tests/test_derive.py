@@ -74,7 +74,8 @@ def _close(ours: np.ndarray, want: np.ndarray, rtol=1e-5, atol=1e-6) -> None:
 # to the IR without one fails here (and its test below fails if the interpreter cannot run it).
 TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "linear", "rms_norm", "layer_norm",
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
-          "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "rope", "clip"}
+          "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "rope", "clip",
+          "exp", "rms_norm_gated"}
 
 
 def needs_op(name: str):
@@ -287,6 +288,35 @@ def test_sigmoid_and_tanh():
     x64 = x.astype(np.float64)
     _close(out["s"], 1 / (1 + np.exp(-x64)))
     _close(out["t"], np.tanh(x64))
+
+
+@needs_op("exp")
+def test_exp():
+    x = _rand(4, 5, scale=3)
+    out = derive({"x": ("f32[4, 5]", x)}, "%e = exp(%x) : f32[4, 5]")
+    _close(out["e"], np.exp(x.astype(np.float64)))
+
+
+@needs_op("rms_norm_gated")
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_rms_norm_gated(dtype):
+    """Mamba-2's gated norm: x * silu(gate) normalized over each group of features (transformers'
+    MambaRMSNormGated), in float32, rounded to the input's dtype, then times the weight."""
+    x, gate, w = _rand(2, 3, 12), _rand(2, 3, 12, scale=2), _rand(12)
+    if dtype == "bf16":
+        x, gate, w = ref.bf16_round(x), ref.bf16_round(gate), ref.bf16_round(w)
+    out = derive({"x": (f"{dtype}[2, 3, 12]", x), "g": (f"{dtype}[2, 3, 12]", gate), "w": (f"{dtype}[12]", w)},
+                 f"%n = rms_norm_gated(%x, %g, %w) {{eps = 0.01, groups = 3}} : {dtype}[2, 3, 12]",
+                 f"%n1 = rms_norm_gated(%x, %g, %w) {{eps = 0.01}} : {dtype}[2, 3, 12]")
+    h = x.astype(np.float64) * gate / (1 + np.exp(-gate.astype(np.float64)))
+    for name, groups in (("n", 3), ("n1", 1)):
+        hg = h.reshape(2, 3, groups, -1)
+        normed = (hg / np.sqrt((hg**2).mean(-1, keepdims=True) + 0.01)).reshape(2, 3, 12)
+        if dtype == "bf16":  # rounded to bf16, then the product with the weight rounded again
+            _close(out[name], ref.bf16_round(ref.bf16_round(normed.astype(np.float32)) * w), rtol=1e-2, atol=1e-2)
+        else:
+            _close(out[name], normed * w)
+    assert np.abs(out["n"] - out["n1"]).max() > 1e-2  # the groups matter
 
 
 def _rope_reference(x: np.ndarray, offset: int, dims: int, base: float, factor: float = 1.0,

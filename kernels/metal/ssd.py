@@ -56,15 +56,17 @@ def _dt(dt, dt_bias, dt_limit):
 
 def mamba2_state_update_reference(x, dt, A, B, C, D, state, dt_bias=None, dt_limit=None):
     """(y [B, H, P] in x's dtype, new state [B, H, P, N] in state's dtype)."""
-    h, g = x.shape[1], B.shape[1]
-    dt = _dt(dt, dt_bias, dt_limit)                                 # [B, H]
-    Bh = mx.repeat(B.astype(mx.float32), h // g, axis=1)           # [B, H, N]
-    Ch = mx.repeat(C.astype(mx.float32), h // g, axis=1)
-    xf = x.astype(mx.float32)
-    dA = mx.exp(dt * A.astype(mx.float32))                          # [B, H]
-    s = dA[..., None, None] * state.astype(mx.float32) + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
-    y = (s * Ch[:, :, None, :]).sum(-1) + D.astype(mx.float32)[:, None] * xf
-    return y.astype(x.dtype), s.astype(state.dtype)
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    dt = _dt(dt, dt_bias, dt_limit).reshape(b, g, h // g)            # [B, G, R]: head g * R + r uses group g
+    xf = x.astype(mx.float32).reshape(b, g, h // g, p)
+    Bg = B.astype(mx.float32)[:, :, None, None, :]                   # [B, G, 1, 1, N]
+    Cg = C.astype(mx.float32)[:, :, None, :, None]                   # [B, G, 1, N, 1]
+    dA = mx.exp(dt * A.astype(mx.float32).reshape(g, h // g))       # [B, G, R]
+    s = state.astype(mx.float32).reshape(b, g, h // g, p, n)
+    s = dA[..., None, None] * s + (dt[..., None] * xf)[..., None] * Bg
+    y = (s @ Cg)[..., 0] + D.astype(mx.float32).reshape(g, h // g)[..., None] * xf
+    return y.reshape(b, h, p).astype(x.dtype), s.reshape(b, h, p, n).astype(state.dtype)
 
 
 def mamba2_scan_sequential(x, dt, A, B, C, D, dt_bias=None, dt_limit=None, state=None):
@@ -81,40 +83,41 @@ def mamba2_scan_sequential(x, dt, A, B, C, D, dt_bias=None, dt_limit=None, state
 
 def mamba2_chunk_scan_reference(x, dt, A, B, C, D, dt_bias=None, dt_limit=None, state=None, chunk: int = 64):
     """(y [B, L, H, P] in x's dtype, final state [B, H, P, N] float32): transformers' chunked SSD in MLX ops —
-    quadratic inside chunks of `chunk` steps, recurrent across them."""
+    quadratic inside chunks of `chunk` steps, recurrent across them. Heads are laid out [G, R] (head g * R + r reads
+    group g), so B and C products are computed once per group and broadcast over its R heads."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
+    r = h // g
     dt = _dt(dt, dt_bias, dt_limit)                                 # [b, L, h]
-    Bf = mx.repeat(B.astype(mx.float32), h // g, axis=2)           # [b, L, h, n]
-    Cf = mx.repeat(C.astype(mx.float32), h // g, axis=2)
     xdt = x.astype(mx.float32) * dt[..., None]                      # [b, L, h, p]
     a = dt * A.astype(mx.float32)                                   # [b, L, h]
+    Bf, Cf = B.astype(mx.float32), C.astype(mx.float32)             # [b, L, g, n]
     pad = (-L) % chunk
     if pad:
         def padded(t):
             return mx.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
         Bf, Cf, xdt, a = padded(Bf), padded(Cf), padded(xdt), padded(a)
     c = (L + pad) // chunk
-    Bc = Bf.reshape(b, c, chunk, h, n).transpose(0, 1, 3, 2, 4)     # [b, c, h, l, n]
-    Cc = Cf.reshape(b, c, chunk, h, n).transpose(0, 1, 3, 2, 4)
-    xc = xdt.reshape(b, c, chunk, h, p).transpose(0, 1, 3, 2, 4)    # [b, c, h, l, p]
-    acum = mx.cumsum(a.reshape(b, c, chunk, h).transpose(0, 1, 3, 2), axis=-1)  # [b, c, h, l]
+    Bc = Bf.reshape(b, c, chunk, g, 1, n).transpose(0, 1, 3, 4, 2, 5)   # [b, c, g, 1, l, n]
+    Cc = Cf.reshape(b, c, chunk, g, 1, n).transpose(0, 1, 3, 4, 2, 5)
+    xc = xdt.reshape(b, c, chunk, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # [b, c, g, r, l, p]
+    acum = mx.cumsum(a.reshape(b, c, chunk, g, r).transpose(0, 1, 3, 4, 2), axis=-1)  # [b, c, g, r, l]
     causal = mx.tril(mx.ones((chunk, chunk), mx.bool_))
     seg = mx.where(causal, acum[..., :, None] - acum[..., None, :], -mx.inf)
-    y_diag = ((Cc @ Bc.swapaxes(-1, -2)) * mx.exp(seg)) @ xc        # [b, c, h, l, p]
-    decay = mx.exp(acum[..., -1:] - acum)                           # [b, c, h, l]
-    chunk_states = (xc * decay[..., None]).swapaxes(-1, -2) @ Bc    # [b, c, h, p, n]
-    s = mx.zeros((b, h, p, n), mx.float32) if state is None else state.astype(mx.float32)
-    last = mx.exp(acum[..., -1])                                    # [b, c, h]
+    y = ((Cc @ Bc.swapaxes(-1, -2)) * mx.exp(seg)) @ xc             # [b, c, g, r, l, p]: within each chunk
+    decay = mx.exp(acum[..., -1:] - acum)                           # [b, c, g, r, l]
+    chunk_states = (xc * decay[..., None]).swapaxes(-1, -2) @ Bc    # [b, c, g, r, p, n]
+    s = mx.zeros((b, g, r, p, n), mx.float32) if state is None else state.astype(mx.float32).reshape(b, g, r, p, n)
+    last = mx.exp(acum[..., -1])                                    # [b, c, g, r]
     starts = []
     for i in range(c):
         starts.append(s)
-        s = last[:, i, :, None, None] * s + chunk_states[:, i]
-    start = mx.stack(starts, axis=1)                                # [b, c, h, p, n]
-    y_off = (Cc @ start.swapaxes(-1, -2)) * mx.exp(acum)[..., None]  # [b, c, h, l, p]
-    y = (y_diag + y_off).transpose(0, 1, 3, 2, 4).reshape(b, c * chunk, h, p)[:, :L]
+        s = last[:, i, ..., None, None] * s + chunk_states[:, i]
+    start = mx.stack(starts, axis=1)                                # [b, c, g, r, p, n]
+    y = y + (Cc @ start.swapaxes(-1, -2)) * mx.exp(acum)[..., None]  # + from the state each chunk starts in
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * chunk, h, p)[:, :L]
     y = y + x.astype(mx.float32) * D.astype(mx.float32)[:, None]
-    return y.astype(x.dtype), s
+    return y.astype(x.dtype), s.reshape(b, h, p, n)
 
 
 # ------------------------------------------------------------------------------------------------ launches
