@@ -102,6 +102,8 @@ def _ffn(f) -> dict[str, Any]:
 
 
 def _ffn_text(f: dict[str, Any]) -> str:
+    if f["kind"] == "none":
+        return "none"
     if f["kind"] != "moe":
         return f"{f['kind']} {f['activation']} {f['intermediate_size']}" + (" +bias" if f["bias"] else "")
     text = (f"MoE {f['num_experts']} experts top-{f['top_k']} x {f['expert_intermediate_size']} {f['activation']}"
@@ -124,16 +126,18 @@ def _layer_groups(spec) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
     for i in range(spec.num_layers):
         c = spec.layer(i)
-        a = c.attention
+        a = c.attention  # None for a mixer layer (Mamba, RNN): its settings are `mixer`
         row = {
             "block": c.block.value,
-            "attention": "sliding" if a.window else "global",
-            "heads": _attention_kind(a),
-            "window": a.window,
-            "rope": _rope(a.rope, a.rope_theta, a.rope_dims, a.head_dim),
-            "ffn": _ffn(c.ffn),
+            "attention": ("sliding" if a.window else "global") if a else None,
+            "heads": _attention_kind(a) if a else None,
+            "window": a.window if a else None,
+            "rope": _rope(a.rope, a.rope_theta, a.rope_dims, a.head_dim) if a else None,
+            "ffn": _ffn(c.ffn) if c.ffn is not None else {"kind": "none"},
             "parameters_each": per_layer[i],
         }
+        if c.mixer is not None:
+            row["mixer"] = c.mixer.model_dump(mode="json")
         key = json.dumps(row, sort_keys=True)
         groups.setdefault(key, {"layers": [], **row})["layers"].append(i)
     return [{**g, "ranges": layer_ranges(g["layers"])} for g in groups.values()]
@@ -205,7 +209,7 @@ def describe(spec, what: str, detection, storage: dict[str, int], notice: str | 
         "intermediate_size": spec.intermediate_size,
         "num_heads": spec.num_heads,
         "num_kv_heads": spec.kv_heads,
-        "head_dim": spec.dim_per_head,
+        "head_dim": spec.dim_per_head if spec.has_attention else None,
         "vocab_size": spec.vocab_size,
         "max_position_embeddings": spec.max_position_embeddings,
         "norm": {"kind": spec.norm.value, "eps": spec.norm_eps, "unit_offset": spec.norm_unit_offset,
@@ -224,7 +228,8 @@ def describe(spec, what: str, detection, storage: dict[str, int], notice: str | 
 
 def _property_rows(d: dict[str, Any], detection) -> list[tuple[str, str]]:
     n, groups = d["parameters"], d["layer_groups"]
-    ropes = {json.dumps(g["rope"], sort_keys=True) for g in groups}
+    attn = [g for g in groups if g["attention"] is not None] or [{"heads": "no attention layers", "rope": None}]
+    ropes = {json.dumps(g["rope"], sort_keys=True) for g in attn}
     norm = d["norm"]
     rows = [
         ("family", str(detection) if detection is not None else d["family"]),
@@ -233,10 +238,11 @@ def _property_rows(d: dict[str, Any], detection) -> list[tuple[str, str]]:
         ("layers", str(d["num_layers"])),
         ("hidden / intermediate", f"{d['hidden_size']} / {d['intermediate_size']}"),
         ("heads / kv heads / head_dim", f"{d['num_heads']} / {d['num_kv_heads']} / {d['head_dim']} "
-                                        f"({groups[0]['heads']})"),
+                                        f"({attn[0]['heads']})" if d["num_heads"] else "none (no attention layers)"),
         ("vocabulary", str(d["vocab_size"])),
         ("context length", f"{d['max_position_embeddings']:,}"),
-        ("rope", _rope_text(groups[0]["rope"], d["head_dim"]) if len(ropes) == 1 else "per layer (see layers)"),
+        ("rope", "per layer (see layers)" if len(ropes) > 1 else
+                 _rope_text(attn[0]["rope"], d["head_dim"]) if attn[0]["rope"] else "none"),
     ]
     if d["sliding_layers"]:
         rows += [("sliding layers", f"{layer_ranges(d['sliding_layers'])} (window {d['sliding_window']:,})"),
@@ -275,17 +281,17 @@ def _print_tables(d: dict[str, Any], detection) -> None:
     consoles.out.print(mem)
 
     groups = d["layer_groups"]
-    per_layer_rope = len({json.dumps(g["rope"], sort_keys=True) for g in groups}) > 1
+    per_layer_rope = len({json.dumps(g["rope"], sort_keys=True) for g in groups if g["rope"] is not None}) > 1
     columns = ["layers", "count", "block", "attention", "window"] + (["rope"] if per_layer_rope else []) + \
         ["ffn", "params each"]
     layers = Table(title="layers")
     for c in columns:
         layers.add_column(c, justify="right" if c in ("count", "window", "params each") else "left")
     for g in groups:
-        row = [g["ranges"], str(len(g["layers"])), g["block"], f"{g['heads']} {g['attention']}",
-               f"{g['window']:,}" if g["window"] else "-"]
+        row = [g["ranges"], str(len(g["layers"])), g["block"],
+               f"{g['heads']} {g['attention']}" if g["attention"] else "-", f"{g['window']:,}" if g["window"] else "-"]
         if per_layer_rope:
-            row.append(_rope_text(g["rope"], d["head_dim"]))
+            row.append(_rope_text(g["rope"], d["head_dim"]) if g["rope"] else "-")
         layers.add_row(*row, _ffn_text(g["ffn"]), f"{g['parameters_each']:,}")
     consoles.out.print(layers)
 

@@ -21,7 +21,7 @@ from .mlx_ops import IMPLEMENTATIONS, MX_DTYPES
 _RESERVED = {
     "self", "cache", "layer", "layer_cache", "mx", "nn", "np", "math", "attention", "dropout", "RoPE",
     "rope_inv_freq", "yarn_attention_factor", "longrope_attention_factor", "STATES", "make_cache", "new_state",
-    "KVCache", "RotatingKVCache", "ArrayState",
+    "KVCache", "RotatingKVCache", "ArrayState", "lstm", "gru", "mingru", "mingru_scan", "mingru_step",
 } | set(dir(builtins))
 _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 

@@ -236,6 +236,23 @@ def _ssd(a, k, t):
     return f"ssd({_list(a[:6])}, {bias}, {a[-1]}, chunk_size={k['chunk_size']}{limit})"
 
 
+@implements("lstm", helpers=("recurrent",))
+def _lstm(a, k, t):
+    bias = a[2] if len(a) == 4 else "None"
+    return f"lstm({a[0]}, {a[1]}, {bias}, {a[-1]})"
+
+
+@implements("gru", helpers=("recurrent",))
+def _gru(a, k, t):
+    bias = a[2] if len(a) == 4 else "None"
+    return f"gru({a[0]}, {a[1]}, {bias}, {a[-1]})"
+
+
+@implements("mingru", helpers=("recurrent",))
+def _mingru(a, k, t):
+    return f"mingru({a[0]}, {a[1]}, {a[2]})"
+
+
 # ---------------------------------------------------------------------------------------------- mixtures and heads
 
 

@@ -91,7 +91,8 @@ def load_hf_config(path: PathLike) -> dict[str, Any]:
 
 
 def _supported() -> str:
-    return ", ".join(f"{f.name} ({'/'.join(a + 'ForCausalLM' for a in f.architectures)})" for f in all_families())
+    return ", ".join(f"{f.name} ({'/'.join(a + 'ForCausalLM' for a in f.architectures)})" for f in all_families()
+                     if f.architectures)  # families without a Hugging Face class (hybrid) have no config to read
 
 
 def _split_architecture(name: str) -> tuple[str, Optional[HeadKind]]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..ir.attrs import RopeKind, RopeScaling
 
@@ -231,6 +231,16 @@ class HeadSpec(_Frozen):
         return ProblemType.REGRESSION if self.num_labels == 1 else ProblemType.SINGLE_LABEL
 
 
+class RecurrentSpec(_Frozen):
+    """The cell of `lstm`, `gru` and `mingru` layers (frontends/blocks/recurrent.py). It reads the layer's normalized
+    input; an output projection maps its state back to the model's hidden size when the two differ."""
+
+    hidden_size: Optional[Count] = None  # the cell's state size; None: the model's hidden size
+    bias: bool = True  # torch's default: bias_ih and bias_hh (LSTM, GRU); minGRU's z and h~ projections' biases
+    out_proj: Optional[bool] = None  # None: an output projection only when the cell's size differs
+    out_bias: bool = False
+
+
 class LayerSpec(_Frozen):
     """One layer's overrides of the model-level settings; None keeps the model's."""
 
@@ -286,6 +296,126 @@ class LayerConfig:
     mixer: Any = None  # a non-attention block's settings (its ModelSpec field, e.g. the MambaSpec)
 
 
+class LayerSpec(_Frozen):
+    """One layer's overrides of the model-level settings; None keeps the model's."""
+
+    block: BlockKind = BlockKind.ATTENTION
+    attention: AttentionType = AttentionType.FULL
+    rope: Optional[RopeSpec] = None  # e.g. Gemma 3's local rope base on sliding layers
+    ffn: Optional[FFNType] = None  # e.g. a dense layer in a mixture-of-experts model
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    kind: NormType
+    eps: float
+    unit_offset: bool  # the checkpoint stores w - 1 (Gemma): the norm multiplies by 1 + w
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    bias: bool
+    out_bias: bool
+    window: Optional[int]
+    rope: Optional[RopeScaling]  # None: no rotary embedding
+    rope_theta: float
+    rope_dims: int  # rotated features of each head (partial rotary when < head_dim)
+    scale: float  # query scaling before the softmax
+    softcap: Optional[float]
+    qk_norm: bool
+    qk_norm_across_heads: bool = False  # the q/k norm spans the whole projection, before the head split (OLMoE)
+    clip_qkv: Optional[float] = None  # q, k, v clamped to [-clip, clip] after the projections (OLMoE)
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    kind: FFNType
+    intermediate_size: int
+    activation: Activation
+    bias: bool
+    moe: Optional[MoESpec]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Everything lowering needs for one layer; equal configurations share one IR function."""
+
+    block: BlockKind
+    residual: Residual
+    norm: NormConfig
+    attention: Optional[AttentionConfig]  # for attention layers
+    ffn: Optional[FFNConfig]  # None: no FFN sublayer
+    mixer: Any = None  # a non-attention block's settings (its ModelSpec field, e.g. the MambaSpec)
+
+
+_PATTERN_KEYS = {"every", "block", "otherwise", "offset"}
+
+
+def _expand_pattern(data):
+    """`layer_pattern`, a shorthand for `layers` in hybrids, expanded to one LayerSpec per layer. Either a list of
+    layer entries repeated until there are `num_layers` (`[mingru, mingru, attention]`), or every N-th layer one kind
+    and the others another (`{every: 4, block: attention, otherwise: mingru}`: layers 3, 7, ...; `offset: k` picks
+    layers k, k + N, ...). An entry is a block kind (`mamba`) or LayerSpec fields (`{block: gru, ffn: none}`);
+    attention entries that do not say are sliding-window when `sliding_window` is set, as without a pattern."""
+    if not isinstance(data, dict) or "layer_pattern" not in data:
+        return data
+    data = dict(data)
+    pattern = data.pop("layer_pattern")
+    count = data.get("num_layers")
+    if data.get("layers"):
+        raise ValueError("give either `layers` or `layer_pattern`, not both")
+    if not (isinstance(count, int) and not isinstance(count, bool) and 0 < count <= _MAX_LAYERS):
+        return data  # field validation reports num_layers
+    sliding = bool(data.get("sliding_window"))
+    if isinstance(pattern, (list, tuple)):
+        if not pattern:
+            raise ValueError("layer_pattern is an empty list")
+        entries = [_pattern_entry(e, f"layer_pattern[{i}]", sliding) for i, e in enumerate(pattern)]
+        layers = [entries[i % len(entries)] for i in range(count)]
+    elif isinstance(pattern, dict) and "every" in pattern:
+        unknown = sorted(set(pattern) - _PATTERN_KEYS)
+        if unknown:
+            raise ValueError(f"layer_pattern has no key {unknown[0]!r} (it has: {', '.join(sorted(_PATTERN_KEYS))})")
+        every, offset = pattern["every"], pattern.get("offset", None)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"layer_pattern.every must be a positive integer, got {every!r}")
+        offset = every - 1 if offset is None else offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < every:
+            raise ValueError(f"layer_pattern.offset must be an integer in 0..{every - 1}, got {offset!r}")
+        if "otherwise" not in pattern:
+            raise ValueError("layer_pattern with `every` needs `otherwise`: the kind of the other layers")
+        block = _pattern_entry(pattern.get("block", "attention"), "layer_pattern.block", sliding)
+        other = _pattern_entry(pattern["otherwise"], "layer_pattern.otherwise", sliding)
+        layers = [block if i % every == offset else other for i in range(count)]
+    else:
+        raise ValueError(f"layer_pattern must be a list of layer entries or a mapping with `every`, got {pattern!r}")
+    data["layers"] = tuple(layers)
+    return data
+
+
+def _pattern_entry(entry, where: str, sliding: bool) -> "LayerSpec":
+    if isinstance(entry, LayerSpec):
+        return entry
+    if isinstance(entry, str):
+        entry = {"block": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a block kind or a mapping of layer fields, got {entry!r}")
+    block = entry.get("block", BlockKind.ATTENTION.value)
+    kinds = [k.value for k in BlockKind]
+    if not isinstance(block, BlockKind) and block not in kinds:
+        raise ValueError(f"{where}: unknown block kind {block!r}; expected one of {', '.join(kinds)}")
+    if BlockKind(block) == BlockKind.ATTENTION and sliding and "attention" not in entry:
+        entry = {**entry, "attention": AttentionType.SLIDING_WINDOW}
+    try:
+        return LayerSpec.model_validate(entry)
+    except ValidationError as err:
+        raise ValueError(f"{where}: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors())) from None
+
+
 class ModelSpec(_Frozen):
     """A decoder-only language model. Sizes are the checkpoint's; derived values are properties."""
 
@@ -306,6 +436,7 @@ class ModelSpec(_Frozen):
     ffn: FFNType = FFNType.GATED
     activation: Activation = Activation.SILU
     moe: Optional[MoESpec] = None
+    recurrent: Optional[RecurrentSpec] = None  # lstm / gru / mingru layers' cell
     position: PositionEmbedding = PositionEmbedding.ROPE
     rope: RopeSpec = RopeSpec()
     # generation empties the cache and runs the whole sequence again when it first outgrows LongRoPE's original
@@ -335,9 +466,11 @@ class ModelSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _fill_layers(cls, data):
-        """An empty `layers` means every layer is a full-attention block (sliding-window if a window is set).
+        """An empty `layers` means every layer is a full-attention block (sliding-window if a window is set);
+        a `layer_pattern` says otherwise (see `_expand_pattern`).
 
         Only a well-formed count is expanded; anything else is left for field validation to report by name."""
+        data = _expand_pattern(data)
         count = data.get("num_layers") if isinstance(data, dict) else None
         if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= _MAX_LAYERS and not data.get("layers"):
             kind = AttentionType.SLIDING_WINDOW if data.get("sliding_window") else AttentionType.FULL

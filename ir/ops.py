@@ -365,6 +365,50 @@ def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorT
     return x
 
 
+def _recurrent_state(attrs, *types):
+    return (State(StateKind.RECURRENT),)
+
+
+def _cell(name: str, gates: TensorType, weight: TensorType, bias: TensorType | None, n: int) -> TensorType:
+    """The shared type rule of LSTM and GRU: gates [B, T, n*H] from the input, weight_hh [n*H, H], bias_hh [n*H]."""
+    require(gates.rank == 3, f"{name} expects the input's gates [B, T, {n}*H], got {gates}")
+    require(weight.rank == 2 and isinstance(weight.shape[1], int) and weight.shape[0] == n * weight.shape[1],
+            f"{name} weight_hh must be [{n}*H, H], got {weight}")
+    require(gates.shape[2] == weight.shape[0], f"{name} gates {gates} do not match weight_hh {weight}")
+    require(gates.dtype == weight.dtype, f"dtype mismatch: gates {gates.dtype.value}, weight {weight.dtype.value}")
+    if bias is not None:
+        require(bias.shape == (weight.shape[0],), f"{name} bias_hh {bias} does not match weight_hh {weight}")
+    return gates.with_shape(gates.shape[:2] + (weight.shape[1],))
+
+
+@op("lstm", OpGroup.SCAN, ("gates", "weight_hh", "bias_hh?"), state=_recurrent_state)
+def _lstm(gates: TensorType, weight_hh: TensorType, bias_hh: TensorType | None = None):
+    """An LSTM layer's recurrence, torch's equations and gate order (i, f, g, o): gates = x @ weight_ih.T + bias_ih
+    [B, T, 4H] is the input's share, computed for every step at once by a `linear` (so it can be fused, quantized
+    or adapted); each step adds h @ weight_hh.T + bias_hh. Returns every step's h [B, T, H]; its state keeps the
+    last (h, c), so a call continues where the previous one stopped (zeros before the first)."""
+    return _cell("lstm", gates, weight_hh, bias_hh, 4)
+
+
+@op("gru", OpGroup.SCAN, ("gates", "weight_hh", "bias_hh?"), state=_recurrent_state)
+def _gru(gates: TensorType, weight_hh: TensorType, bias_hh: TensorType | None = None):
+    """A GRU layer's recurrence, torch's equations and gate order (r, z, n): gates = x @ weight_ih.T + bias_ih
+    [B, T, 3H]; n = tanh(gates_n + r * (h @ W_hn.T + b_hn)), h' = (1 - z) * n + z * h. Returns every step's h
+    [B, T, H]; its state keeps the last h."""
+    return _cell("gru", gates, weight_hh, bias_hh, 3)
+
+
+@op("mingru", OpGroup.SCAN, ("gate", "candidate"), state=_recurrent_state)
+def _mingru(gate: TensorType, candidate: TensorType):
+    """minGRU ("Were RNNs All We Needed?", Feng et al. 2024): z = sigmoid(gate), h~ = g(candidate) with g(x) = x + 0.5
+    for x >= 0 and sigmoid(x) below, h_t = (1 - z) * h_{t-1} + z * h~, all [B, T, H]. The gates read only the input,
+    so a prefill is a parallel scan (the paper's log-space one) and a decode step the sequential form; the state
+    keeps the last h."""
+    require(gate.rank == 3, f"mingru expects [B, T, H] operands, got {gate}")
+    require(gate == candidate, f"mingru gate {gate} and candidate {candidate} disagree")
+    return gate
+
+
 # ---------------------------------------------------------------- mixtures of experts and task heads
 
 
