@@ -405,9 +405,10 @@ def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = 
 def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = None,
                 quantize: int | None = None, group_size: int | None = None, adapter: str | Path | None = None,
                 merge_lora: bool = False, stop_after: str | None = None, on_report=None,
-                notify: Progress = None) -> Program:
+                notify: Progress = None, dump_dir: str | Path | None = None) -> Program:
     """The compiled IR alone, without reading weights (for `mlxc dump`); an artifact's stored program as it is.
-    `notify` hears the source's notice, if any (a hub id read as its preset)."""
+    `notify` hears the source's notice, if any (a hub id read as its preset); `dump_dir` gets every stage's IR
+    (the HTML explorer shows them)."""
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
         _refuse_for_artifact(source.location, dtype=dtype, passes=passes, quantize=quantize, group_size=group_size,
@@ -419,7 +420,7 @@ def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | N
     lora, _ = _read_adapter(adapter, None, front.spec.family)
     items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
     return run_pipeline(lower(front.spec, _float_dtype(dtype or "float32")), items, stop_after=stop_after,
-                        on_report=on_report)
+                        on_report=on_report, dump_dir=dump_dir)
 
 
 # The CLI flag behind each build argument, for messages a command-line user can act on.

@@ -2,13 +2,15 @@
 
 Rows: the embeddings, every layer's output, the final norm and the logits, each with max |diff| and the relative
 error (max |diff| / max |reference|). Exit status 0 when every row is within --tol, 1 when one is not, 2 on bad
-input.
+input. `--html FILE` / `--plot FILE.png|svg` draw the relative error per row on a log scale with the tolerance line
+and the first divergent row marked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..ir.errors import MlxcError
 from .common import DTYPES, build_options, consoles, int_list, progress, write
@@ -37,6 +39,8 @@ def add_parser(p) -> None:
     p.add_argument("--tol", type=_tolerance, default=None,
                    help="largest relative error allowed (default 1e-4 in float32, 1e-2 float16, 5e-2 bfloat16)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write the per-layer error chart as one self-contained page")
+    p.add_argument("--plot", metavar="FILE", help="also write the per-layer error chart as a .png or .svg figure")
     for suffix, which in (("", "SRC"), ("2", "SRC2")):
         p.add_argument(f"--dtype{suffix}", choices=DTYPES, default=None, help=f"{which}'s dtype (default float32)")
         p.add_argument(f"--passes{suffix}", default=None, help=f"{which}'s pass pipeline, comma-separated")
@@ -83,6 +87,8 @@ def run(args) -> int:
     from ..tools.diff import diff
 
     try:
+        if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg"):
+            raise MlxcError(f"--plot {args.plot}: the figure is written as .png or .svg")
         options, options2 = _side(args, ""), _side(args, "2")
         if args.src2 is None and options2:
             flags = ", ".join("--passes2/--no-opt2" if k == "passes" else f"--{k.replace('_', '-')}2" for k in options2)
@@ -99,4 +105,25 @@ def run(args) -> int:
         write(json.dumps(report.to_json()))
     else:
         _print(report)
+    if args.html or args.plot:
+        _charts(report, args)
     return 0 if report.ok else DIVERGED
+
+
+def _charts(report, args) -> None:
+    from ..files import write_text_atomic
+    from ..tools import charts
+    from .common import note
+
+    fig = charts.diff_figure(report)
+    if args.plot:
+        note(f"wrote {charts.save_figure(fig, args.plot)}")
+    if args.html:
+        first = report.first_divergent
+        caption = (f"tolerance {report.tol:g} on the relative error; " + (
+            f"first divergence: {first.name}" + (f" (layer {first.layer})" if first.layer is not None else "")
+            if first is not None else f"all {len(report.rows)} tensors within tolerance"))
+        page = charts.html_page(f"mlxc diff: {report.candidate} vs {report.reference}", fig, charts.diff_table(report),
+                                report.to_json(), caption)
+        write_text_atomic(Path(args.html), page)
+        note(f"wrote {args.html}")

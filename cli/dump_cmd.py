@@ -1,4 +1,5 @@
-"""Print the IR of a model (text, JSON, DOT or SVG), at the end of the pipeline or after a chosen pass."""
+"""Print the IR of a model (text, JSON, DOT or SVG), at the end of the pipeline or after a chosen pass; or write
+one self-contained HTML page to explore the whole compilation (`--format html`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ HELP = "print the IR of a model"
 def add_parser(p) -> None:
     add_source(p, build_flags=False)
     add_passes(p)
-    p.add_argument("--format", choices=("text", "json", "dot", "svg"), default="text")
+    p.add_argument("--format", choices=("text", "json", "dot", "svg", "html"), default="text",
+                   help="html: one self-contained page with every pass's IR and diff, the graphs, the generated "
+                        "module, the parameter and layer tables (opens from disk, no network)")
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
     p.add_argument("--force", action="store_true", help="replace an existing --output file")
@@ -25,15 +28,31 @@ def run(args) -> int:
 
     if args.output and Path(args.output).exists() and not args.force:
         raise MlxcError(f"{args.output} already exists (use --force to replace it)")
-    program = program_for(args.src, **build_options(args), stop_after=args.after,
-                          on_report=lambda r: note(f"pass {r}"), notify=note)
-    render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
-    text = render(program)
+    if args.format == "html":
+        text = _html(args)
+    else:
+        program = program_for(args.src, **build_options(args), stop_after=args.after,
+                              on_report=lambda r: note(f"pass {r}"), notify=note)
+        render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
+        text = render(program)
     if args.output:
         from ..files import write_text_atomic
 
         write_text_atomic(Path(args.output), text)
-        note(f"wrote {args.output}")
+        size = len(text.encode())
+        note(f"wrote {args.output}" + (f" ({size / 1024:.0f} KiB)" if args.format == "html" else ""))
     else:
         write(text)
     return 0
+
+
+def _html(args) -> str:
+    from ..tools.explorer import explore, render_html
+
+    options = build_options(args)
+    if (getattr(args, "ranks", None) or 1) > 1 or options.pop("parallel", None) is not None:
+        raise MlxcError("--format html shows the whole model; a rank's share (--ranks) has the text forms")
+    exploration = explore(args.src, **options, stop_after=args.after, on_report=lambda r: note(f"pass {r}"),
+                          notify=note)
+    return render_html(exploration)
+

@@ -12,6 +12,7 @@ from ..ir import Program
 class PassReport:
     name: str
     changes: dict[str, int] = field(default_factory=dict)
+    seconds: float | None = field(default=None, compare=False)  # the pass and the verifier after it (run_pipeline)
 
     def __str__(self) -> str:
         done = ", ".join(f"{k}: {v}" for k, v in self.changes.items() if v) or "no changes"

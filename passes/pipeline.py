@@ -8,6 +8,7 @@ pass and can write every stage as re-parseable IR.
 from __future__ import annotations
 
 import copy
+import time
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
@@ -143,8 +144,10 @@ def run_pipeline(
         dump_dir.mkdir(parents=True, exist_ok=True)
         _dump(dump_dir / "00-input.mlxc", print_program(program))
     for i, p in enumerate(passes, 1):
+        start = time.perf_counter()
         program, report = p.run(program)
         verify(program)
+        report.seconds = time.perf_counter() - start
         if on_report is not None:
             on_report(report)
         if dump_dir is not None:
