@@ -108,7 +108,7 @@ class HiddenStateProbe:
 
     def __call__(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
         x = self.model.check_ids(mx.array([list(ids)]))
-        outs = self.net(x)
+        outs = self.net(x, 0)
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         arrays = dict(zip(self.labels, outs[1:]))
         arrays[LOGITS] = outs[0]
