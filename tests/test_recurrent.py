@@ -371,8 +371,13 @@ def test_hybrid_quantized_8_bit_computes_its_rounded_weights(hybrid: Path) -> No
     """`--quantize 8` quantizes the recurrent layers' projections like any matmul weight and keeps the recurrent
     weights (read by the cell op, not a matmul) float; the quantized model computes what the float model computes
     with every quantized weight replaced by its 8-bit round trip, and generates."""
+    import inspect
+
     spec = load_spec_file(hybrid)
-    q8 = mlxc.load(spec, quantize=8, group_size=32)
+    # MLX's quantized matmul (the reference kernels): mlxc's native CPU kernels, where they are built and chosen,
+    # also round the activations, so they compute something else by design (13% of the largest logit here)
+    reference = {"kernels": "reference"} if "kernels" in inspect.signature(mlxc.load).parameters else {}
+    q8 = mlxc.load(spec, quantize=8, group_size=32, **reference)
     text = str(q8.program)
     for name in ("in_proj", "z_proj", "h_proj"):  # out_proj [32, 48]: 48 inputs are not whole groups of 32
         assert f"%{name}_q.weight = quantize(%{name}.weight) {{bits = 8, group_size = 32}}" in text
@@ -389,8 +394,9 @@ def test_hybrid_quantized_8_bit_computes_its_rounded_weights(hybrid: Path) -> No
     _bind(model, rounded)
     ids = mx.array(np.random.default_rng(8).integers(3, 96, size=(2, 12)))
     want = np.array(model(ids).logits)
-    assert _max_diff(q8(ids).logits, want) <= 1e-4 * np.max(np.abs(want))
-    assert np.array(q8.generate(ids, max_new_tokens=4, stop_tokens=[])).shape == (2, 16)
+    assert _max_diff(q8(ids).logits, want) <= 1e-4 * np.max(np.abs(want))  # measured 2e-6
+    default = mlxc.load(spec, quantize=8, group_size=32)  # whichever kernels this machine picks
+    assert np.array(default.generate(ids, max_new_tokens=4, stop_tokens=[])).shape == (2, 16)
 
 
 def test_inspect_describes_mixer_layers(hybrid: Path, tmp_path: Path, capsys) -> None:
