@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from pydantic import ValidationError
 
 from .codegen import generate_module, import_module, write_module
 from .frontends.hf import Detection
@@ -29,6 +30,7 @@ from .passes.convert_dtype import ConvertDType, compute_dtype
 from .passes.pipeline import PassLike
 from .runtime import artifact as art
 from .runtime import weights as W
+from .runtime.budget import check_weights_fit
 from .runtime.model import CompiledModel
 
 Progress = Optional[Callable[[str], None]]
@@ -288,11 +290,43 @@ def target() -> str:
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
 
+KERNEL_CHOICES = ("auto", "reference", "custom", "emulated")
+
+
+def kernel_family(kernels: str = "auto", on: str | None = None) -> str:
+    """The implementation family `kernels=` picks on target `on` (default: this machine's), for select-kernels:
+    `native` or `reference`. `auto`: the target's best available (the CPU: mlxc's native kernels when the extension
+    is built, else the reference MLX ops); `reference`: plain MLX ops; `custom`: the target's custom kernels, or an
+    error saying why there are none; `emulated`: the Metal kernels in the emulator (not wired to any op yet)."""
+    if kernels not in KERNEL_CHOICES:
+        raise MlxcError(f"unknown kernels choice {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+    on = on or target()
+    if kernels == "reference":
+        return "reference"
+    if kernels == "emulated":
+        raise MlxcError("kernels='emulated' runs custom Metal kernels through the kernel emulator, and no op of a "
+                        "compiled model uses one yet; use kernels='reference' or 'auto'")
+    if on == "cpu":
+        from .kernels import native
+
+        # auto stays on the reference ops until the native path answers SmolLM2 as the reference does (issue 16)
+        if kernels == "custom" and native.available():
+            return "native"
+        if kernels == "custom":
+            raise MlxcError(f"kernels='custom': the CPU's custom kernels are mlxc's native extension, which is "
+                            f"unavailable: {native.reason()}")
+        return "reference"
+    if kernels == "custom":
+        raise MlxcError(f"kernels='custom': no custom kernels are wired for target {on!r} yet; use 'auto' or "
+                        "'reference'")
+    return "reference"
+
+
 def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[PassLike] | None = None,
-                    dump_dir: str | Path | None = None, on_report=None) -> Program:
+                    dump_dir: str | Path | None = None, on_report=None, kernels: str = "auto") -> Program:
     """Spec -> verified IR after the pass pipeline (the default one for this machine's target unless `passes`)."""
     program = lower(spec, _float_dtype(dtype))
-    items = build_pipeline(target=target()) if passes is None else passes
+    items = build_pipeline(target=target(), kernels=kernel_family(kernels)) if passes is None else passes
     return run_pipeline(program, items, dump_dir=dump_dir, on_report=on_report)
 
 
@@ -347,15 +381,18 @@ class Build:
     tensors: dict[str, W.Tensor]  # checkpoint-stage tensors by global name (adapters included)
     passes: list[str]  # the pipeline, each pass with its settings
     lora: LoRAConfig | None
+    kernels: str = "reference"  # the implementation family select-kernels used ("native", "reference")
 
     def arrays(self, want: str = "runtime") -> list[tuple[str, mx.array]]:
         """What the generated module holds (`runtime`) or what an artifact stores (`stored`)."""
         return W.bind(self.program, self.tensors, "checkpoint", want)
 
 
-def _pipeline(front: Frontend, passes, quantize, group_size, lora, merge_lora):
+def _pipeline(front: Frontend, passes, quantize, group_size, lora, merge_lora, kernels: str = "auto"):
+    # packed weights have no gradient path: a model with unmerged adapters (trainable) reads MLX's layout
     return build_pipeline(passes, target=target(), quantize=quantize, group_size=group_size, storage=front.storage,
-                          layout=front.layout, lora=lora, merge_lora=merge_lora)
+                          layout=front.layout, lora=lora, merge_lora=merge_lora, kernels=kernel_family(kernels),
+                          pack=lora is None or merge_lora)
 
 
 def _read_adapter(adapter, lora: LoRAConfig | None, family: str | None = None):
@@ -377,17 +414,19 @@ def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = 
           group_size: int | None = None, adapter: str | Path | None = None, lora: LoRAConfig | None = None,
           merge_lora: bool = False, random_init: bool = False, seed: int | None = None,
           init_scale: float | None = None, dump_dir: str | Path | None = None, progress: Progress = None,
-          on_report=None) -> Build:
+          on_report=None, kernels: str = "auto") -> Build:
     """Source -> spec -> IR -> passes -> module source and checkpoint tensors (the shared core of load and compile)."""
     t = time.perf_counter()
+    family = kernel_family(kernels)  # an impossible choice fails before any work
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
         raise MlxcError(f"{source.location} is already a compiled artifact")
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source)
     t = _stage(progress, f"read {front.description}", t)
     lora, adapter_tensors = _read_adapter(adapter, lora, front.spec.family)
-    items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
+    items = _pipeline(front, passes, quantize, group_size, lora, merge_lora, kernels)
     program = compile_program(front.spec, dtype or "float32", items, dump_dir=dump_dir, on_report=on_report)
+    check_weights_fit(program, f"{front.spec.name} ({front.description})")  # before any weights exist
     t = _stage(progress, f"lowered and optimized ({', '.join(p.name for p in items) or 'no passes'})", t)
     code = generate_module(program, title=f"{front.spec.name}: compiled by mlxc from {front.description}.")
     if front.tensors is None or random_init:
@@ -399,13 +438,13 @@ def build(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = 
         tensors = dict(front.tensors)
     if lora is not None:
         tensors.update(_lora_tensors(program, adapter_tensors, seed or 0))
-    return Build(front, program, code, tensors, describe(items), lora)
+    return Build(front, program, code, tensors, describe(items), lora, family)
 
 
 def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | None = None,
                 quantize: int | None = None, group_size: int | None = None, adapter: str | Path | None = None,
                 merge_lora: bool = False, stop_after: str | None = None, on_report=None,
-                notify: Progress = None, dump_dir: str | Path | None = None) -> Program:
+                notify: Progress = None, dump_dir: str | Path | None = None, kernels: str = "auto") -> Program:
     """The compiled IR alone, without reading weights (for `mlxc dump`); an artifact's stored program as it is.
     `notify` hears the source's notice, if any (a hub id read as its preset); `dump_dir` gets every stage's IR
     (the HTML explorer shows them)."""
@@ -413,12 +452,13 @@ def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | N
     if source.kind == SourceKind.ARTIFACT:
         _refuse_for_artifact(source.location, dtype=dtype, passes=passes, quantize=quantize, group_size=group_size,
                              adapter=adapter, merge_lora=merge_lora or None, after=stop_after)
+        _check_artifact_kernels(source.location, art.read_manifest(Path(source.location)), kernels)
         return art.read_program(Path(source.location))
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
     if notify is not None and front.notice:
         notify(front.notice)
     lora, _ = _read_adapter(adapter, None, front.spec.family)
-    items = _pipeline(front, passes, quantize, group_size, lora, merge_lora)
+    items = _pipeline(front, passes, quantize, group_size, lora, merge_lora, kernels)
     return run_pipeline(lower(front.spec, _float_dtype(dtype or "float32")), items, stop_after=stop_after,
                         on_report=on_report, dump_dir=dump_dir)
 
@@ -427,6 +467,17 @@ def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | N
 _FLAGS = {"dtype": "--dtype", "passes": "--passes/--no-opt", "quantize": "--quantize", "group_size": "--group-size",
           "adapter": "--adapter", "lora": "lora=", "merge_lora": "--merge-lora", "random_init": "--random-init",
           "seed": "--init-seed", "init_scale": "--init-scale", "after": "--after"}
+
+
+def _check_artifact_kernels(location: str, manifest: art.Manifest, kernels: str) -> None:
+    """An artifact's kernels were chosen when it was compiled (its manifest says which); `auto` takes them as they
+    are (native ops fall back to MLX's where the extension is missing), another choice must agree with them."""
+    if kernels == "auto":
+        return
+    want = kernel_family(kernels, manifest.target)
+    if want != manifest.kernels:
+        raise MlxcError(f"{location} was compiled with {manifest.kernels} kernels, so kernels={kernels!r} "
+                        f"({want}) cannot apply to it; compile the original source with --kernels {kernels}")
 
 
 def _refuse_for_artifact(location: str, **given) -> None:
@@ -442,22 +493,38 @@ def _refuse_for_artifact(location: str, **given) -> None:
 def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | Path | None = None, *,
          lora: LoRAConfig | None = None, merge_lora: bool = False, passes: Sequence[PassLike] | None = None,
          quantize: int | None = None, group_size: int | None = None, random_init: bool = False,
-         seed: int | None = None, init_scale: float | None = None, progress: Progress = None) -> CompiledModel:
+         seed: int | None = None, init_scale: float | None = None, progress: Progress = None,
+         kernels: str = "auto", parallel: str | None = None,
+         trust: bool = False) -> CompiledModel:
     """Load a model from a Hugging Face directory, a GGUF file, an mlxc artifact, a preset, a spec file or a hub id.
 
     `dtype` (float32 unless given; an artifact keeps its own unless given) is the weights' and activations' dtype.
     Presets and spec files have no weights: they get seeded random ones (`seed`, `init_scale`); `random_init`
     does the same for a checkpoint, keeping only its architecture. `adapter` is a PEFT LoRA folder (merged into the
-    weights with `merge_lora=True`); `lora` adds fresh adapters for training.
+    weights with `merge_lora=True`); `lora` adds fresh adapters for training. `kernels` chooses the implementation
+    of ops that have several (`auto`: the target's best available, on the CPU mlxc's native quantized kernels when
+    built; `reference`: plain MLX ops; `custom`: the target's custom kernels or an error; `emulated`: the Metal
+    kernels in the emulator, refused until an op uses one). An artifact keeps the kernels it was compiled with.
+    `parallel` ("tensor" or "pipeline"), in a process started as one rank of a group, loads this rank's share of
+    the model (see `mlxc.parallel`).
+    `trust=True` runs an artifact's model.py as it is; without it mlxc checks the files against the hashes its
+    manifest recorded and runs only the module it generates itself from the artifact's program.
     """
+    if parallel is not None:
+        from .parallel import load_parallel
+
+        return load_parallel(src, parallel, dtype, adapter=adapter, lora=lora, merge_lora=merge_lora, passes=passes,
+                             quantize=quantize, group_size=group_size, random_init=random_init, seed=seed,
+                             init_scale=init_scale, progress=progress, kernels=kernels)
     source = resolve(src)
     if source.kind == SourceKind.ARTIFACT:
         _refuse_for_artifact(source.location, passes=passes, quantize=quantize, group_size=group_size,
                              adapter=adapter, lora=lora, merge_lora=merge_lora or None,
                              random_init=random_init or None, seed=seed, init_scale=init_scale)
-        return load_artifact(Path(source.location), progress, dtype=dtype)
+        return load_artifact(Path(source.location), progress, dtype=dtype, kernels=kernels, trust=trust)
     b = build(src, dtype, passes=passes, quantize=quantize, group_size=group_size, adapter=adapter, lora=lora,
-              merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, progress=progress)
+              merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, progress=progress,
+              kernels=kernels)
     path = write_module(b.code)
     module = import_module(path)
     t = time.perf_counter()
@@ -488,13 +555,19 @@ def save_adapter(model: CompiledModel, path: str | Path) -> Path:
     return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source, family=family)
 
 
-def load_artifact(path: Path, progress: Progress = None, dtype: str | None = None) -> CompiledModel:
-    """An artifact as compiled; `dtype` converts its program and weights (e.g. a float32 artifact run in float16)."""
+def load_artifact(path: Path, progress: Progress = None, dtype: str | None = None,
+                  kernels: str = "auto", trust: bool = False) -> CompiledModel:
+    """An artifact as compiled; `dtype` converts its program and weights (e.g. a float32 artifact run in float16).
+    Unless `trust`, its files must match its manifest's hashes and only mlxc's own module for its program runs
+    (`art.check_integrity`, `art.module_to_import`)."""
     t = time.perf_counter()
     path = Path(path)
     manifest = art.read_manifest(path)
+    if not trust:
+        art.check_integrity(path, manifest)
+    _check_artifact_kernels(str(path), manifest, kernels)
     program = art.read_program(path)
-    module_path = path / art.MODULE_FILE
+    module_path = art.module_to_import(path, program, trust)
     stored = W.read_safetensors([path / art.WEIGHTS_FILE])
     if dtype is not None and _float_dtype(dtype) != compute_dtype(program):
         program, _ = ConvertDType(_float_dtype(dtype)).run(program)
@@ -503,8 +576,11 @@ def load_artifact(path: Path, progress: Progress = None, dtype: str | None = Non
     params = W.stage_parameters(program, "stored")
     net = _instantiate(module, W.bind(program, W.from_storage(params, stored), "stored", "runtime"))
     _stage(progress, f"loaded artifact {path}", t)
-    spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
-    lora = LoRAConfig.from_dict(manifest.lora) if manifest.lora else None
+    try:
+        spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
+        lora = LoRAConfig.from_dict(manifest.lora) if manifest.lora else None
+    except (ValidationError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise MlxcError(f"{path / art.MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from None
     return CompiledModel(module, net, program, spec=spec, tokenizer=_load_tokenizer(path), source=str(path),
                          module_path=str(module_path), lora_config=lora)
 
@@ -513,18 +589,21 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str | None 
             passes: Sequence[PassLike] | None = None, quantize: int | None = None, group_size: int | None = None,
             adapter: str | Path | None = None, merge_lora: bool = False, random_init: bool = False,
             seed: int | None = None, init_scale: float | None = None, overwrite: bool = False,
-            dump_dir: str | Path | None = None, progress: Progress = None, on_report=None) -> Path:
-    """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling."""
+            dump_dir: str | Path | None = None, progress: Progress = None, on_report=None,
+            kernels: str = "auto") -> Path:
+    """Write a self-contained artifact that `mlxc.load(out_dir)` runs without recompiling. The kernels chosen here
+    (`kernels`, see `load`) are the artifact's; its manifest records them with the target."""
     from . import __version__
 
     art.check_destination(out_dir, overwrite)
     b = build(src, dtype, passes=passes, quantize=quantize, group_size=group_size, adapter=adapter,
               merge_lora=merge_lora, random_init=random_init, seed=seed, init_scale=init_scale, dump_dir=dump_dir,
-              progress=progress, on_report=on_report)
+              progress=progress, on_report=on_report, kernels=kernels)
     t = time.perf_counter()
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
                             str(compute_dtype(b.program).value), b.passes, b.front.spec.model_dump(mode="json"),
-                            lora=b.lora.to_dict() if b.lora and not merge_lora else None, target=target())
+                            lora=b.lora.to_dict() if b.lora and not merge_lora else None, target=target(),
+                            kernels=b.kernels)
     out = art.save_artifact(out_dir, module_source=b.code, program=b.program, weights=b.arrays("stored"),
                             manifest=manifest, tokenizer=b.front.tokenizer, overwrite=overwrite)
     _stage(progress, f"wrote {out}", t)

@@ -109,7 +109,6 @@ def replacing_file(path: Path) -> Iterator[Path]:
     any writer (`mx.save_safetensors`, ...); renamed over `path` when the block ends, removed on any failure."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(path)
         fd, name = tempfile.mkstemp(prefix=_prefix(path), suffix=path.suffix, dir=path.parent)
         os.close(fd)

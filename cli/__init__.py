@@ -41,6 +41,9 @@ def cmd_version() -> int:
 
     consoles.out.print(f"mlxc {__version__}, mlx {mx.__version__}, device {mx.default_device()}")
     consoles.out.print(f"BLAS: {active_blas()}")
+    from ..kernels import native
+
+    consoles.out.print(native.describe())
     return 0
 
 
@@ -68,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command is None:
                 parser.print_help()
                 return 2
-            return _command(args.command).run(args)
+            from .common import parallel_entry
+
+            code = parallel_entry(args, list(sys.argv[1:] if argv is None else argv))  # --ranks N: the job's code
+            return code if code is not None else _command(args.command).run(args)
         except MlxcError as e:
             _error("error: ", str(e))
             return 1
@@ -82,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except Exception as e:  # a bug in mlxc, not in the input: still one line unless debugging
+        from ..runtime.distributed import describe_failure
+
+        lost = describe_failure(e)  # a rank whose peer died: say so, not "internal error"
+        if lost is not None:
+            _error("error: ", lost)
+            return 1
         if os.environ.get("MLXC_DEBUG"):
             raise
         _error("internal error: ", f"{type(e).__name__}: {e} (set MLXC_DEBUG=1 for a traceback)")

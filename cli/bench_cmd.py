@@ -6,15 +6,19 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..ir.errors import MlxcError
+from .common import add_trust, trust_option
 from .common import (add_passes, add_source, build_options, consoles, non_negative_int, note, positive_int, progress,
                      write)
+from .common import add_parallel  # --ranks / --parallel (mlxc.parallel)
 
 HELP = "prefill and decode tokens/s"
 
 
 def add_parser(p) -> None:
     add_source(p)
+    add_trust(p)
     add_passes(p)
+    add_parallel(p)
     p.add_argument("--prompt-len", type=positive_int, default=128)
     p.add_argument("--gen-len", type=positive_int, default=32)
     p.add_argument("--batch", type=positive_int, default=1)
@@ -39,7 +43,7 @@ def run(args) -> int:
     from ..blas import active_blas
     from ..runtime.bench import bench_model
 
-    model = load(args.src, **build_options(args), progress=progress)
+    model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
     result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                          repeats=args.repeats or 3, progress=progress)
     t = Table(title=f"{args.src} ({model.dtype}, BLAS: {active_blas().name})")
@@ -49,7 +53,22 @@ def run(args) -> int:
                                ("decode", result.gen_tokens, result.decode_tps)):
         t.add_row(phase, str(tokens), f"{tps:,.1f}", f"{1e3 / tps:.2f}")
     consoles.out.print(t)
+    _ranks(model)
     return 0
+
+
+def _ranks(model) -> None:
+    """A split model (--ranks): each rank's peak memory."""
+    from ..runtime import distributed
+
+    if distributed.current() is None:
+        return
+    t = Table(title=f"{model.ranks} ranks, {model.parallel} parallel: peak memory per rank")
+    for c in ("rank", "MLX peak GB", "resident peak GB"):
+        t.add_column(c, justify="right")
+    for rank, (arrays, resident) in enumerate(distributed.peak_memory()):
+        t.add_row(str(rank), f"{arrays:.3f}", f"{resident:.3f}")
+    consoles.out.print(t)
 
 
 def _compare(args) -> int:

@@ -6,14 +6,18 @@ import sys
 
 from rich.text import Text
 
+from .common import add_trust, trust_option
 from .common import add_passes, add_sampling, add_source, build_options, consoles, note, progress, sampling
+from .common import add_parallel  # --ranks / --parallel (mlxc.parallel)
 
 HELP = "a multi-turn conversation on stdin; the KV cache carries over between turns"
 
 
 def add_parser(p) -> None:
     add_source(p)
+    add_trust(p)
     add_passes(p)
+    add_parallel(p)
     add_sampling(p)
     p.add_argument("--system", "--system-prompt", dest="system", help="system prompt")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file used instead of the model's")
@@ -25,7 +29,7 @@ def run(args) -> int:
     from .run_cmd import _read_template
 
     template = _read_template(args.chat_template)
-    model = load(args.src, **build_options(args), progress=progress)
+    model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
     model.require_causal_lm("mlxc chat")
     options = sampling(args)
     ctx = model.context_length

@@ -116,6 +116,10 @@ def add_passes(p: argparse.ArgumentParser) -> None:
                    help="store matmul and embedding weights in this many bits")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
                    help="quantization group size (default 64)")
+    p.add_argument("--kernels", choices=("auto", "reference", "custom", "emulated"), default=None,
+                   help="implementation of ops that have several (default auto: the target's best available, on the "
+                        "CPU mlxc's native quantized kernels when built; reference: plain MLX ops; custom: the "
+                        "target's custom kernels or an error)")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -135,6 +139,62 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-size", type=positive_int, default=None, metavar="N",
                    help="keep only the last N positions in the KV cache (every token attends to at most N), so "
                         "generation can run past the model's context")
+
+
+def add_parallel(p: argparse.ArgumentParser) -> None:
+    """Splitting the model over ranks (`mx.distributed`): local ranks started by mlxc, or a group mlx.launch made."""
+    g = p.add_argument_group("ranks: one model split over several processes (mx.distributed)")
+    g.add_argument("--ranks", type=positive_int, default=None, metavar="N",
+                   help="start N local ranks on loopback (each reads only its share of the weights) and run this "
+                        "command on all of them; rank 0 prints what a single process would")
+    g.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
+                   help="tensor: every layer divided among the ranks (default with --ranks); pipeline: consecutive "
+                        "layers per rank. Without --ranks: join the group mlx.launch started (MLX_RANK, "
+                        "MLX_HOSTFILE)")
+    g.add_argument("--timeout", type=positive_float, default=None, metavar="S",
+                   help="stop the job (every rank) after S seconds")
+    g.add_argument("--rank-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="with --ranks: fail the job, naming the rank, when a rank stops responding or stays a step "
+                        "behind the others for S seconds (default 60)")
+
+
+# commands that take --ranks, and whether a rank reads this process's stdin (then every rank gets a copy)
+_READS_STDIN = {"run": lambda a: a.prompt == "-", "chat": lambda a: True, "perplexity": lambda a: a.file == "-",
+                "bench": lambda a: False}
+
+
+def parallel_entry(args, argv: list[str]) -> int | None:
+    """`--ranks N`: start N local ranks of this very command and wait for them (returns the job's exit code). In a
+    rank (MLX_RANK set, by mlxc or mlx.launch) with `--parallel`: join the group, then run the command (None)."""
+    ranks, parallel = getattr(args, "ranks", None), getattr(args, "parallel", None)
+    if args.command not in _READS_STDIN or (ranks is None and parallel is None):
+        return None
+    from ..runtime import distributed
+
+    if distributed.launched():
+        if parallel is None:
+            raise MlxcError("this process is one rank of a group (MLX_RANK is set): add --parallel tensor or "
+                            "--parallel pipeline to say how to split the model")
+        distributed.join(argv)
+        return None
+    if ranks is None:
+        raise MlxcError("--parallel splits the model over ranks: give --ranks N for N local ranks, or start the "
+                        "command under mlx.launch, which sets MLX_RANK and MLX_HOSTFILE for each rank")
+    if ranks == 1:  # one rank holds the whole model: nothing to split
+        args.parallel = None
+        return None
+    child, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--ranks":
+            skip = True
+        elif not a.startswith("--ranks="):
+            child.append(a)
+    if parallel is None:
+        child += ["--parallel", "tensor"]
+    return distributed.launch([sys.executable, "-m", "mlxc", *child], ranks, timeout=args.timeout,
+                              rank_timeout=args.rank_timeout, stdin_tee=_READS_STDIN[args.command](args))
 
 
 def sampling(args) -> dict:
@@ -158,6 +218,8 @@ def build_options(args) -> dict:
         "merge_lora": getattr(args, "merge_lora", False) or None,
         "quantize": getattr(args, "quantize", None),
         "group_size": getattr(args, "group_size", None),
+        "parallel": getattr(args, "parallel", None),  # set only in a rank (see parallel_entry)
+        "kernels": getattr(args, "kernels", None),
     }
     no_opt, passes = getattr(args, "no_opt", False), getattr(args, "passes", None)
     if no_opt and passes is not None:
@@ -172,3 +234,14 @@ def build_options(args) -> dict:
     elif no_opt:
         given["passes"] = []
     return {k: v for k, v in given.items() if v is not None}
+
+
+def add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", action="store_true",
+                   help="run a compiled artifact's model.py as it is (by default mlxc checks the artifact against "
+                        "the hashes its manifest recorded and runs only the module it generates from the program)")
+
+
+def trust_option(args) -> dict:
+    """`trust=True` for `mlxc.load` when `--trust` was given (not a build option: it is about loading an artifact)."""
+    return {"trust": True} if getattr(args, "trust", False) else {}

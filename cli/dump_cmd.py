@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..ir.errors import MlxcError
-from .common import add_passes, add_source, build_options, note, write
+from .common import add_passes, add_source, build_options, non_negative_int, note, positive_int, write
 
 HELP = "print the IR of a model"
 
@@ -18,6 +18,10 @@ def add_parser(p) -> None:
                    help="html: one self-contained page with every pass's IR and diff, the graphs, the generated "
                         "module, the parameter and layer tables (opens from disk, no network)")
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
+    p.add_argument("--ranks", type=positive_int, default=None, metavar="N",
+                   help="show one rank's share of the model split over N ranks (collectives and weight slices)")
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None, help="with --ranks (default tensor)")
+    p.add_argument("--rank", type=non_negative_int, default=0, help="with --ranks: which rank's program (default 0)")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
     p.add_argument("--force", action="store_true", help="replace an existing --output file")
 
@@ -31,8 +35,7 @@ def run(args) -> int:
     if args.format == "html":
         text = _html(args)
     else:
-        program = program_for(args.src, **build_options(args), stop_after=args.after,
-                              on_report=lambda r: note(f"pass {r}"), notify=note)
+        program = _program(args)
         render = {"text": str, "json": to_json, "dot": to_dot, "svg": to_svg}[args.format]
         text = render(program)
     if args.output:
@@ -56,3 +59,18 @@ def _html(args) -> str:
                           notify=note)
     return render_html(exploration)
 
+
+def _program(args):
+    from ..api import program_for
+
+    options = build_options(args)
+    parallel = options.pop("parallel", None)
+    if args.ranks is None or args.ranks == 1:
+        if parallel is not None or args.rank:
+            raise MlxcError("--parallel and --rank show a rank's share: give --ranks N (N > 1) too")
+        return program_for(args.src, **options, stop_after=args.after, on_report=lambda r: note(f"pass {r}"),
+                           notify=note)
+    from ..parallel import program_for_rank
+
+    return program_for_rank(args.src, parallel or "tensor", args.ranks, args.rank, **options, stop_after=args.after,
+                            on_report=lambda r: note(f"pass {r}"))

@@ -223,7 +223,16 @@ def describe(spec, what: str, detection, storage: dict[str, int], notice: str | 
         "memory_bytes": {name: round(n * bpp) for name, bpp in _MEMORY},
         "stored_as": storage,
         "blas": {"name": blas.name, "path": blas.path},
+        "native_kernels": _native_kernels(),
     }
+
+
+def _native_kernels() -> dict[str, Any]:
+    """Whether mlxc's native CPU kernels run here (`kernels=auto` picks them for quantized weights on the CPU)."""
+    from ..kernels import native
+
+    return {"available": native.available(), "isa": native.isa(), "reason": native.reason(),
+            "description": native.describe()}
 
 
 def _property_rows(d: dict[str, Any], detection) -> list[tuple[str, str]]:
@@ -261,6 +270,7 @@ def _property_rows(d: dict[str, Any], detection) -> list[tuple[str, str]]:
     if d["notice"]:
         rows.append(("note", d["notice"]))
     rows.append(("BLAS", f"{d['blas']['name']} ({d['blas']['path'] or 'bundled'})"))
+    rows.append(("kernels", d["native_kernels"]["description"]))
     return rows
 
 

@@ -8,14 +8,18 @@ import time
 from pathlib import Path
 
 from ..ir.errors import MlxcError
+from .common import add_trust, trust_option
 from .common import add_passes, add_source, build_options, consoles, positive_int, progress, write
+from .common import add_parallel  # --ranks / --parallel (mlxc.parallel)
 
 HELP = "perplexity of a text file in sliding windows"
 
 
 def add_parser(p) -> None:
     add_source(p)
+    add_trust(p)
     add_passes(p)
+    add_parallel(p)
     p.add_argument("--file", "-f", required=True, help="UTF-8 text file to score ('-' reads stdin)")
     p.add_argument("--context", type=positive_int, default=None,
                    help="tokens per window (default 512, at most the model's context length)")
@@ -53,7 +57,7 @@ def run(args) -> int:
     from ..runtime.perplexity import perplexity
 
     text = _read_text(args.file)
-    model = load(args.src, **build_options(args), progress=progress)
+    model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
     result = perplexity(model, text, context=args.context, stride=args.stride, progress=_Throttled())
     if args.json:
         write(json.dumps({"source": args.src, "file": args.file, "perplexity": result.perplexity,

@@ -12,15 +12,19 @@ import sys
 from pathlib import Path
 
 from ..ir.errors import MlxcError
+from .common import add_trust, trust_option
 from .common import (add_passes, add_sampling, add_source, build_options, int_list, non_negative_int, note, progress,
                      sampling, write)
+from .common import add_parallel  # --ranks / --parallel (mlxc.parallel)
 
 HELP = "generate from a prompt or token ids"
 
 
 def add_parser(p) -> None:
     add_source(p)
+    add_trust(p)
     add_passes(p)
+    add_parallel(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", "-p", help="text prompt ('-' reads it from stdin); needs a tokenizer")
     g.add_argument("--tokens", type=int_list, help="comma-separated token ids, e.g. 1,2,3")
@@ -157,7 +161,7 @@ def run(args) -> int:
     _refuse_conflicts(args)
     template = _read_template(args.chat_template)
     prompt = _read_prompt(args)
-    model = load(args.src, **build_options(args), progress=progress)
+    model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
     model.require_causal_lm("mlxc run")
     options = sampling(args)
     stats = GenerationStats()

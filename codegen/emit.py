@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..ir import Function, Program, Quant, Value
 from ..ir.errors import MlxcError
-from .mlx_ops import IMPLEMENTATIONS, MX_DTYPES
+from .mlx_ops import MX_DTYPES, implementation
 
 # Names a generated method must not bind locally: the module's imports and helpers (templates/*.j2), the method's
 # own plumbing, and Python's builtins (a value called `zip` would break the layer loop). `ROPE_<n>` constants are
@@ -24,6 +24,11 @@ _RESERVED = {
     "KVCache", "RotatingKVCache", "ArrayState", "lstm", "gru", "mingru", "mingru_scan", "mingru_step",
 } | set(dir(builtins))
 _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
+# the native-kernel helper's names (templates/native.py.j2)
+_RESERVED |= {"NATIVE", "qlinear", "qlinear_packed", "qembed", "qembed_packed", "pack_weight"}
+# the selective scan helper's names (templates/selective_scan.py.j2)
+_RESERVED |= {"causal_conv1d", "selective_scan", "selective_scan_chunked", "selective_scan_step",
+              "selective_scan_reference", "scan_exp", "scan_softplus", "scan_silu", "softplus", "silu", "SELECTIVE_SCAN", "SCAN_BLOCK", "SCAN_CHUNK"}
 
 
 class CodegenError(MlxcError):
@@ -149,9 +154,11 @@ class _Emitter:
                     slot += n
                 expr = f"{self._call_target(o.attrs['prefix'])}({_expr_list(args)})"
             else:
-                impl = IMPLEMENTATIONS.get(o.op)
+                impl = implementation(o.op, o.attrs)
                 if impl is None:
-                    raise CodegenError(f"@{fn.name}: no MLX implementation for op {o.op!r}")
+                    kernel = o.attrs.get("kernel")
+                    how = f"{kernel.value} implementation" if kernel is not None else "MLX implementation"
+                    raise CodegenError(f"@{fn.name}: no {how} for op {o.op!r}")
                 self.parts.helpers.update(impl.helpers)
                 if impl.constant is not None:
                     args.insert(0, self.constant(impl.constant(o.attrs)))
@@ -265,13 +272,20 @@ class _Emitter:
             if q is None:
                 lines.append(f"self.{p.name} = {_zeros(p.type.shape, MX_DTYPES[p.type.dtype])}")
                 continue
-            # packed codes (uint32) plus per-group scales and biases, as mx.quantize returns them
+            # packed codes (uint32) plus per-group scales and biases, as mx.quantize returns them; or the native
+            # kernels' layout (`pack`): uint8 codes and scales per tile of 16 rows
             *lead, cols = p.type.shape
             codes, scales, biases = Quant.storage_names(p.name)
             groups = (*lead, cols // q.group_size)
-            lines.append(f"self.{codes} = {_zeros((*lead, cols * q.bits // 32), 'mx.uint32')}")
-            lines.append(f"self.{scales} = {_zeros(groups, MX_DTYPES[p.type.dtype])}")
-            lines.append(f"self.{biases} = {_zeros(groups, MX_DTYPES[p.type.dtype])}")
+            scale_type = MX_DTYPES[q.scale_dtype(p.type.dtype)]
+            if q.packed:
+                tiles = -(-lead[0] // 16)
+                lines.append(f"self.{codes} = {_zeros((tiles, cols // 32 * 64 * q.bits), 'mx.uint8')}")
+                groups = (tiles, cols // q.group_size * 16)
+            else:
+                lines.append(f"self.{codes} = {_zeros((*lead, cols * q.bits // 32), 'mx.uint32')}")
+            lines.append(f"self.{scales} = {_zeros(groups, scale_type)}")
+            lines.append(f"self.{biases} = {_zeros(groups, scale_type)}")
         return lines
 
 

@@ -5,7 +5,8 @@ and that the load-time interpreter (`runtime/derive.py`) evaluates. An op's mean
 A fragment is a function of the operand expressions, the op's attributes and the operand types (so a matmul on a
 quantized weight can choose MLX's quantized kernel); it returns one Python expression. Multi-result ops return an
 expression giving a sequence. Helpers a fragment calls (`attention`, `moe`, ...) are module-level functions from
-`templates/`, named in `helpers`. A stateful op (one that declares `state=` in `ir/ops.py`) gets the expression of
+`templates/`, named in `helpers`. An op with several implementations (a `kernel` attribute, chosen by
+select-kernels) registers one fragment per kernel: `implements("linear", kernel=Kernel.NATIVE)`. A stateful op (one that declares `state=` in `ir/ops.py`) gets the expression of
 its state object as one more argument, after its operands. An op that needs a module-level constant (rope's
 frequency table) gives its source with `constant`; the emitter names it once per module and passes that name first.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..ir import DType, Quant, TensorType
+from ..ir import DType, Kernel, Quant, TensorType
 
 MX_DTYPES = {
     DType.F32: "mx.float32", DType.F16: "mx.float16", DType.BF16: "mx.bfloat16",
@@ -32,19 +33,27 @@ class Implementation:
     constant: Callable[[dict], tuple[str, str]] | None = None  # attrs -> (name stem, source) of a module constant
 
 
-IMPLEMENTATIONS: dict[str, Implementation] = {}
+IMPLEMENTATIONS: dict[str, Implementation] = {}  # op -> its reference implementation (plain MLX ops)
+VARIANTS: dict[tuple[str, Kernel], Implementation] = {}  # (op, kernel) -> another implementation
 
 
-def implements(op: str, helpers: tuple[str, ...] = (), constant=None):
-    """Register the decorated fragment as `op`'s MLX implementation."""
+def implements(op: str, helpers: tuple[str, ...] = (), constant=None, kernel: Kernel = Kernel.REFERENCE):
+    """Register the decorated fragment as `op`'s implementation by `kernel` (default: the reference MLX ops)."""
 
     def register(fragment: Fragment) -> Fragment:
-        if op in IMPLEMENTATIONS:
-            raise ValueError(f"op {op!r} has two MLX implementations")
-        IMPLEMENTATIONS[op] = Implementation(fragment, helpers, constant)
+        table, key = (IMPLEMENTATIONS, op) if kernel == Kernel.REFERENCE else (VARIANTS, (op, kernel))
+        if key in table:
+            raise ValueError(f"op {op!r} has two {kernel.value} implementations")
+        table[key] = Implementation(fragment, helpers, constant)
         return fragment
 
     return register
+
+
+def implementation(op: str, attrs: dict) -> Implementation | None:
+    """The implementation an op's `kernel` attribute chose (the reference one for ops without the attribute)."""
+    kernel = attrs.get("kernel", Kernel.REFERENCE)
+    return IMPLEMENTATIONS.get(op) if kernel == Kernel.REFERENCE else VARIANTS.get((op, kernel))
 
 
 def _list(items) -> str:
@@ -57,6 +66,14 @@ def _qargs(expr: str, quant: Quant) -> tuple[str, str, str, str]:
     return codes, scales, biases, f"group_size={quant.group_size}, bits={quant.bits}"
 
 
+def _scales_as(scales: str, biases: str, w: TensorType, dtype: DType) -> tuple[str, str]:
+    """Scales and biases in `dtype` (MLX's kernels compute in the scales' dtype): cast when stored in another, as
+    GGUF's float16 scales under a float32 model are (exact: the cast widens)."""
+    if w.quant.scale_dtype(w.dtype) == dtype:
+        return scales, biases
+    return f"{scales}.astype({MX_DTYPES[dtype]})", f"{biases}.astype({MX_DTYPES[dtype]})"
+
+
 # ---------------------------------------------------------------------------------------------- data and matmul
 
 
@@ -67,7 +84,8 @@ def _embed(a, k, t):
         return f"{a[1]}[{a[0]}]"
     codes, scales, biases, kw = _qargs(a[1], q)
     ids = a[0]
-    return f"mx.dequantize({codes}[{ids}], {scales}[{ids}], {biases}[{ids}], {kw})"
+    scales, biases = _scales_as(f"{scales}[{ids}]", f"{biases}[{ids}]", t[1], t[1].dtype)
+    return f"mx.dequantize({codes}[{ids}], {scales}, {biases}, {kw})"
 
 
 @implements("linear")
@@ -77,13 +95,48 @@ def _linear(a, k, t):
     if q is None:
         return f"{a[0]} @ {a[1]}.T{bias}"
     codes, scales, biases, kw = _qargs(a[1], q)
+    scales, biases = _scales_as(scales, biases, t[1], t[0].dtype)
     return f"mx.quantized_matmul({a[0]}, {codes}, {scales}, {biases}, transpose=True, {kw}){bias}"
 
 
 @implements("dequantize")
 def _dequantize(a, k, t):
     codes, scales, biases, kw = _qargs(a[0], t[0].quant)
+    scales, biases = _scales_as(scales, biases, t[0], t[0].dtype)
     return f"mx.dequantize({codes}, {scales}, {biases}, {kw})"
+
+
+# The native CPU kernels (kernels/native, through the `native` helper, which falls back to MLX's ops when the
+# extension is missing). Packed weights pass their row count: the packed arrays are padded to whole 16-row tiles.
+
+
+@implements("embed", helpers=("native",), kernel=Kernel.NATIVE)
+def _embed_native(a, k, t):
+    q = t[1].quant
+    if q is None:
+        return _embed(a, k, t)
+    codes, scales, biases, kw = _qargs(a[1], q)
+    packed = f"_packed({a[0]}, {codes}, {scales}, {biases}, n={t[1].shape[0]}," if q.packed else \
+        f"({a[0]}, {codes}, {scales}, {biases},"
+    return f"qembed{packed} {kw}, dtype={MX_DTYPES[t[1].dtype]})"
+
+
+@implements("linear", helpers=("native",), kernel=Kernel.NATIVE)
+def _linear_native(a, k, t):
+    q = t[1].quant
+    if q is None:
+        return _linear(a, k, t)
+    bias = f" + {a[2]}" if len(a) > 2 else ""
+    codes, scales, biases, kw = _qargs(a[1], q)
+    packed = f"_packed({a[0]}, {codes}, {scales}, {biases}, n={t[1].shape[0]}," if q.packed else \
+        f"({a[0]}, {codes}, {scales}, {biases},"
+    return f"qlinear{packed} {kw}){bias}"
+
+
+@implements("pack", helpers=("native",))
+def _pack(a, k, t):
+    codes, scales, biases, kw = _qargs(a[0], t[0].quant)
+    return f"pack_weight({codes}, {scales}, {biases}, {kw})"
 
 
 # ---------------------------------------------------------------------------------------------- normalization
@@ -253,6 +306,12 @@ def _mingru(a, k, t):
     return f"mingru({a[0]}, {a[1]}, {a[2]})"
 
 
+@implements("selective_scan", helpers=("selective_scan",))
+def _selective_scan(a, k, t):
+    z = a[7] if len(a) == 9 else "None"
+    return f"selective_scan({_list(a[:7])}, {z}, {a[-1]})"
+
+
 # ---------------------------------------------------------------------------------------------- mixtures and heads
 
 
@@ -266,6 +325,8 @@ def _moe(a, k, t):
             codes, scales, biases, _ = _qargs(expr, typ.quant)
             experts.append(f"({codes}, {scales}, {biases}, {typ.quant.group_size}, {typ.quant.bits})")
     mixing = ", weights_in_float32=True" if k["weights_in_float32"] else ""
+    if k.get("first_expert") is not None:  # expert parallelism: this rank's experts start there
+        mixing += f", first_expert={k['first_expert']}"
     return (f"moe({_list(a[:2] + experts)}, top_k={k['top_k']}, normalize={k['normalize']}, "
             f"activation={_ACTIVATIONS[k['activation']]}{mixing})")
 
@@ -276,3 +337,54 @@ _ACTIVATIONS = {"silu": "nn.silu", "gelu": "nn.gelu", "gelu_tanh": "nn.gelu_appr
 @implements("pool", helpers=("pool",))
 def _pool(a, k, t):
     return f"pool({a[0]}, {a[1]}, {k['mode']!r}, {k['pad_token_id']!r})"
+
+
+
+# ---------------------------------------------------------------------------------------------- ranks (shard)
+# Collectives run on MLX's global group (the one `mx.distributed.init` made); helpers in templates/distributed.py.j2.
+
+
+@implements("slice")
+def _slice(a, k, t):
+    if t[0].quant is not None:  # a quantized share is read from the checkpoint by the loader, never computed
+        raise ValueError(f"a quantized weight ({t[0]}) can be sliced only where it is read from the checkpoint")
+    index = [":"] * (k["axis"] % t[0].rank) + [f"{k['start']}:{k['stop']}"]
+    return f"{a[0]}[{', '.join(index)}]"
+
+
+@implements("embed_range", helpers=("distributed",))
+def _embed_range(a, k, t):
+    q = t[1].quant
+    table = a[1]
+    if q is not None:
+        codes, scales, biases, _ = _qargs(a[1], q)
+        table = f"({codes}, {scales}, {biases}, {q.group_size}, {q.bits})"
+        return f"embed_range({a[0]}, {table}, {k['first']}, {MX_DTYPES[t[1].dtype]})"  # scales may be narrower
+    return f"embed_range({a[0]}, {table}, {k['first']})"
+
+
+@implements("all_sum")
+def _all_sum(a, k, t):
+    return f"mx.distributed.all_sum({a[0]})"
+
+
+@implements("all_gather", helpers=("distributed",))
+def _all_gather(a, k, t):
+    return f"all_gather_axis({a[0]}, [{_list(k['sizes'])}], axis={k['axis']})"
+
+
+@implements("broadcast", helpers=("distributed",))
+def _broadcast(a, k, t):
+    return f"broadcast_from({a[0]}, {k['root']})"
+
+
+@implements("send")
+def _send(a, k, t):
+    return f"mx.distributed.send({a[0]}, {k['dst']})"
+
+
+@implements("recv")
+def _recv(a, k, t):
+    ref = t[0].shape
+    dims = [f"{a[0]}.shape[{ref.index(d)}]" if isinstance(d, str) else str(d) for d in k["shape"]]
+    return f"mx.distributed.recv(({_list(dims)},), {MX_DTYPES[k['dtype']]}, {k['src']})"

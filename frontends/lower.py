@@ -136,14 +136,15 @@ class _Lowering:
         if it has one."""
         size = self.spec.hidden_size
         b = FunctionBuilder(fname, self.program)
-        x = b.input("x", self.t(B, T, size))
+        wide = self._wide_residual()
+        x = b.input("x", TensorType(DType.F32, (B, T, size)) if wide else self.t(B, T, size))
         offset = b.input("offset", OFFSET) if _uses_offset(cfg) else None
-        h = self.norm(b, x, "input_norm", "h", cfg.norm, size)
+        h = self.norm(b, self._narrow(b, x, "x"), "input_norm", "h", cfg.norm, size)
         a = b.op("call", h, offset, callee=mixer_fn, prefix=mixer_prefix, name="attn")
         if ffn_fn is None:  # the mixer is the whole layer (Mamba, RNN stacks)
             if cfg.residual == Residual.SANDWICH:
                 a = self.norm(b, a, "attn_out_norm", "attn_normed", cfg.norm, size)
-            b.build(b.op("add", x, a, name="out"))
+            b.build(b.op("add", x, self._widen(b, a, "attn"), name="out"))
             return fname
         if cfg.residual == Residual.PARALLEL:  # one norm feeds both; both add to the same residual
             m = b.op("call", h, callee=ffn_fn, prefix="mlp", name="mlp")
@@ -151,13 +152,24 @@ class _Lowering:
             return fname
         if cfg.residual == Residual.SANDWICH:
             a = self.norm(b, a, "attn_out_norm", "attn_normed", cfg.norm, size)
-        x = b.op("add", x, a, name="x_attn")
-        h = self.norm(b, x, "post_attention_norm", "h_mlp", cfg.norm, size)
+        x = b.op("add", x, self._widen(b, a, "attn"), name="x_attn")
+        h = self.norm(b, self._narrow(b, x, "x_attn"), "post_attention_norm", "h_mlp", cfg.norm, size)
         m = b.op("call", h, callee=ffn_fn, prefix="mlp", name="mlp")
         if cfg.residual == Residual.SANDWICH:
             m = self.norm(b, m, "ffn_out_norm", "mlp_normed", cfg.norm, size)
-        b.build(b.op("add", x, m, name="out"))
+        b.build(b.op("add", x, self._widen(b, m, "mlp"), name="out"))
         return fname
+
+    def _wide_residual(self) -> bool:
+        """Whether the residual stream is float32 while the layers compute in a narrower dtype (Mamba)."""
+        return self.spec.residual_in_fp32 and self.dtype != DType.F32
+
+    def _narrow(self, b: FunctionBuilder, x: Value, name: str) -> Value:
+        """The float32 residual as a layer reads it: cast to the compute dtype (transformers' `.to(norm dtype)`)."""
+        return b.op("cast", x, dtype=self.dtype, name=f"{name}_in") if self._wide_residual() else x
+
+    def _widen(self, b: FunctionBuilder, x: Value, name: str) -> Value:
+        return b.op("cast", x, dtype=DType.F32, name=f"{name}_f32") if self._wide_residual() else x
 
     def mixer(self, configs: list[LayerConfig]) -> dict[LayerConfig, tuple[str, str]]:
         """Build each distinct mixer once: (function name, parameter prefix) per layer configuration."""
@@ -206,10 +218,16 @@ class _Lowering:
         h = b.op("embed", ids, table, name="h")
         if s.embedding_multiplier is not None:
             h = b.op("scale", h, factor=s.embedding_multiplier, name="h_scaled")
+        h = self._widen(b, h, "h")
         for i, c in enumerate(configs):
             positions = offset if _uses_offset(c) else None
             h = b.op("call", h, positions, callee=layer_fns[c], prefix=f"layers.{i}", name="h")
-        h = self.norm(b, h, "norm", "h_final", configs[0].norm if configs else _model_norm(s), s.hidden_size)
+        if self._wide_residual():  # the float32 stream normalized in float32, its weight widened (exactly)
+            w = b.derive("cast", b.param("norm.weight", self.t(s.hidden_size)), dtype=DType.F32, name="norm.weight_f32")
+            h = b.op("rms_norm", h, w, eps=s.norm_eps, name="h_final_f32")
+            h = b.op("cast", h, dtype=self.dtype, name="h_final")
+        else:
+            h = self.norm(b, h, "norm", "h_final", configs[0].norm if configs else _model_norm(s), s.hidden_size)
         b.build(self.head(b, h, ids, table))
         # callees first, entry last: reads top-down like a source file
         self.program.functions.sort(key=lambda f: f.name == "main")

@@ -97,7 +97,9 @@ class PositionEmbedding(str, enum.Enum):
     NONE = "none"
 
 
-_MAX_LAYERS = 100_000  # far beyond any real model; a larger count is a malformed config, refused before building
+# far beyond any real model (the largest have ~130 layers); a larger count is a malformed config, refused before
+# building: lowering and compiling take seconds per thousand layers, and more than linearly
+_MAX_LAYERS = 1024
 Count = Annotated[int, Field(strict=True, gt=0)]  # "3" or 3.0 in a config is a mistake to report, not to coerce
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 
@@ -170,6 +172,25 @@ class MoESpec(_Frozen):
         return self
 
 
+class MambaSpec(_Frozen):
+    """A Mamba (v1) mixer (frontends/blocks/mamba.py): `in_proj` to x and the gate z; a causal depthwise conv over x
+    with `activation`; `x_proj` to dt (`time_step_rank`), B and C (`state_size` each), Jamba normalizing each
+    (`bcdt_norm`); `dt_proj`; the selective scan with A = -exp(A_log) and the D skip, gated by silu(z); `out_proj`.
+    The inner width is `expand * hidden_size`, as transformers computes it."""
+
+    state_size: Count = 16
+    conv_kernel: Count = 4
+    expand: Count = 2
+    time_step_rank: Optional[Count] = None  # None: ceil(hidden_size / 16), transformers' "auto"
+    use_bias: bool = False  # in_proj and out_proj
+    use_conv_bias: bool = True
+    activation: Activation = Activation.SILU  # after the conv (transformers' hidden_act)
+    bcdt_norm: bool = False  # RMSNorms with weights on dt, B and C after x_proj, the model's eps (Jamba)
+
+    def rank(self, hidden_size: int) -> int:
+        return self.time_step_rank or -(-hidden_size // 16)
+
+
 class Mamba2Spec(_Frozen):
     """A Mamba-2 mixer (frontends/blocks/mamba2.py): `in_proj` to the gate, x, B, C and dt; a causal depthwise conv
     with SiLU over x, B and C; the SSD scan over `num_heads` heads of `head_dim` features, a scalar decay per head,
@@ -239,61 +260,6 @@ class RecurrentSpec(_Frozen):
     bias: bool = True  # torch's default: bias_ih and bias_hh (LSTM, GRU); minGRU's z and h~ projections' biases
     out_proj: Optional[bool] = None  # None: an output projection only when the cell's size differs
     out_bias: bool = False
-
-
-class LayerSpec(_Frozen):
-    """One layer's overrides of the model-level settings; None keeps the model's."""
-
-    block: BlockKind = BlockKind.ATTENTION
-    attention: AttentionType = AttentionType.FULL
-    rope: Optional[RopeSpec] = None  # e.g. Gemma 3's local rope base on sliding layers
-    ffn: Optional[FFNType] = None  # e.g. a dense layer in a mixture-of-experts model
-
-
-@dataclass(frozen=True)
-class NormConfig:
-    kind: NormType
-    eps: float
-    unit_offset: bool  # the checkpoint stores w - 1 (Gemma): the norm multiplies by 1 + w
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    bias: bool
-    out_bias: bool
-    window: Optional[int]
-    rope: Optional[RopeScaling]  # None: no rotary embedding
-    rope_theta: float
-    rope_dims: int  # rotated features of each head (partial rotary when < head_dim)
-    scale: float  # query scaling before the softmax
-    softcap: Optional[float]
-    qk_norm: bool
-    qk_norm_across_heads: bool = False  # the q/k norm spans the whole projection, before the head split (OLMoE)
-    clip_qkv: Optional[float] = None  # q, k, v clamped to [-clip, clip] after the projections (OLMoE)
-
-
-@dataclass(frozen=True)
-class FFNConfig:
-    kind: FFNType
-    intermediate_size: int
-    activation: Activation
-    bias: bool
-    moe: Optional[MoESpec]
-
-
-@dataclass(frozen=True)
-class LayerConfig:
-    """Everything lowering needs for one layer; equal configurations share one IR function."""
-
-    block: BlockKind
-    residual: Residual
-    norm: NormConfig
-    attention: Optional[AttentionConfig]  # for attention layers
-    ffn: Optional[FFNConfig]  # None: no FFN sublayer
-    mixer: Any = None  # a non-attention block's settings (its ModelSpec field, e.g. the MambaSpec)
 
 
 class LayerSpec(_Frozen):
@@ -424,7 +390,7 @@ class ModelSpec(_Frozen):
     vocab_size: Count
     hidden_size: Count
     intermediate_size: Count
-    num_layers: Count
+    num_layers: Annotated[int, Field(strict=True, gt=0, le=_MAX_LAYERS)]
     num_heads: Optional[Count] = None  # attention heads; a model without attention layers has none
     num_kv_heads: Optional[Count] = None
     head_dim: Optional[Count] = None
@@ -433,6 +399,9 @@ class ModelSpec(_Frozen):
     norm_eps: float = Field(1e-5, gt=0)
     norm_unit_offset: bool = False  # norms multiply by (1 + w): Gemma's convention
     residual: Residual = Residual.PRE_NORM
+    # the residual stream stays float32 below float32 (transformers' `residual_in_fp32`: Mamba): each layer reads it
+    # cast to the compute dtype and adds its output back in float32; the final norm runs on it in float32
+    residual_in_fp32: bool = False
     ffn: FFNType = FFNType.GATED
     activation: Activation = Activation.SILU
     moe: Optional[MoESpec] = None
@@ -453,6 +422,7 @@ class ModelSpec(_Frozen):
     mlp_bias: bool = False
     sliding_window: Optional[Count] = None
     layers: tuple[LayerSpec, ...] = ()
+    mamba: Optional[MambaSpec] = None  # mamba layers' mixer
     mamba2: Optional[Mamba2Spec] = None  # mamba2 layers' mixer
     embedding_multiplier: Optional[float] = None  # embeddings scaled in the compute dtype (Gemma: sqrt(hidden))
     final_logit_softcap: Optional[float] = Field(None, gt=0)
@@ -508,6 +478,9 @@ class ModelSpec(_Frozen):
         if m2 is not None and m2.intermediate_size != m2.expand * self.hidden_size:
             raise ValueError(f"mamba2: {m2.num_heads} heads of {m2.head_dim} features ({m2.intermediate_size}) must "
                              f"make expand * hidden_size ({m2.expand * self.hidden_size}) features")
+        if self.residual_in_fp32 and (self.residual != Residual.PRE_NORM or self.norm != NormType.RMS
+                                      or self.norm_unit_offset):
+            raise ValueError("residual_in_fp32 is supported for pre-norm RMSNorm blocks (Mamba's) only")
         if self.qk_norm_across_heads and not self.qk_norm:
             raise ValueError("qk_norm_across_heads says how queries and keys are normalized; it needs qk_norm")
         if self.head.kind != HeadKind.CAUSAL_LM and self.tie_word_embeddings:

@@ -4,7 +4,7 @@ Imports nothing else of mlxc; everything else imports it.
 """
 
 from . import ops as _ops  # noqa: F401  (registers the op vocabulary)
-from .attrs import RopeKind, RopeScaling
+from .attrs import Kernel, RopeKind, RopeScaling
 from .errors import MlxcError, ParseError, VerifyError
 from .export import from_json, to_dot, to_graph, to_json, to_svg
 from .graph import Function, FunctionBuilder, Operation, Program, Value
@@ -17,7 +17,7 @@ from .verify import verify
 
 __all__ = [
     "OPS", "DType", "Dim", "Function", "FunctionBuilder", "MlxcError", "OpDef", "OpGroup", "Operation",
-    "ParseError", "Program", "Quant", "RopeKind", "RopeScaling", "State", "StateKind", "TensorType", "Value",
+    "Kernel", "ParseError", "Program", "Quant", "RopeKind", "RopeScaling", "State", "StateKind", "TensorType", "Value",
     "VerifyError", "from_json",
     "lookup", "parse_program", "print_function", "print_program", "to_dot", "to_graph", "to_json", "to_svg",
     "verify",

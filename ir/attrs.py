@@ -21,6 +21,17 @@ class RopeKind(str, enum.Enum):
     LONGROPE = "longrope"
 
 
+class Kernel(str, enum.Enum):
+    """Which implementation runs an op that has several (`linear {kernel = native}`); `select-kernels` chooses per
+    target, and codegen writes the matching fragment. `reference` is plain MLX ops, everywhere."""
+
+    REFERENCE = "reference"
+    NATIVE = "native"  # mlxc's C++ CPU kernels (kernels/native), with the reference as fallback
+    METAL = "metal"  # a custom Metal kernel (Apple GPU)
+    CUDA = "cuda"  # its CUDA twin
+    EMULATED = "emulated"  # the Metal kernel's exact source run in the kernel emulator (tests, on any machine)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Rotary position embedding parameters: enough to recompute the inverse frequencies exactly.

@@ -28,6 +28,7 @@ class OpGroup(str, enum.Enum):
     ATTENTION = "attention"  # reads and extends the call's KV cache
     SCAN = "scan"  # recurrences over time that carry a state between calls (RNN cells, selective scans)
     CALL = "call"
+    COLLECTIVE = "collective"  # communication between ranks (`mx.distributed`): a tensor- or pipeline-parallel share
 
 
 class Symbol(str):

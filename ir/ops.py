@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from math import prod
 
-from .attrs import RopeKind, RopeScaling
+from .attrs import Kernel, RopeKind, RopeScaling
 from .opdef import AttrDef, Ints, OpGroup, Shape, Symbol, op, require
 from .state import State, StateKind
 from .types import DType, Quant, TensorType
@@ -17,18 +17,24 @@ from .types import DType, Quant, TensorType
 # ---------------------------------------------------------------- data and matmul
 
 
-@op("embed", OpGroup.DATA, ("ids", "table"), quantized=("table",))
-def _embed(ids: TensorType, table: TensorType):
+# Ops with several implementations carry `kernel`: which one runs (chosen by select-kernels; see attrs.Kernel).
+KERNEL = AttrDef("kernel", Kernel, Kernel.REFERENCE)
+
+
+@op("embed", OpGroup.DATA, ("ids", "table"), (KERNEL,), quantized=("table",))
+def _embed(ids: TensorType, table: TensorType, kernel: Kernel):
     """Row lookup: `table[ids]`."""
     require(not ids.dtype.is_float, f"ids must be integers, got {ids.dtype.value}")
     require(table.rank == 2, f"table must be [vocab, hidden], got {table}")
-    _check_groups(table)
+    _check_groups(table, kernel)
     return TensorType(table.dtype, ids.shape + (table.shape[1],))
 
 
-def _check_groups(w: TensorType) -> None:
+def _check_groups(w: TensorType, kernel: Kernel | None = None) -> None:
     q = w.quant
     if q is not None:
+        require(not q.packed or kernel == Kernel.NATIVE,
+                f"{w}: the packed layout is read only by the native kernels (kernel = native)")
         require(q.bits in Quant.BITS, f"{q.bits}-bit quantization is not supported")
         require(q.group_size in Quant.GROUP_SIZES,
                 f"group size {q.group_size} is not supported (MLX quantizes in groups of "
@@ -36,14 +42,14 @@ def _check_groups(w: TensorType) -> None:
         require(w.shape[-1] % q.group_size == 0, f"{w}: last dim is not a multiple of the group size {q.group_size}")
 
 
-@op("linear", OpGroup.MATMUL, ("x", "weight", "bias?"), quantized=("weight",))
-def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None):
+@op("linear", OpGroup.MATMUL, ("x", "weight", "bias?"), (KERNEL,), quantized=("weight",))
+def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None, *, kernel: Kernel):
     """`x @ weight.T + bias`, weight laid out [out_features, in_features] as checkpoints store it."""
     require(weight.rank == 2, f"weight must be [out, in], got {weight}")
     require(x.rank >= 1, f"input must have a feature axis, got {x}")
     require(x.shape[-1] == weight.shape[1], f"input features {x.shape[-1]} do not match weight {weight}")
     require(x.dtype == weight.dtype, f"dtype mismatch: input {x.dtype.value}, weight {weight.dtype.value}")
-    _check_groups(weight)
+    _check_groups(weight, kernel)
     if bias is not None:
         require(bias.shape == (weight.shape[0],), f"bias {bias} does not match weight {weight}")
     return x.with_shape(x.shape[:-1] + (weight.shape[0],))
@@ -162,6 +168,7 @@ def _concat(*xs: TensorType, axis: int):
     ax = _axis(axis, first.rank)
     require(len({t.quant for t in xs}) == 1, "cannot concat quantized and float tensors, or different quantizations")
     require(first.quant is None or ax < first.rank - 1, "quantized tensors can only be joined along rows")
+    require(first.quant is None or not first.quant.packed, "packed weights cannot be joined; join, then pack")
     for t in xs[1:]:
         require(t.dtype == first.dtype and t.rank == first.rank, f"cannot concat {first} with {t}")
         same = all(t.shape[i] == first.shape[i] for i in range(first.rank) if i != ax)
@@ -187,6 +194,7 @@ def _deinterleave_rows(x: TensorType, groups: int):
     Undoes llama.cpp's rotary row order for Q and K; whole rows move, so quantized rows keep their groups."""
     require(x.rank in (1, 2), f"deinterleave_rows expects a matrix or a vector, got {x}")
     rows = x.shape[0]
+    require(x.quant is None or not x.quant.packed, f"{x}: packed rows cannot be reordered; reorder, then pack")
     require(groups > 0 and isinstance(rows, int) and rows % (2 * groups) == 0,
             f"{rows} rows do not split into {groups} groups of pairs")
     return x
@@ -244,9 +252,22 @@ def _quantize(x: TensorType, bits: int, group_size: int):
 
 @op("dequantize", OpGroup.UNARY, ("x",), quantized=("x",))
 def _dequantize(x: TensorType):
-    """Back to float (scales' dtype), once, at load."""
-    require(x.quant is not None, f"dequantize expects a quantized tensor, got {x}")
+    """Back to float (the tensor's dtype), once, at load."""
+    require(x.quant is not None and not x.quant.packed, f"dequantize expects a quantized tensor (not packed), got {x}")
     return x.with_quant(None)
+
+
+@op("pack", OpGroup.UNARY, ("x",), quantized=("x",))
+def _pack(x: TensorType):
+    """A 4- or 8-bit weight [out, in] in the native CPU kernels' layout, 16 rows side by side (codes, scales and
+    biases moved, not recomputed: exact), once, at load: what `linear` and `embed` with `kernel = native` read
+    fastest, and one copy serves a tied embedding and LM head."""
+    q = x.quant
+    require(q is not None and not q.packed and x.rank == 2, f"pack expects an unpacked quantized matrix, got {x}")
+    require(q.bits in (4, 8), f"only 4- and 8-bit weights pack, got {q.bits}-bit")
+    require(q.scale_dtype(x.dtype) in (DType.F32, DType.F16),
+            f"packed scales are float32 or float16, got {q.scale_dtype(x.dtype).value}")
+    return x.with_quant(q.with_layout(packed=True))
 
 
 # ---------------------------------------------------------------- position and attention
@@ -323,48 +344,6 @@ def _causal_conv1d(x: TensorType, weight: TensorType, bias: TensorType | None = 
     return x
 
 
-@op("rms_norm_gated", OpGroup.NORM, ("x", "gate", "weight"), (AttrDef("eps", float), AttrDef("groups", int, 1)))
-def _rms_norm_gated(x: TensorType, gate: TensorType, weight: TensorType, eps: float, groups: int):
-    """Mamba-2's gated RMSNorm (transformers' MambaRMSNormGated): in float32, h = x * silu(gate), normalized over
-    each of `groups` equal slices of the last axis, rounded to x's dtype, times weight."""
-    require(x.rank >= 1 and gate == x, f"rms_norm_gated expects x and gate of one type, got {x} and {gate}")
-    require(weight.shape == (x.shape[-1],), f"weight {weight} does not match features {x.shape[-1]}")
-    c = x.shape[-1]
-    require(groups > 0 and (not isinstance(c, int) or c % groups == 0),
-            f"{c} features do not split into {groups} groups")
-    return x
-
-
-@op("ssd", OpGroup.SCAN, ("x", "dt", "A", "B", "C", "D", "dt_bias?"),
-    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True)),
-    state=lambda attrs, *types: (State(StateKind.SSM),))
-def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
-         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None):
-    """Mamba-2's state-space duality scan, per head h with a scalar A[h] and its group g of B and C (heads share
-    them, H / G per group), every intermediate in float32:
-
-        dt_t = softplus(dt_t + dt_bias),  S_t = exp(A dt_t) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t + D x_t
-
-    x [B, T, H, P], dt [B, T, H], A, D, dt_bias [H], B, C [B, T, G, N]; y is x's type. Its SSM state keeps S
-    [B, H, P, N], so a call continues where the previous one stopped. A prefill runs in chunks of `chunk_size`
-    (quadratic inside a chunk, recurrent across) with dt clamped to [dt_min, dt_max]; one token after a state
-    steps the recurrence without the clamp, as transformers does."""
-    require(x.rank == 4 and dt.rank == 3 and B.rank == 4 and C.rank == 4,
-            f"ssd expects x [B, T, H, P], dt [B, T, H], B and C [B, T, G, N]; got {x}, {dt}, {B}, {C}")
-    h, g = x.shape[2], B.shape[2]
-    require(dt.shape == x.shape[:3], f"dt {dt} does not match x {x}")
-    require(B == C and B.shape[:2] == x.shape[:2], f"B {B} and C {C} must match each other and x {x}")
-    require(x.dtype == dt.dtype == B.dtype, f"x, dt, B and C must share a dtype, got {x}, {dt}, {B}")
-    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
-        if t is not None:
-            require(t.shape == (h,) and t.dtype.is_float, f"{name} must be a float [{h}] (one per head), got {t}")
-    if isinstance(h, int) and isinstance(g, int):
-        require(g > 0 and h % g == 0, f"{h} heads do not split into {g} groups of B and C")
-    require(chunk_size > 0, f"chunk_size must be positive, got {chunk_size}")
-    require(dt_min >= 0 and (dt_max is None or dt_max > dt_min), f"bad dt limit [{dt_min}, {dt_max}]")
-    return x
-
-
 def _recurrent_state(attrs, *types):
     return (State(StateKind.RECURRENT),)
 
@@ -409,20 +388,87 @@ def _mingru(gate: TensorType, candidate: TensorType):
     return gate
 
 
+@op("rms_norm_gated", OpGroup.NORM, ("x", "gate", "weight"), (AttrDef("eps", float), AttrDef("groups", int, 1)))
+def _rms_norm_gated(x: TensorType, gate: TensorType, weight: TensorType, eps: float, groups: int):
+    """Mamba-2's gated RMSNorm (transformers' MambaRMSNormGated): in float32, h = x * silu(gate), normalized over
+    each of `groups` equal slices of the last axis, rounded to x's dtype, times weight."""
+    require(x.rank >= 1 and gate == x, f"rms_norm_gated expects x and gate of one type, got {x} and {gate}")
+    require(weight.shape == (x.shape[-1],), f"weight {weight} does not match features {x.shape[-1]}")
+    c = x.shape[-1]
+    require(groups > 0 and (not isinstance(c, int) or c % groups == 0),
+            f"{c} features do not split into {groups} groups")
+    return x
+
+
+@op("ssd", OpGroup.SCAN, ("x", "dt", "A", "B", "C", "D", "dt_bias?"),
+    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True)),
+    state=lambda attrs, *types: (State(StateKind.SSM),))
+def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
+         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None):
+    """Mamba-2's state-space duality scan, per head h with a scalar A[h] and its group g of B and C (heads share
+    them, H / G per group), every intermediate in float32:
+
+        dt_t = softplus(dt_t + dt_bias),  S_t = exp(A dt_t) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t + D x_t
+
+    x [B, T, H, P], dt [B, T, H], A, D, dt_bias [H], B, C [B, T, G, N]; y is x's type. Its SSM state keeps S
+    [B, H, P, N], so a call continues where the previous one stopped. A prefill runs in chunks of `chunk_size`
+    (quadratic inside a chunk, recurrent across) with dt clamped to [dt_min, dt_max]; one token after a state
+    steps the recurrence without the clamp, as transformers does."""
+    require(x.rank == 4 and dt.rank == 3 and B.rank == 4 and C.rank == 4,
+            f"ssd expects x [B, T, H, P], dt [B, T, H], B and C [B, T, G, N]; got {x}, {dt}, {B}, {C}")
+    h, g = x.shape[2], B.shape[2]
+    require(dt.shape == x.shape[:3], f"dt {dt} does not match x {x}")
+    require(B == C and B.shape[:2] == x.shape[:2], f"B {B} and C {C} must match each other and x {x}")
+    require(x.dtype == dt.dtype == B.dtype, f"x, dt, B and C must share a dtype, got {x}, {dt}, {B}")
+    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            require(t.shape == (h,) and t.dtype.is_float, f"{name} must be a float [{h}] (one per head), got {t}")
+    if isinstance(h, int) and isinstance(g, int):
+        require(g > 0 and h % g == 0, f"{h} heads do not split into {g} groups of B and C")
+    require(chunk_size > 0, f"chunk_size must be positive, got {chunk_size}")
+    require(dt_min >= 0 and (dt_max is None or dt_max > dt_min), f"bad dt limit [{dt_min}, {dt_max}]")
+    return x
+
+
+@op("selective_scan", OpGroup.SCAN, ("u", "delta", "A", "B", "C", "D", "dt_bias", "z?"),
+    state=lambda attrs, *types: (State(StateKind.SSM),))
+def _selective_scan(u: TensorType, delta: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
+                    dt_bias: TensorType, z: TensorType | None = None):
+    """Mamba's selective scan, per channel d and state n, every intermediate in float32:
+
+        dt_t = softplus(delta_t + dt_bias),  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,  y_t = h_t . C_t + D u_t
+
+    then y * silu(z) when z is given. u, delta, z [B, T, Dm]; A (negative) [Dm, N]; B, C [B, T, N]; D, dt_bias
+    [Dm]; y is u's type. Its SSM state keeps h [B, Dm, N], so a call continues where the previous one stopped
+    (zeros before the first): a prefill runs chunked, one token a single step."""
+    require(u.rank == 3 and A.rank == 2, f"selective_scan expects u [B, T, Dm] and A [Dm, N], got {u} and {A}")
+    dm, n = u.shape[2], A.shape[1]
+    require(delta == u and (z is None or z == u), f"delta {delta} and z {z} must match u {u}")
+    require(A.shape[0] == dm and A.dtype.is_float, f"A must be a float [{dm}, N], got {A}")
+    for name, t in (("B", B), ("C", C)):
+        require(t.rank == 3 and t.shape == u.shape[:2] + (n,) and t.dtype == u.dtype,
+                f"{name} must be {u.dtype.value}[{u.shape[0]}, {u.shape[1]}, {n}] (A has {n} states), got {t}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        require(t.shape == (dm,) and t.dtype.is_float, f"{name} must be a float [{dm}] (one per channel), got {t}")
+    return u
+
+
 # ---------------------------------------------------------------- mixtures of experts and task heads
 
 
 @op("moe", OpGroup.MATMUL, ("x", "router_logits", "gate", "up", "down"),
     (AttrDef("top_k", int), AttrDef("normalize", bool, False), AttrDef("activation", str, "silu"),
-     AttrDef("weights_in_float32", bool, False)),
+     AttrDef("weights_in_float32", bool, False), AttrDef("first_expert", int, None, optional=True)),
     quantized=("gate", "up", "down"))
 def _moe(x: TensorType, router_logits: TensorType, gate: TensorType, up: TensorType, down: TensorType, top_k: int,
-         normalize: bool, activation: str, weights_in_float32: bool):
+         normalize: bool, activation: str, weights_in_float32: bool, first_expert: int | None):
     """A mixture of gated experts: each token goes to its `top_k` experts by softmax(router_logits) (computed in
     float32; renormalized over the chosen ones when `normalize`), and their outputs `down(act(gate x) * up x)`
     are summed with those weights. gate/up are [E, I, H], down [E, H, I], each may be quantized. Only chosen
     experts run. The weights scale the outputs in float32 when `weights_in_float32` (Mixtral), else in the
-    compute dtype (Qwen-MoE, OLMoE)."""
+    compute dtype (Qwen-MoE, OLMoE). With `first_expert` (expert parallelism) the weights hold experts
+    first_expert .. first_expert + E - 1 of the router's: tokens are routed over all of them, only these run, and
+    the other ranks' shares add up to the whole mixture."""
     require(activation in ACTIVATIONS, f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
     require(gate.rank == up.rank == down.rank == 3, "expert weights must be [experts, out, in]")
     for w in (gate, up, down):
@@ -431,8 +477,11 @@ def _moe(x: TensorType, router_logits: TensorType, gate: TensorType, up: TensorT
     require(up.shape == gate.shape, f"up {up} and gate {gate} disagree")
     require(down.shape == (e, h, i), f"down {down} does not match gate {gate}")
     require(x.shape[-1] == h, f"input features {x.shape[-1]} do not match experts {gate}")
-    require(router_logits.shape == x.shape[:-1] + (e,), f"router logits {router_logits} do not match {e} experts")
-    require(0 < top_k <= e, f"top_k {top_k} must be in 1..{e}")
+    routed = e if first_expert is None else router_logits.shape[-1]
+    require(router_logits.shape == x.shape[:-1] + (routed,), f"router logits {router_logits} do not match {e} experts")
+    require(first_expert is None or (isinstance(routed, int) and 0 <= first_expert and first_expert + e <= routed),
+            f"experts {first_expert}..{(first_expert or 0) + e - 1} are not among the router's {routed}")
+    require(0 < top_k <= routed, f"top_k {top_k} must be in 1..{routed}")
     require(x.dtype == gate.dtype == up.dtype == down.dtype, "expert weights and input must share a dtype")
     return x
 
@@ -466,3 +515,77 @@ def _call(*args: TensorType, callee: Symbol, prefix: str, program):
     for i, (got, exp) in enumerate(zip(args, want)):
         require(got == exp, f"input {i} of @{callee} is {exp}, got {got}")
     return [v.type for v in fn.outputs]
+
+
+# ---------------------------------------------------------------- tensor and pipeline parallelism (passes/shard.py)
+
+
+@op("slice", OpGroup.SHAPE, ("x",), (AttrDef("axis", int), AttrDef("start", int), AttrDef("stop", int)),
+    quantized=("x",))
+def _slice_rule(x: TensorType, axis: int, start: int, stop: int):
+    """Entries start .. stop - 1 along a static axis: a rank's share of a weight, at load time, so the loader reads
+    only those rows or columns of the checkpoint tensor. A quantized weight splits by rows, or by columns on group
+    boundaries."""
+    ax = _axis(axis, x.rank)
+    n = x.shape[ax]
+    require(isinstance(n, int) and 0 <= start < stop <= n, f"slice [{start}:{stop}] is out of range for dim {ax} of {x}")
+    q = x.quant
+    if q is not None:
+        require(not q.packed, f"{x}: packed weights cannot be sliced; slice, then pack")
+        require(ax < x.rank - 1 or (start % q.group_size == 0 and stop % q.group_size == 0),
+                f"columns [{start}:{stop}] of {x} cut through its quantization groups of {q.group_size}")
+    return x.with_shape(x.shape[:ax] + (stop - start,) + x.shape[ax + 1:])
+
+
+@op("embed_range", OpGroup.DATA, ("ids", "table"), (AttrDef("first", int),), quantized=("table",))
+def _embed_range_rule(ids: TensorType, table: TensorType, first: int):
+    """A vocabulary-parallel lookup: `table` holds rows first .. first + n - 1 of the embeddings; those ids get their
+    row and the others zeros, so an `all_sum` over the ranks' shares gives `embed` exactly."""
+    require(not ids.dtype.is_float, f"ids must be integers, got {ids.dtype.value}")
+    require(table.rank == 2, f"table must be [rows, hidden], got {table}")
+    require(first >= 0, f"first row must be >= 0, got {first}")
+    _check_groups(table)
+    return TensorType(table.dtype, ids.shape + (table.shape[1],))
+
+
+@op("all_sum", OpGroup.COLLECTIVE, ("x",), effects=True)
+def _all_sum_rule(x: TensorType):
+    """The elementwise sum of x over all ranks, on every rank (the partial products of a row-parallel matmul)."""
+    require(x.quant is None, f"all_sum takes a float or integer tensor, got {x}")
+    return x
+
+
+@op("all_gather", OpGroup.COLLECTIVE, ("x",), (AttrDef("sizes", Ints), AttrDef("axis", int, -1)), effects=True)
+def _all_gather_rule(x: TensorType, sizes: Ints, axis: int):
+    """Every rank's x joined along `axis` in rank order, on every rank; rank i holds `sizes[i]` entries of that axis
+    (uneven shares are padded to the largest for the transfer)."""
+    ax = _axis(axis, x.rank)
+    require(len(sizes) > 0 and all(s > 0 for s in sizes), f"sizes must be positive, got {list(sizes)}")
+    require(x.shape[ax] in sizes, f"{x}: dim {ax} is none of the ranks' sizes {list(sizes)}")
+    return x.with_shape(x.shape[:ax] + (sum(sizes),) + x.shape[ax + 1:])
+
+
+@op("broadcast", OpGroup.COLLECTIVE, ("x",), (AttrDef("root", int),), effects=True)
+def _broadcast_rule(x: TensorType, root: int):
+    """Rank `root`'s x, on every rank; each rank passes a tensor of the same type (a pipeline's last hidden state)."""
+    require(root >= 0, f"root must be a rank, got {root}")
+    return x
+
+
+@op("send", OpGroup.COLLECTIVE, ("x",), (AttrDef("dst", int),), effects=True)
+def _send_rule(x: TensorType, dst: int):
+    """Send x to rank `dst` and return it: computing the result makes the transfer. MLX's ring backend sends only
+    to a neighbour (rank +- 1 mod the group size)."""
+    require(dst >= 0, f"dst must be a rank, got {dst}")
+    return x
+
+
+@op("recv", OpGroup.COLLECTIVE, ("ref",), (AttrDef("src", int), AttrDef("shape", Shape), AttrDef("dtype", DType)),
+    effects=True)
+def _recv_rule(ref: TensorType, src: int, shape: Shape, dtype: DType):
+    """A tensor of `shape` and `dtype` sent by rank `src`; its symbolic dims are read from `ref` (the call's ids, for
+    the batch and sequence)."""
+    require(src >= 0, f"src must be a rank, got {src}")
+    missing = [d for d in shape if isinstance(d, str) and d not in ref.shape]
+    require(not missing, f"recv shape dim {missing[0] if missing else ''} is not a dim of {ref}")
+    return TensorType(dtype, tuple(shape))

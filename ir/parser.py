@@ -105,7 +105,7 @@ def _parse_type(t: _Tokens) -> TensorType:
             raise t.error(f"bad dimension {text!r}", at=t.i - 1)
     quant = None
     kind, text = t.peek()
-    if kind == "ident" and re.fullmatch(r"q\d+g\d+", text):
+    if kind == "ident" and re.fullmatch(Quant.PATTERN, text):
         t.next()
         quant = Quant.parse(text)
     return TensorType(dtype, tuple(dims), quant)

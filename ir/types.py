@@ -35,16 +35,34 @@ class DType(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Quant:
-    """Affine group quantization of a weight, MLX's layout: `w = scale * q + bias` per group along the last axis."""
+    """Affine group quantization of a weight, MLX's layout: `w = scale * q + bias` per group along the last axis.
+
+    `scales`: the dtype scales and biases are stored in when it is not the tensor's own (GGUF's float16 scales
+    under a float32 model: exact in float32, half the bytes). `packed`: the native CPU kernels' layout (16 rows side
+    by side, `mlxc.kernels.native.pack`), which only those kernels read. Printed `q4g32`, `q4g32_f16`,
+    `q4g32_f16_packed`."""
 
     bits: int
     group_size: int
+    scales: "DType | None" = None
+    packed: bool = False
 
     BITS = (2, 3, 4, 5, 6, 8)  # the widths MLX's affine quantization supports
     GROUP_SIZES = (32, 64, 128)  # and its group sizes
 
     def __str__(self) -> str:
-        return f"q{self.bits}g{self.group_size}"
+        text = f"q{self.bits}g{self.group_size}"
+        if self.scales is not None:
+            text += f"_{self.scales.value}"
+        return text + ("_packed" if self.packed else "")
+
+    def scale_dtype(self, dtype: "DType") -> "DType":
+        """The dtype of the scales and biases of a tensor of `dtype` with this quantization."""
+        return self.scales or dtype
+
+    def with_layout(self, *, scales: "DType | None" = ..., packed: bool | None = None) -> "Quant":
+        return Quant(self.bits, self.group_size, self.scales if scales is ... else scales,
+                     self.packed if packed is None else packed)
 
     @staticmethod
     def storage_names(name: str) -> tuple[str, str, str]:
@@ -52,12 +70,14 @@ class Quant:
         base = name[: -len(".weight")] if name.endswith(".weight") else name
         return name, base + ".scales", base + ".biases"
 
+    PATTERN = r"q(\d+)g(\d+)(?:_(f32|f16|bf16))?(_packed)?"
+
     @classmethod
     def parse(cls, text: str) -> "Quant":
-        m = re.fullmatch(r"q(\d+)g(\d+)", text)
+        m = re.fullmatch(cls.PATTERN, text)
         if m is None:
-            raise ValueError(f"bad quantization {text!r}; expected e.g. q4g32")
-        return cls(int(m.group(1)), int(m.group(2)))
+            raise ValueError(f"bad quantization {text!r}; expected e.g. q4g32 or q4g32_f16")
+        return cls(int(m.group(1)), int(m.group(2)), DType(m.group(3)) if m.group(3) else None, bool(m.group(4)))
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,11 @@ class TensorType:
     dtype: DType
     shape: tuple[Dim, ...]
     quant: Quant | None = None
+
+    def __post_init__(self) -> None:
+        # one spelling per type: scales stored in the tensor's own dtype are the default
+        if self.quant is not None and self.quant.scales == self.dtype:
+            object.__setattr__(self, "quant", self.quant.with_layout(scales=None))
 
     def __str__(self) -> str:
         text = f"{self.dtype.value}[{', '.join(str(d) for d in self.shape)}]"

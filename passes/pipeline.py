@@ -8,8 +8,8 @@ pass and can write every stage as re-parseable IR.
 from __future__ import annotations
 
 import copy
-import time
 import os
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
 
@@ -68,15 +68,17 @@ def pass_name(p: PassLike) -> str:
 def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "cpu", quantize: int | None = None,
                    group_size: int | None = None, storage: Mapping[str, Quant] | None = None,
                    layout: Sequence[LayoutRule] = (), lora: LoRAConfig | None = None,
-                   merge_lora: bool = False) -> list[Pass]:
+                   merge_lora: bool = False, kernels: str = "reference", pack: bool = True) -> list[Pass]:
     """Every pass of one compile, configured, in order.
 
     Phase 0 makes the checkpoint's tensors the parameters (`layout`: fused, per-expert or reordered tensors, with
     load-time ops giving the body its view) and types them as the checkpoint stores them (`storage`: global name ->
     quantization), so every later decision sees the weights as they are. Phases 1-2 are `passes` (default: DEFAULT_PIPELINE). Adapters (`lora`,
     then `merge-lora`) go in after fusion and before the first pass that lifts or re-types weights. Phase 3 is the
-    target's kernel selection, or `quantize` in its place when the user asks for quantized weights: that request is
-    the kernel choice (quantized matmuls on every target) and weights stored quantized stay as stored.
+    target's kernel selection (`kernels`: the implementation family the caller chose for this target, e.g. "native"
+    on a CPU with mlxc's extension; `pack`: whether the native kernels get their packed weight layout), preceded by
+    `quantize` when the user asks for quantized weights: then quantized weights stay quantized on every target (MLX's
+    quantized matmul, or the native kernels), and weights stored quantized stay as stored.
     """
     if quantize is not None and quantize not in Quant.BITS:
         raise MlxcError(f"cannot quantize to {quantize} bits; choose one of {', '.join(map(str, Quant.BITS))}")
@@ -89,14 +91,17 @@ def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "c
         raise MlxcError("--merge-lora (merge_lora=) needs an adapter (--adapter DIR) or a LoRA configuration")
     items = [PASSES[p]() if isinstance(p, str) else p
              for p in parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)]
-    items = [SelectKernels(target=target) if p.name == SelectKernels.name else p for p in items]
+    select = SelectKernels(target=target, kernels=kernels, pack=pack, keep_quantized=quantize is not None)
+    items = [select if p.name == SelectKernels.name else p for p in items]
     if quantize is not None:
         q = Quantize(bits=quantize, group_size=group_size or 64)
         at = next((i for i, p in enumerate(items) if p.name == SelectKernels.name), None)
-        items = items + [q] if at is None else items[:at] + [q] + items[at + 1:]
+        items = items + [q] if at is None else items[:at] + [q] + items[at:]
     if lora is not None:
-        # re-quantizing a merged weight only pays where quantized kernels run; on the CPU it would be dequantized
-        adapters: list[Pass] = [LoRA(lora)] + ([MergeLoRA(requantize=target != "cpu")] if merge_lora else [])
+        # re-quantizing a merged weight only pays where quantized kernels run; on the CPU's reference path it would
+        # be dequantized
+        requantize = target != "cpu" or kernels != "reference"
+        adapters: list[Pass] = [LoRA(lora)] + ([MergeLoRA(requantize=requantize)] if merge_lora else [])
         # after fusion, before weight work is lifted to load time (merging is weight work too)
         at = next((i for i, p in enumerate(items) if p.name in ("lift-params",) + LoRA.runs_before), len(items))
         items = items[:at] + adapters + items[at:]

@@ -64,17 +64,24 @@ def run_op(op: Operation, args: list[Tensor]) -> list[Tensor]:
             names.insert(0, "const")
         source = impl.fragment(names, op.attrs, [v.type for v in op.operands])
         out = eval(_compiled(source), scope, env)  # noqa: S307 - mlxc's own fragments
+        q = op.results[0].type.quant
+        if len(op.results) == 1 and q is not None:  # a quantized result comes back as its storage arrays (`pack`)
+            out = QuantizedTensor(*out, q, op.results[0].type.shape[0] if q.packed else None)
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     return [conform(x, r.type) for x, r in zip(outs, op.results)]
 
 
+EXPANDING = ("dequantize", "pack")
+
+
 def expansions(fn: Function) -> list[Operation]:
-    """Load-time ops an artifact re-runs when it loads instead of storing their results: `dequantize` ops whose
-    results only the body reads. A float copy of a quantized weight is several times its storage, so an artifact
-    keeps the codes and the target's float weights are made again at load."""
+    """Load-time ops an artifact re-runs when it loads instead of storing their results: `dequantize` and `pack`
+    ops whose results only the body reads. A float copy of a quantized weight is several times its storage, and a
+    packed copy is the kernels' private layout, so an artifact keeps the codes in MLX's layout and the target's
+    weights are made again at load."""
     body_reads = {id(v) for o in fn.ops for v in o.operands}
     derive_reads = {id(v) for o in fn.derived for v in o.operands}
-    return [o for o in fn.derived if o.op == "dequantize"
+    return [o for o in fn.derived if o.op in EXPANDING
             and all(id(r) in body_reads and id(r) not in derive_reads for r in o.results)]
 
 

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ir import Program
+from ..ir.attrs import RopeKind
 from ..ir.errors import MlxcError
 from .loss import (IGNORE_INDEX, SINGLE_LABEL, causal_lm_loss, problem_of, sequence_classification_loss,
                    token_classification_loss)
@@ -56,8 +57,11 @@ class CompiledModel:
 
     @property
     def context_length(self) -> int | None:
-        """The most positions the model was built for (`max_position_embeddings`), when the spec says."""
-        return self.spec.max_position_embeddings if self.spec is not None else None
+        """The most positions the model was built for (`max_position_embeddings`), when the spec says. None for dynamic
+        NTK rope, which rescales its frequencies to run past that length (what it is for)."""
+        if self.spec is None or self.spec.rope.kind == RopeKind.DYNAMIC:
+            return None
+        return self.spec.max_position_embeddings
 
     # ------------------------------------------------------------------ forward
 
@@ -161,7 +165,9 @@ class CompiledModel:
 
         check_max_kv_size(max_kv_size)
         make = getattr(self.module, "make_cache", None)
-        return ModelCache(make(max_kv_size) if make is not None else ())
+        cache = ModelCache(make(max_kv_size) if make is not None else ())
+        cache.max_kv_size = max_kv_size  # bounded: generation may run past the context (see `_room`)
+        return cache
 
     # ------------------------------------------------------------------ generation
 
@@ -186,6 +192,25 @@ class CompiledModel:
         check_stop_tokens(params.stop_tokens, self.vocab_size)
         return params
 
+    def _room(self, ids: mx.array, cache, max_new_tokens):
+        """`max_new_tokens`, clipped so that what the cache holds, the prompt and the new tokens fit the model's
+        context (`max_position_embeddings`): generation stops there, as a stop token would end it. A cache bounded by
+        `max_kv_size` lifts the limit (every token then attends to the last N positions), and so does a model with
+        no positions (no rope, no attention). A prompt that leaves no room is an error."""
+        ctx = self.context_length
+        if ctx is None or getattr(cache, "max_kv_size", None) is not None or isinstance(max_new_tokens, bool) \
+                or not isinstance(max_new_tokens, int) or not any(o.op in ("rope", "attention") for fn in
+                                                                  self.program.functions for o in fn.ops):
+            return max_new_tokens
+        held = int(getattr(cache, "offset", 0))
+        room = ctx - held - ids.shape[1]
+        if room <= 0 and max_new_tokens > 0:
+            where = f" after the {held} positions the cache holds" if held else ""
+            raise MlxcError(f"the prompt has {ids.shape[1]} tokens{where}, which fills the model's context of {ctx} "
+                            "positions; shorten it, or give max_kv_size=N (--max-kv-size N) to attend to the last N "
+                            "positions only")
+        return max(min(max_new_tokens, room), 0)
+
     def _cache_for(self, cache, max_kv_size):
         if cache is not None and max_kv_size is not None:
             raise MlxcError("give either cache= or max_kv_size=, not both: a given cache already decides its size")
@@ -199,13 +224,16 @@ class CompiledModel:
         their log-probabilities under the model and the N most likely alternatives). `max_kv_size` keeps only that
         many positions in the KV cache (each new token attends to at most that many), so generation is unbounded.
         `stats` (a `GenerationStats`) is filled in with prompt and generation timings. `context` are the ids a
-        given cache already holds: a LongRoPE model recomputes them when the sequence outgrows its original context."""
+        given cache already holds: a LongRoPE model recomputes them when the sequence outgrows its original context.
+        Without `max_kv_size` (or a cache made with it) generation stops where the sequence fills the model's context
+        length, and a prompt that already fills it is an error (`_room`)."""
         from .generate import generate_stream
 
         self.require_causal_lm("model.stream")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self._cache_for(cache, max_kv_size)
+        max_new_tokens = self._room(ids, cache, max_new_tokens)
         yield from generate_stream(self.step, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size,
                                    logprobs=logprobs, stats=stats, recompute_at=self._longrope_restart(),
                                    context=context)
@@ -215,13 +243,15 @@ class CompiledModel:
                  stop_tokens: Sequence[int] | None = None, min_p: float = 0.0, logprobs: int | None = None,
                  max_kv_size: int | None = None):
         """Prompt followed by up to `max_new_tokens` new ids, [batch, prompt + new]; with `logprobs=N` a
-        `Generation` holding those ids plus each new token's log-probability and its top N alternatives."""
+        `Generation` holding those ids plus each new token's log-probability and its top N alternatives. Like
+        `stream`, it stops at the model's context length unless `max_kv_size` bounds the cache."""
         from .generate import generate
 
         self.require_causal_lm("model.generate")
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
-        out = generate(self.step, ids, self.make_cache(max_kv_size), max_new_tokens, params,
+        cache = self.make_cache(max_kv_size)
+        out = generate(self.step, ids, cache, self._room(ids, cache, max_new_tokens), params,
                        vocab_size=self.vocab_size, logprobs=logprobs, recompute_at=self._longrope_restart())
         return out.astype(ids.dtype) if logprobs is None else out
 

@@ -220,6 +220,7 @@ def adapter_parameters(net: nn.Module) -> dict[str, mx.array]:
 def save_adapter_weights(net: nn.Module, path: Union[str, Path]) -> Path:
     """Write the adapter parameters to a safetensors file (parent folders created), whole or not at all."""
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     with replacing_file(p) as tmp:
         mx.save_safetensors(str(tmp), adapter_parameters(net))
     return p

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Union
 
@@ -78,19 +78,25 @@ def rename(tensors: Mapping[str, mx.array], to_ir: Callable[[str], str | None], 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A checkpoint tensor already in MLX's affine layout (e.g. a GGUF Q4_1 block read by `mx.load`)."""
+    """A checkpoint tensor already in MLX's affine layout (e.g. a GGUF Q4_1 block read by `mx.load`), or in the
+    native kernels' packed layout (`quant.packed`, made by the load-time `pack` op; `rows` is then W's row count)."""
 
     codes: mx.array
     scales: mx.array
     biases: mx.array
     quant: Quant
+    rows: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.quant.packed:
+            return (self.rows, self.codes.shape[1] // (8 * self.quant.bits) * 4)
         return (*self.codes.shape[:-1], self.codes.shape[-1] * 32 // self.quant.bits)
 
     def dequantize(self) -> mx.array:
         """In float32, as GGUF readers do: fp16 scales times codes rounded once, not in fp16."""
+        if self.quant.packed:
+            raise WeightError("packed weights are made at load time and never dequantized")
         q = self.quant
         scales, biases = self.scales.astype(mx.float32), self.biases.astype(mx.float32)
         return mx.dequantize(self.codes, scales, biases, group_size=q.group_size, bits=q.bits)
@@ -104,8 +110,9 @@ class QuantizedTensor:
 
 Tensor = Union[mx.array, QuantizedTensor]
 
-# GGUF block types that are MLX's affine layout exactly (d * q + m per block of 32), so `mx.load` keeps them quantized.
-GGUF_NATIVE = {"Q4_0": Quant(4, 32), "Q4_1": Quant(4, 32), "Q8_0": Quant(8, 32)}
+# GGUF block types that are MLX's affine layout exactly (d * q + m per block of 32), so `mx.load` keeps them quantized,
+# with their float16 scales.
+GGUF_NATIVE = {t: Quant(bits, 32, DType.F16) for t, bits in (("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8))}
 
 
 def read_gguf_blocks(path: Path, types: Mapping[str, Quant]) -> dict[str, QuantizedTensor]:
@@ -124,17 +131,30 @@ def read_gguf_blocks(path: Path, types: Mapping[str, Quant]) -> dict[str, Quanti
 
 
 def conform(arr: Tensor, t: TensorType) -> Tensor:
-    """`arr` in the form type `t` asks for: cast, quantized (MLX's quantizer) or dequantized as needed."""
+    """`arr` in the form type `t` asks for: cast, quantized (MLX's quantizer) or dequantized as needed. Quantized
+    weights keep their codes; scales and biases take the dtype the type gives them (`Quant.scales`, else the
+    tensor's), so GGUF's float16 scales stay float16 where the program keeps them so."""
     dtype = MX_DTYPE[t.dtype]
     if t.quant is None:
         if isinstance(arr, QuantizedTensor):
             arr = arr.dequantize()
         return arr if arr.dtype == dtype else arr.astype(dtype)
-    if isinstance(arr, QuantizedTensor) and arr.quant == t.quant:
-        return QuantizedTensor(arr.codes, arr.scales.astype(dtype), arr.biases.astype(dtype), arr.quant)
+    q = t.quant
+    scale_dtype = MX_DTYPE[q.scale_dtype(t.dtype)]
+    same = isinstance(arr, QuantizedTensor) and (arr.quant.bits, arr.quant.group_size, arr.quant.packed) == \
+        (q.bits, q.group_size, q.packed)
+    if same:
+        cast = (lambda a: a) if arr.scales.dtype == scale_dtype else (lambda a: a.astype(scale_dtype))  # noqa: E731
+        return replace(arr, scales=cast(arr.scales), biases=cast(arr.biases), quant=q)
+    if q.packed or (isinstance(arr, QuantizedTensor) and arr.quant.packed):
+        raise WeightError(f"cannot convert a {arr.quant if isinstance(arr, QuantizedTensor) else 'float'} tensor to "
+                          f"the packed {q}: only the load-time `pack` op makes packed weights")
     if isinstance(arr, QuantizedTensor):  # another layout: through float, then MLX's quantizer
         arr = arr.dequantize()
-    return QuantizedTensor(*mx.quantize(arr.astype(dtype), group_size=t.quant.group_size, bits=t.quant.bits), t.quant)
+    codes, scales, biases = mx.quantize(arr.astype(dtype), group_size=q.group_size, bits=q.bits)
+    if scales.dtype != scale_dtype:
+        scales, biases = scales.astype(scale_dtype), biases.astype(scale_dtype)
+    return QuantizedTensor(codes, scales, biases, q)
 
 
 def storage_arrays(name: str, arr: Tensor) -> list[tuple[str, mx.array]]:
@@ -152,7 +172,8 @@ def from_storage(params: Mapping[str, Value], arrays: Mapping[str, mx.array]) ->
             codes, scales, biases = Quant.storage_names(name)
             if scales not in out or biases not in out:
                 raise WeightError(f"quantized parameter {name} is missing its {scales} / {biases} arrays")
-            out[name] = QuantizedTensor(out.pop(codes), out.pop(scales), out.pop(biases), p.type.quant)
+            rows = p.type.shape[0] if p.type.quant.packed else None
+            out[name] = QuantizedTensor(out.pop(codes), out.pop(scales), out.pop(biases), p.type.quant, rows)
     return out
 
 

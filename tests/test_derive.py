@@ -75,7 +75,7 @@ def _close(ours: np.ndarray, want: np.ndarray, rtol=1e-5, atol=1e-6) -> None:
 TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "linear", "rms_norm", "layer_norm",
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
           "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "rope", "clip",
-          "exp", "rms_norm_gated"}
+          "exp", "rms_norm_gated", "pack", "slice", "embed_range"}
 
 
 def needs_op(name: str):
@@ -145,6 +145,30 @@ def test_embed():
     np.testing.assert_array_equal(out["rows"], table[ids])
 
 
+@needs_op("embed_range")
+def test_embed_range():
+    """A vocabulary-parallel share: rows 3..5 of the table; other ids look up zeros."""
+    table = _rand(3, 4)
+    ids = np.array([2, 3, 5, 9, 4, 0], dtype=np.int32)
+    out = derive({"ids": ("i32[6]", ids), "table": ("f32[3, 4]", table)},
+                 "%rows = embed_range(%ids, %table) {first = 3} : f32[6, 4]")
+    want = np.zeros((6, 4), np.float32)
+    for i, t in enumerate(ids):
+        if 3 <= t < 6:
+            want[i] = table[t - 3]
+    np.testing.assert_array_equal(out["rows"], want)
+
+
+@needs_op("slice")
+def test_slice():
+    w = _rand(6, 8)
+    out = derive({"w": ("f32[6, 8]", w)},
+                 "%rows = slice(%w) {axis = 0, start = 2, stop = 5} : f32[3, 8]",
+                 "%cols = slice(%w) {axis = -1, start = 4, stop = 8} : f32[6, 4]")
+    np.testing.assert_array_equal(out["rows"], w[2:5])
+    np.testing.assert_array_equal(out["cols"], w[:, 4:8])
+
+
 # ------------------------------------------------------------------------------------------------ quantization
 
 
@@ -178,6 +202,38 @@ def test_dequantize_matches_numpy(bits, group):
     out = derive({"w": (f"f32[5, 128] q{bits}g{group}", stored)}, "%wf = dequantize(%w) : f32[5, 128]")
     want = np.repeat(scales, group, axis=1) * codes + np.repeat(biases, group, axis=1)
     _close(out["wf"], want.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, group, scales", [(4, 32, "f16"), (8, 32, "f16"), (4, 64, "f32"), (8, 128, "f32")])
+def test_pack_matches_numpy(bits, group, scales):
+    """`pack` (the native CPU kernels' layout) moves codes, scales and biases, exactly, to where the layout puts them:
+    per tile of 16 rows and 32-element block, 4-bit: byte 4r + i of quad j (64 bytes) is code 4j + i of row r, with
+    code 16 + 4j + i in the high nibble; 8-bit: 8 quads, one code per byte; scales and biases [tile, group * 16 + r].
+    Rows past n (37 here) are zero."""
+    n, k = 37, 128
+    codes = RNG.integers(0, 2**bits, size=(n, k))
+    sc, bi = _rand(n, k // group, scale=0.05), _rand(n, k // group, scale=0.5)
+    stored = QuantizedTensor(mx.array(ref.pack_codes(codes, bits)), mx.array(sc).astype(MX[scales]),
+                             mx.array(bi).astype(MX[scales]), Quant(bits, group))
+    q = f"q{bits}g{group}" + ("_f16" if scales == "f16" else "")
+    program = verify(parse_program(
+        f"func @main(%x: f32[1, {k}]) -> f32[1, {n}] {{\n  param %w: f32[{n}, {k}] {q}\n"
+        f"  derive %wp = pack(%w) : f32[{n}, {k}] {q}_packed\n"
+        f"  %y = linear(%x, %wp) {{kernel = native}} : f32[1, {n}]\n  return %y\n}}\n"))
+    out = run_derived(program, {"w": stored})["wp"]
+    tiles = -(-n // 16)
+    c = np.zeros((tiles * 16, k), np.uint8)
+    c[:n] = codes
+    c = c.reshape(tiles, 16, k // 32, 8, 4).transpose(0, 2, 3, 1, 4)  # tile, block, quad, row, byte
+    if bits == 4:
+        c = c[:, :, :4] | (c[:, :, 4:] << 4)
+    side = lambda a: np.pad(a, ((0, tiles * 16 - n), (0, 0))).reshape(tiles, 16, -1).transpose(0, 2, 1).reshape(tiles, -1)  # noqa: E731,E501
+    assert out.quant == Quant(bits, group, None if scales == "f32" else mlxc.ir.DType.F16, packed=True)
+    assert out.shape == (n, k) and out.codes.dtype == mx.uint8
+    np.testing.assert_array_equal(np.array(out.codes), c.reshape(tiles, -1))
+    np.testing.assert_array_equal(_np(out.scales), side(_np(stored.scales)))
+    np.testing.assert_array_equal(_np(out.biases), side(_np(stored.biases)))
+    assert out.scales.dtype == MX[scales]
 
 
 def test_quantize_then_dequantize_round_trip_and_quantized_concat():

@@ -160,7 +160,9 @@ def test_a_broken_artifact_module_names_file_and_line(capsys, tmp_path, artifact
     at = lines.index("class Model(nn.Module):") + 1
     lines[at] = "def (:"
     (broken / "model.py").write_text("\n".join(lines) + "\n")
-    code, _, err = _run(capsys, "run", str(broken), "--tokens", "1")
+    code, _, err = _run(capsys, "run", str(broken), "--tokens", "1")  # an edited module is not run unasked
+    assert code == 1 and "model.py was changed" in err and "--trust" in err and "internal error" not in err
+    code, _, err = _run(capsys, "run", str(broken), "--tokens", "1", "--trust")
     assert code == 1 and f"model.py:{at + 1}" in err and "internal error" not in err
 
 

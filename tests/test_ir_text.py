@@ -315,7 +315,7 @@ def test_json_is_the_documented_form():
         "params": [{"name": "w.weight", "type": "f32[8, 32]"}],
         "derived": [{"op": "quantize", "operands": ["w.weight"], "attrs": {"bits": 8, "group_size": 32},
                      "results": [{"name": "wq.weight", "type": "f32[8, 32] q8g32"}]}],
-        "ops": [{"op": "linear", "operands": ["x", "wq.weight"], "attrs": {},
+        "ops": [{"op": "linear", "operands": ["x", "wq.weight"], "attrs": {"kernel": "reference"},
                  "results": [{"name": "y", "type": "f32[B, 8]"}]},
                 {"op": "split", "operands": ["y"], "attrs": {"sizes": [4, 4], "axis": -1},
                  "results": [{"name": "a", "type": "f32[B, 4]"}, {"name": "b", "type": "f32[B, 4]"}]}],

@@ -195,10 +195,13 @@ def test_select_kernels_dequantizes_on_cpu_only():
             assert "dequantize(%qkv_proj.weight)" in str(program)
 
 
-def test_user_quantize_takes_the_place_of_kernel_selection():
-    """Asking for quantization is the kernel choice: `quantize` replaces `select-kernels`, after fusion."""
-    names = [getattr(p, "name", p) for p in build_pipeline(quantize=4, group_size=32)]
-    assert "select-kernels" not in names and names.index("fuse-qkv") < names.index("quantize")
+def test_user_quantize_comes_before_kernel_selection():
+    """Asking for quantization: `quantize` runs after fusion and before `select-kernels`, which then keeps quantized
+    weights quantized (MLX's quantized matmul, or the native kernels) instead of dequantizing them on the CPU."""
+    items = build_pipeline(quantize=4, group_size=32)
+    names = [p.name for p in items]
+    assert names.index("fuse-qkv") < names.index("quantize") < names.index("select-kernels")
+    assert next(p for p in items if p.name == "select-kernels").keep_quantized
 
 
 def test_quantize_keeps_checkpoint_quantized_weights_as_stored():

@@ -78,12 +78,14 @@ def _need():
 
 
 def qmatmul(x: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int,
-            int8_activations: bool = True, stream=None) -> mx.array:
+            int8_activations: bool = True, act_terms: int = 1, stream=None) -> mx.array:
     """`x @ W.T` for W (N x K) in MLX's affine layout: codes uint32 [N, K*bits/32], scales and biases
     [N, K/group_size] (float32, float16 or bfloat16). x: [..., K] in float32, float16 or bfloat16; the result is
-    [..., N] in x's dtype. Same arguments as `mx.quantized_matmul(x, codes, scales, biases, transpose=True, ...)`."""
+    [..., N] in x's dtype. Same arguments as `mx.quantized_matmul(x, codes, scales, biases, transpose=True, ...)`.
+    `act_terms=2` quantizes activations twice (x ~= d1 q1 + d2 q2, the second pass the first's residual): the error
+    bound shrinks by ~254x, for twice the integer dot products."""
     return _need().qmatmul(x, codes, scales, biases, bits=bits, group_size=group_size,
-                           int8_activations=int8_activations, stream=stream)
+                           int8_activations=int8_activations, act_terms=act_terms, stream=stream)
 
 
 def pack(codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
@@ -114,11 +116,32 @@ def pack(codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, grou
     return c.reshape(tiles, -1), side(scales), side(biases)
 
 
+def unpack(pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, n: int, bits: int, group_size: int
+           ) -> tuple[mx.array, mx.array, mx.array]:
+    """The inverse of `pack` (plain MLX ops, exact): W's codes, scales and biases in MLX's layout, n rows. For the
+    fallback where packed weights meet a machine without the extension."""
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"unpack: bits must be 4 or 8 and group_size 32, 64 or 128, got {bits}, {group_size}")
+    tiles = pcodes.shape[0]
+    nb = pcodes.shape[1] // (256 if bits == 4 else 512)
+    k, groups = nb * 32, nb * 32 // group_size
+    c = pcodes.reshape(tiles, nb, 4 if bits == 4 else 8, 16, 4)
+    if bits == 4:
+        c = mx.concatenate([c & 15, c >> 4], axis=2)  # quads 0-3 low nibbles, 4-7 high
+    c = c.transpose(0, 3, 1, 2, 4).reshape(tiles * 16, k)[:n]  # tile, row, block, quad, byte
+    if bits == 4:
+        c = c[:, 0::2] | (c[:, 1::2] << 4)
+    codes = mx.contiguous(c).view(mx.uint32)
+    rows = lambda a: a.reshape(tiles, groups, 16).transpose(0, 2, 1).reshape(tiles * 16, groups)[:n]  # noqa: E731
+    return codes, rows(pscales), rows(pbiases)
+
+
 def qmatmul_packed(x: mx.array, pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, bits: int,
-                   group_size: int, n: int, stream=None) -> mx.array:
+                   group_size: int, n: int, act_terms: int = 1, stream=None) -> mx.array:
     """`qmatmul` (int8 activations) on weights from `pack`; n is W's row count. Scales float32 or float16. Equal to
     `qmatmul` up to float summation order: the same integer dot products, so the same error bound."""
-    return _need().qmatmul_packed(x, pcodes, pscales, pbiases, bits=bits, group_size=group_size, n=n, stream=stream)
+    return _need().qmatmul_packed(x, pcodes, pscales, pbiases, bits=bits, group_size=group_size, n=n,
+                                  act_terms=act_terms, stream=stream)
 
 
 def qembed_packed(ids: mx.array, pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, bits: int,
@@ -170,5 +193,5 @@ def describe() -> str:
     return f"native kernels: {_ext.isa()}, {_ext.threads()} threads"
 
 
-__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "qmatmul_packed", "qembed_packed", "isa", "supported_isas", "set_isa", "threads", "set_threads",
+__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "isa", "supported_isas", "set_isa", "threads", "set_threads",
            "describe"]

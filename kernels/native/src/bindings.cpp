@@ -7,6 +7,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "layers.h"
 #include "mlx/version.h"
 #include "ops.h"
 #include "parallel.h"
@@ -23,10 +24,10 @@ NB_MODULE(_mlxc_native, m) {
       MLXC_STR(MLX_VERSION_MAJOR) "." MLXC_STR(MLX_VERSION_MINOR) "." MLXC_STR(MLX_VERSION_PATCH);
 
   m.def("qmatmul", &mlxc_native::qmatmul, "x"_a, "codes"_a, "scales"_a, "biases"_a, nb::kw_only(), "bits"_a,
-        "group_size"_a, "int8_activations"_a = true, "stream"_a = nb::none(),
+        "group_size"_a, "int8_activations"_a = true, "act_terms"_a = 1, "stream"_a = nb::none(),
         "y = x @ W.T for W in MLX's affine layout (codes, scales, biases); y has x's dtype.");
   m.def("qmatmul_packed", &mlxc_native::qmatmul_packed, "x"_a, "pcodes"_a, "pscales"_a, "pbiases"_a, nb::kw_only(),
-        "bits"_a, "group_size"_a, "n"_a, "stream"_a = nb::none(),
+        "bits"_a, "group_size"_a, "n"_a, "act_terms"_a = 1, "stream"_a = nb::none(),
         "y = x @ W.T for W packed by mlxc.kernels.native.pack (int8 activations).");
   m.def("qembed", &mlxc_native::qembed, "ids"_a, "codes"_a, "scales"_a, "biases"_a, nb::kw_only(), "bits"_a,
         "group_size"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
@@ -35,6 +36,21 @@ NB_MODULE(_mlxc_native, m) {
   m.def("qembed_packed", &mlxc_native::qembed_packed, "ids"_a, "pcodes"_a, "pscales"_a, "pbiases"_a, nb::kw_only(),
         "bits"_a, "group_size"_a, "n"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
         "Rows ids of a packed W, dequantized.");
+  m.def("rms_norm", &mlxc_native::rms_norm, "x"_a, "w"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x * rsqrt(mean(x^2) + eps) * w over the last axis, in float32 (mx.fast.rms_norm).");
+  m.def(
+      "rope",
+      [](const mlx::core::array& x, int dims, bool traditional, const mlx::core::array& freqs,
+         const std::variant<int, mlx::core::array>& offset, mlx::core::StreamOrDevice s) {
+        if (std::holds_alternative<int>(offset))
+          return mlxc_native::rope(x, dims, traditional, freqs, std::get<int>(offset), s);
+        return mlxc_native::rope(x, dims, traditional, freqs, std::get<mlx::core::array>(offset), s);
+      },
+      "x"_a, "dims"_a, nb::kw_only(), "traditional"_a, "freqs"_a, "offset"_a, "stream"_a = nb::none(),
+      "Rotary embedding of x [B, H, T, D] at positions offset + t (mx.fast.rope with freqs, scale 1).");
+  m.def("attention_decode", &mlxc_native::attention_decode, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a,
+        "window"_a = 0, "stream"_a = nb::none(),
+        "softmax(scale * q @ k.T) @ v for one query per head over (the last `window` of) S keys; GQA by index.");
   m.def("isa", [] { return std::string(mlxc_native::active_kernels().name); },
         "The instruction set whose kernels run.");
   m.def("supported_isas", &mlxc_native::supported_isas, "Instruction sets this CPU can run, best first.");

@@ -1,6 +1,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -83,17 +84,40 @@ void convert_from_float(const float* src, size_t n, T* dst) {
 
 struct Scratch {
   std::vector<char> xc, cc, sc, bc;
-  std::vector<float> x32, d, xf, gsum, y;
+  std::vector<float> x32, x2, d, xf, gsum, y, y2;
   std::vector<int8_t> q;
 };
 
+// Rows [x_0, r_0, x_1, r_1, ...]: each row of x followed by what its int8 quantization (prepare_acts' rounding,
+// exactly) leaves out, so prepare_acts on these 2M rows quantizes x and then its residual, and the product's rows
+// 2m and 2m + 1 add up to W @ (d1 q1 + d2 q2).
+void residual_rows(const float* x, int64_t M, int K, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* o = out + 2 * m * K;
+    std::memcpy(o, xr, sizeof(float) * K);
+    float* r = o + K;
+    for (int b = 0; b < K / 32; ++b) {
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xr[b * 32 + j]));
+      const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      for (int j = 0; j < 32; ++j) {
+        const float v = xr[b * 32 + j];
+        r[b * 32 + j] = v - dd * std::nearbyint(v * id);
+      }
+    }
+  }
+}
+
 void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
-                 mx::array& out, int bits, int group_size, bool int8, int packed_rows) {
+                 mx::array& out, int bits, int group_size, bool int8, int packed_rows, int terms) {
   const int K = x.shape(-1);
   const bool packed = packed_rows > 0;
-  const int64_t N = packed ? packed_rows : codes.shape(0), M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
-  if (M == 0 || N == 0) return;
+  const int64_t N = packed ? packed_rows : codes.shape(0), M0 = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
+  if (M0 == 0 || N == 0) return;
   thread_local Scratch t;
+  const bool two = int8 && terms == 2;
+  const int64_t M = two ? 2 * M0 : M0;
 
   // activations as float32 rows, then prepared for the kernels
   const char* xraw = contiguous(x, t.xc);
@@ -101,12 +125,17 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   if (x.dtype() == mx::float32) {
     x32 = reinterpret_cast<const float*>(xraw);
   } else {
-    t.x32.resize(M * K);
+    t.x32.resize(M0 * K);
     if (x.dtype() == mx::float16)
-      convert_to_float(reinterpret_cast<const mx::float16_t*>(xraw), M * K, t.x32.data());
+      convert_to_float(reinterpret_cast<const mx::float16_t*>(xraw), M0 * K, t.x32.data());
     else
-      convert_to_float(reinterpret_cast<const mx::bfloat16_t*>(xraw), M * K, t.x32.data());
+      convert_to_float(reinterpret_cast<const mx::bfloat16_t*>(xraw), M0 * K, t.x32.data());
     x32 = t.x32.data();
+  }
+  if (two) {
+    t.x2.resize(M * K);
+    residual_rows(x32, M0, K, t.x2.data());
+    x32 = t.x2.data();
   }
   const int nb = K / 32, G = K / group_size;
   t.gsum.resize(M * G);
@@ -125,7 +154,10 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
                   contiguous(biases, t.bc), float_type(scales.dtype()), N, K, bits, group_size};
   const QActs a{M, K, t.q.data(), t.d.data(), t.xf.data(), t.gsum.data()};
   float* y = out.data<float>();
-  if (out.dtype() != mx::float32) {
+  if (two) {
+    t.y2.resize(M * N);
+    y = t.y2.data();
+  } else if (out.dtype() != mx::float32) {
     t.y.resize(M * N);
     y = t.y.data();
   }
@@ -142,10 +174,22 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   } else {
     fn(w, a, y, N, 0, N);
   }
+  if (two) {  // each row's two passes added up
+    float* sum = y;
+    if (out.dtype() == mx::float32) sum = out.data<float>();
+    else t.y.resize(M0 * N), sum = t.y.data();
+    for (int64_t m = 0; m < M0; ++m) {
+      const float* a0 = y + 2 * m * N;
+      const float* a1 = a0 + N;
+      float* o = sum + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = a0[n] + a1[n];
+    }
+    y = sum;
+  }
   if (out.dtype() == mx::float16)
-    convert_from_float(y, M * N, out.data<mx::float16_t>());
+    convert_from_float(y, M0 * N, out.data<mx::float16_t>());
   else if (out.dtype() == mx::bfloat16)
-    convert_from_float(y, M * N, out.data<mx::bfloat16_t>());
+    convert_from_float(y, M0 * N, out.data<mx::bfloat16_t>());
 }
 
 template <typename I, typename T>
@@ -264,17 +308,18 @@ int check_packed(const char* op, const mx::array& pcodes, const mx::array& pscal
 
 
 mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
-                  int bits, int group_size, bool int8_activations, mx::StreamOrDevice s) {
+                  int bits, int group_size, bool int8_activations, int act_terms, mx::StreamOrDevice s) {
   const char* op = "mlxc.qmatmul";
   const int K = check_layout(op, codes, scales, biases, bits, group_size);
   if (x.ndim() < 1 || x.shape(-1) != K)
     fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K) + " to multiply W of shape (" +
                  std::to_string(codes.shape(0)) + ", " + std::to_string(K) + ")");
   if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
+  if (act_terms != 1 && act_terms != 2) fail(op, "act_terms must be 1 or 2");
   mx::Shape shape = x.shape();
   shape.back() = codes.shape(0);
   return mx::array(std::move(shape), x.dtype(),
-                   std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, int8_activations),
+                   std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, int8_activations, 0, act_terms),
                    {x, codes, scales, biases});
 }
 
@@ -286,8 +331,8 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), codes = mx::array::unsafe_weak_copy(inputs[1]),
                 scales = mx::array::unsafe_weak_copy(inputs[2]), biases = mx::array::unsafe_weak_copy(inputs[3]),
                 out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = group_size_, int8 = int8_,
-                packed = packed_rows_]() mutable {
-    run_qmatmul(x, codes, scales, biases, out, bits, gs, int8, packed);
+                packed = packed_rows_, terms = terms_]() mutable {
+    run_qmatmul(x, codes, scales, biases, out, bits, gs, int8, packed, terms);
   });
 }
 
@@ -303,7 +348,8 @@ std::vector<mx::Shape> QMatmul::output_shapes(const std::vector<mx::array>& inpu
 
 bool QMatmul::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QMatmul&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_ && int8_ == o.int8_ && packed_rows_ == o.packed_rows_;
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && int8_ == o.int8_ && packed_rows_ == o.packed_rows_ &&
+         terms_ == o.terms_;
 }
 
 std::vector<mx::array> QMatmul::jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
@@ -312,8 +358,8 @@ std::vector<mx::array> QMatmul::jvp(const std::vector<mx::array>& primals, const
     if (a != 0) throw std::invalid_argument("[MlxcQMatmul] is differentiable with respect to x only");
   if (packed_rows_ > 0)
     return {qmatmul_packed(tangents[0], primals[1], primals[2], primals[3], bits_, group_size_, packed_rows_,
-                           stream())};
-  return {qmatmul(tangents[0], primals[1], primals[2], primals[3], bits_, group_size_, int8_, stream())};
+                           terms_, stream())};
+  return {qmatmul(tangents[0], primals[1], primals[2], primals[3], bits_, group_size_, int8_, terms_, stream())};
 }
 
 std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -332,14 +378,17 @@ std::vector<mx::array> QMatmul::vjp(const std::vector<mx::array>& primals, const
 }
 
 mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::array& pscales,
-                         const mx::array& pbiases, int bits, int group_size, int n, mx::StreamOrDevice s) {
+                         const mx::array& pbiases, int bits, int group_size, int n, int act_terms,
+                         mx::StreamOrDevice s) {
   const char* op = "mlxc.qmatmul_packed";
   const int64_t K = check_packed(op, pcodes, pscales, pbiases, bits, group_size, n);
   if (x.ndim() < 1 || x.shape(-1) != K) fail(op, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K));
   if (!is_float(x.dtype())) fail(op, "x must be float32, float16 or bfloat16");
+  if (act_terms != 1 && act_terms != 2) fail(op, "act_terms must be 1 or 2");
   mx::Shape shape = x.shape();
   shape.back() = n;
-  return mx::array(std::move(shape), x.dtype(), std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, true, n),
+  return mx::array(std::move(shape), x.dtype(),
+                   std::make_shared<QMatmul>(cpu_stream(s), bits, group_size, true, n, act_terms),
                    {x, pcodes, pscales, pbiases});
 }
 

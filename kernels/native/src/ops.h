@@ -11,15 +11,18 @@ namespace mx = mlx::core;
 
 // y = x @ W.T with W in MLX's affine layout (codes uint32 [N, K*bits/32], scales and biases [N, K/group_size] in
 // float32, float16 or bfloat16). x: [..., K] in float32, float16 or bfloat16; y: [..., N] in x's dtype.
-// int8_activations: quantize x to int8 per 32-block for integer dot products (else float).
+// int8_activations: quantize x to int8 per 32-block for integer dot products (else float). act_terms 2: quantize
+// twice, the second pass the first's residual (x ~= d1 q1 + d2 q2: about 1/100 of one pass's error, twice the
+// integer work), computed as two activation rows per row of x.
 mx::array qmatmul(const mx::array& x, const mx::array& codes, const mx::array& scales, const mx::array& biases,
-                  int bits, int group_size, bool int8_activations, mx::StreamOrDevice s = {});
+                  int bits, int group_size, bool int8_activations, int act_terms = 1, mx::StreamOrDevice s = {});
 
 // The same product on weights packed ahead of time by mlxc.kernels.native.pack (16 rows side by side; int8
 // activations; every ISA, fastest with AVX-512 VNNI): pcodes uint8 [ceil(n/16), K/32 * 256 (4-bit) or 512 (8-bit)], pscales and
 // pbiases [ceil(n/16), K/group_size * 16] in float32 or float16; n is W's row count.
 mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::array& pscales,
-                         const mx::array& pbiases, int bits, int group_size, int n, mx::StreamOrDevice s = {});
+                         const mx::array& pbiases, int bits, int group_size, int n, int act_terms = 1,
+                         mx::StreamOrDevice s = {});
 
 // Rows of a quantized matrix, dequantized: ids [...] (integer) -> [..., K] in `dtype` (default: the scales' dtype).
 mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
@@ -32,12 +35,13 @@ mx::array qembed_packed(const mx::array& ids, const mx::array& pcodes, const mx:
 
 class QMatmul : public mx::UnaryPrimitive {
  public:
-  QMatmul(mx::Stream stream, int bits, int group_size, bool int8_activations, int packed_rows = 0)
+  QMatmul(mx::Stream stream, int bits, int group_size, bool int8_activations, int packed_rows = 0, int act_terms = 1)
       : mx::UnaryPrimitive(stream),
         bits_(bits),
         group_size_(group_size),
         int8_(int8_activations),
-        packed_rows_(packed_rows) {}
+        packed_rows_(packed_rows),
+        terms_(act_terms) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -53,6 +57,7 @@ class QMatmul : public mx::UnaryPrimitive {
   int bits_, group_size_;
   bool int8_;
   int packed_rows_;  // > 0: the weight is packed (inputs are pcodes, pscales, pbiases) and has this many rows
+  int terms_;        // int8 activation passes: 1, or 2 (the residual quantized again)
 };
 
 class QEmbed : public mx::UnaryPrimitive {

@@ -1,0 +1,59 @@
+"""The memory a model's weights take, checked before anything is allocated.
+
+A config is a few numbers anyone can write (`vocab_size: 1000000000000`). Without this check such a model fails
+deep inside an allocation, or the kernel kills the process once it has filled the machine; with it, `mlxc.load`
+refuses at once and says what the model would need.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..ir import DType, Program, TensorType
+from ..ir.errors import MlxcError
+
+_BYTES = {DType.F32: 4, DType.F16: 2, DType.BF16: 2, DType.I32: 4, DType.I64: 8, DType.U32: 4, DType.BOOL: 1}
+
+
+def tensor_bytes(t: TensorType) -> int:
+    """The bytes one parameter of type `t` is stored in (a quantized one: its codes plus per-group scales and
+    biases)."""
+    n = math.prod(d for d in t.shape if isinstance(d, int))
+    if t.quant is None:
+        return n * _BYTES.get(t.dtype, 4)
+    scale_dtype = getattr(t.quant, "scales", None) or t.dtype
+    return n * t.quant.bits // 8 + 2 * (n // t.quant.group_size) * _BYTES.get(scale_dtype, 4)
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, where the system says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_weights_fit(program: Program, what: str, memory: int | None = None) -> None:
+    """Refuse a program whose weights (as the checkpoint holds them, or as the model runs them, whichever is larger)
+    exceed the machine's memory (`memory`, default: physical memory), before anything is allocated."""
+    from .weights import stage_parameters
+
+    have = physical_memory() if memory is None else memory
+    if not have:
+        return
+    checkpoint = stage_parameters(program, "checkpoint")
+    need = max(sum(tensor_bytes(p.type) for p in checkpoint.values()),
+               sum(tensor_bytes(p.type) for p in stage_parameters(program, "runtime").values()))
+    if need > have:
+        count = sum(math.prod(d for d in p.type.shape if isinstance(d, int)) for p in checkpoint.values())
+        raise MlxcError(f"{what} has {count:,} parameters ({count:.3g}): its weights need {human(need)}, more than "
+                        f"this machine's {human(have)} of memory; nothing was allocated (check the config's sizes)")

@@ -1,0 +1,148 @@
+"""A rank's share of a checkpoint: each tensor read whole or as one slice along one axis, and nothing else read.
+
+MLX's lazy `mx.load` reads a whole tensor when it is evaluated and a slice keeps that buffer alive, so a rank of a
+tensor-parallel model would hold every weight it slices. `SafetensorsSlices` reads the bytes of a slice straight
+from the file instead (the safetensors header gives each tensor's offset): a row range is one read, a column
+range is read in blocks of rows and cut. Other sources (a GGUF file, in-memory tensors) are sliced as arrays and
+copied out one tensor at a time, and random weights are drawn in the single-process order, keeping only the share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from math import prod
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from ..ir.errors import MlxcError
+from .weights import QuantizedTensor, Tensor
+
+_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+          "BOOL": np.bool_}
+_BLOCK = 4 << 20  # bytes read at a time for a column slice
+
+
+def _to_mx(arr: np.ndarray, dtype: str) -> mx.array:
+    out = mx.array(arr)
+    return out.view(mx.bfloat16) if dtype == "BF16" else out
+
+
+class SafetensorsSlices:
+    """Tensors of safetensors files by name (renamed by the caller), read whole or by slice from the files."""
+
+    def __init__(self, files: Iterable[Path], rename: Callable[[str], str | None] = lambda n: n):
+        self.index: dict[str, tuple[Path, str, list[int], int]] = {}  # name -> file, dtype, shape, byte offset
+        for f in files:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                try:
+                    header = json.loads(fh.read(size))
+                except ValueError as e:
+                    raise MlxcError(f"{f}: not a safetensors file ({e})") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                new = rename(name)
+                if new is None:
+                    continue
+                if info["dtype"] not in _NUMPY:
+                    raise MlxcError(f"{f}: tensor {name} has dtype {info['dtype']}, which mlxc cannot slice")
+                self.index[new] = (Path(f), info["dtype"], list(info["shape"]), 8 + size + info["data_offsets"][0])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.index[name][2])
+
+    def read(self, name: str, axis: int | None = None, start: int = 0, stop: int = 0) -> mx.array:
+        if name not in self.index:
+            raise MlxcError(f"missing tensor for parameter {name}")
+        path, dtype, shape, offset = self.index[name]
+        np_dtype = np.dtype(_NUMPY[dtype])
+        if axis is None:
+            axis, start, stop = 0, 0, shape[0] if shape else 1
+        if not shape:
+            return _to_mx(self._bytes(path, offset, np_dtype.itemsize, np_dtype).reshape(()), dtype)
+        outer, inner = prod(shape[:axis]), prod(shape[axis + 1:])
+        run = (stop - start) * inner  # elements kept from each of the `outer` rows
+        row = shape[axis] * inner
+        if outer == 1:
+            arr = self._bytes(path, offset + start * inner * np_dtype.itemsize, run * np_dtype.itemsize, np_dtype)
+        else:
+            rows_per_read = max(1, _BLOCK // (row * np_dtype.itemsize))
+            parts = []
+            for first in range(0, outer, rows_per_read):
+                n = min(rows_per_read, outer - first)
+                block = self._bytes(path, offset + first * row * np_dtype.itemsize, n * row * np_dtype.itemsize,
+                                    np_dtype).reshape(n, row)
+                parts.append(block[:, start * inner:stop * inner].copy())
+            arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return _to_mx(arr.reshape(shape[:axis] + [stop - start] + shape[axis + 1:]), dtype)
+
+    @staticmethod
+    def _bytes(path: Path, offset: int, length: int, dtype: np.dtype) -> np.ndarray:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = bytearray(length)
+            view, done = memoryview(buf), 0
+            while done < length:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise MlxcError(f"{path}: file ends inside a tensor (truncated checkpoint?)")
+                done += got
+        finally:
+            os.close(fd)
+        return np.frombuffer(buf, dtype=dtype)
+
+
+def take(arr: Tensor, axis: int | None, start: int, stop: int) -> Tensor:
+    """A slice of an in-memory (or lazily loaded) tensor, copied into its own buffer so the whole can be freed."""
+    if axis is None:
+        return arr
+    if isinstance(arr, QuantizedTensor):
+        last = len(arr.shape) - 1
+        if axis < last:
+            cut = lambda a: a[(slice(None),) * axis + (slice(start, stop),)]  # noqa: E731
+            return QuantizedTensor(_copy(cut(arr.codes)), _copy(cut(arr.scales)), _copy(cut(arr.biases)), arr.quant)
+        per, g = 32 // arr.quant.bits, arr.quant.group_size
+        return QuantizedTensor(_copy(arr.codes[..., start // per:stop // per]),
+                               _copy(arr.scales[..., start // g:stop // g]),
+                               _copy(arr.biases[..., start // g:stop // g]), arr.quant)
+    return _copy(arr[(slice(None),) * axis + (slice(start, stop),)])
+
+
+def _copy(a: mx.array) -> mx.array:
+    """The values of `a` in a buffer of its own (a slice of a loaded array would keep the whole array alive)."""
+    mx.eval(a)
+    if a.dtype == mx.bfloat16:
+        return mx.array(np.array(a.view(mx.uint16))).view(mx.bfloat16)
+    return mx.array(np.array(a))
+
+
+def random_shares(parameters: Iterable[tuple[str, tuple[int, ...]]], wanted: Mapping[str, list],
+                  seed: int = 0, scale: float = 0.02) -> dict[tuple, mx.array]:
+    """The seeded random weights a single process draws (`weights.random_weights`: normal(0, scale) matrices, unit
+    vectors, zero biases and LoRA B), drawn parameter by parameter in the same order, keeping only the slices in
+    `wanted` (checkpoint name -> [(axis, start, stop), ...], axis None for whole): no rank holds more than one whole
+    tensor at a time. Returns (name, axis, start, stop) -> array."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in parameters:
+        if name.endswith(".bias") or ".lora_B." in name:
+            a = np.zeros(shape, np.float32)
+        elif len(shape) == 1:
+            a = np.ones(shape, np.float32)
+        else:
+            a = rng.normal(0.0, scale, size=shape).astype(np.float32)
+        for axis, start, stop in wanted.get(name, ()):
+            part = a if axis is None else a[(slice(None),) * axis + (slice(start, stop),)]
+            out[(name, axis, start, stop)] = mx.array(np.ascontiguousarray(part))
+        del a
+    return out

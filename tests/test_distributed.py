@@ -1,0 +1,190 @@
+"""Tensor and pipeline parallelism (passes/shard.py, runtime/distributed.py, mlxc.parallel) against the single process.
+
+Each multi-process test starts real ranks on loopback with mlxc's own launcher: one job per rank count runs every
+case (tests/distributed_worker.py), and its logits must equal the single-process run's (<= 1e-5, float32) with the
+same greedy tokens. The pass itself is checked without processes: the IR it writes, and its refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxc
+from mlxc.frontends.lower import lower
+from mlxc.frontends.presets import PRESETS
+from mlxc.frontends.spec import ModelSpec
+from mlxc.ir import parse_program, print_program
+from mlxc.passes.pipeline import build_pipeline, run_pipeline
+from mlxc.passes.shard import Shard, ShardError, head_shares, loading_program, place
+from mlxc.runtime import weights as W
+from mlxc.runtime.distributed import launch
+from mlxc.runtime.slices import SafetensorsSlices, random_shares
+
+HERE = Path(__file__).parent
+WORKER = HERE / "distributed_worker.py"
+sys.path.insert(0, str(HERE))
+from distributed_worker import PROMPT  # noqa: E402
+
+HYBRID = "jamba-tiny"  # Mamba and attention layers (and experts): pipeline only
+
+
+def _spec(**changes) -> ModelSpec:
+    base = PRESETS["tiny"].model_dump(exclude_defaults=True)
+    # 4 layers, GQA (4 query / 2 KV heads), vocabulary 253 and intermediate 100: uneven over 2 and 4 ranks
+    base.update(num_layers=4, vocab_size=253, intermediate_size=100, layers=())
+    base.update(changes)
+    return ModelSpec.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Random-weight Hugging Face checkpoints (safetensors), so ranks read real files by slice."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {"llama": _spec(name="llama-t"),
+           "mixtral": _spec(name="mixtral-t", family="mixtral", num_layers=2, ffn="moe",
+                            moe=dict(num_experts=6, top_k=2, intermediate_size=48, normalize=True,
+                                     weights_in_float32=True))}
+    for name, spec in out.items():
+        mlxc.export(spec, root / name, overwrite=True)
+    return {name: str(root / name) for name in out}
+
+
+def _cases(checkpoints, ranks: int) -> list[list[str]]:
+    cases = [["llama-tensor", checkpoints["llama"], "tensor"], ["llama-pipeline", checkpoints["llama"], "pipeline"],
+             ["mixtral-experts", checkpoints["mixtral"], "tensor"]]
+    if HYBRID in PRESETS:
+        cases.append([f"{HYBRID}-pipeline", f"preset:{HYBRID}", "pipeline"])
+    return cases
+
+
+def _single(src: str) -> dict[str, np.ndarray]:
+    model = mlxc.load(src)
+    cache = model.make_cache()
+    prefill = model(mx.array(PROMPT), cache=cache).logits
+    step = model(mx.array([[11]]), cache=cache).logits
+    tokens = model.generate(mx.array(PROMPT), max_new_tokens=6)
+    return {"prefill": np.array(prefill), "step": np.array(step), "tokens": np.array(tokens)}
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_compute_what_one_process_computes(checkpoints, tmp_path, ranks):
+    """Llama split by tensor (fused QKV and gate/up divided by segment, KV heads replicated at 4 ranks, uneven
+    vocabulary and intermediate shares) and by pipeline; Mixtral's experts split among the ranks (6 experts: uneven
+    at 4); a Mamba/attention hybrid by pipeline."""
+    cases = _cases(checkpoints, ranks)
+    code = launch([sys.executable, str(WORKER), json.dumps(cases), str(tmp_path)], ranks, timeout=240,
+                  rank_timeout=60)
+    assert code == 0
+    for name, src, _ in cases:
+        got, want = np.load(tmp_path / f"{name}.npz"), _single(src)
+        for key in ("prefill", "step"):
+            diff = np.abs(got[key] - want[key]).max()
+            assert diff <= 1e-5, f"{name} on {ranks} ranks: {key} logits differ by {diff}"
+        assert (got["tokens"] == want["tokens"]).all(), name
+
+
+def _mlxc(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlxc", *args], capture_output=True, text=True, timeout=240, **kw)
+
+
+def test_cli_rank_0_prints_what_a_single_process_prints(checkpoints):
+    args = ["run", checkpoints["llama"], "--tokens", "5,9,200,17", "--max-new-tokens", "10"]
+    single, split = _mlxc(*args), _mlxc(*args, "--ranks", "2", "--parallel", "pipeline")
+    assert single.returncode == split.returncode == 0, split.stderr
+    assert split.stdout == single.stdout and single.stdout.strip()
+
+
+def _no_worker_left() -> bool:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return str(WORKER) not in ps
+
+
+@pytest.mark.parametrize("how, expect", [("SIGKILL", "rank 1 was killed by SIGKILL"),
+                                         ("SIGSTOP", "rank 1 stopped responding")])
+def test_a_rank_that_dies_or_hangs_fails_the_job_fast(checkpoints, tmp_path, how, expect):
+    """Rank 1 kills (or stops) itself a few steps into an endless generation: the job fails within seconds, the
+    error names rank 1, and no process of the job is left."""
+    err = tmp_path / "stderr"
+    start = time.time()
+    with open(err, "w") as f:
+        code = launch([sys.executable, str(WORKER), "--die", how, checkpoints["llama"], "tensor"], 2, timeout=120,
+                      rank_timeout=4, stderr=f)
+    took = time.time() - start
+    message = err.read_text()
+    assert code != 0 and expect in message, message
+    assert took < 60, f"the job took {took:.0f} s to fail"
+    assert _no_worker_left()
+
+
+def test_shard_writes_collectives_and_slices_that_round_trip():
+    expected = {("tensor", 0): ("all_sum(", "all_gather(", "embed_range("),
+                ("tensor", 1): ("all_sum(", "all_gather(", "embed_range("),
+                ("pipeline", 0): ("embed(", "send(", "broadcast(", "all_gather("),  # stage 0: layers 0-1
+                ("pipeline", 1): ("recv(", "broadcast(", "all_gather(")}  # the last stage: layers 2-3
+    for (mode, rank), ops in expected.items():
+        program = run_pipeline(lower(_spec()), place(build_pipeline(), Shard(ranks=2, rank=rank, mode=mode)))
+        text = print_program(program)
+        assert print_program(parse_program(text)) == text
+        assert all(op in text for op in ops), (mode, rank)
+        _, reads = loading_program(program)
+        if mode == "tensor":  # rows of q_proj for 2 of 4 heads of 16, the matching columns of o_proj
+            q, o = reads["layers.0.attn.q_proj_shard.weight"], reads["layers.0.attn.o_proj_shard.weight"]
+            assert (q.axis, q.start, q.stop) == (0, 32 * rank, 32 * rank + 32)
+            assert (o.axis, o.start, o.stop) == (1, 32 * rank, 32 * rank + 32)
+        else:  # a stage's layers are 0.. in its module, read from the checkpoint's own
+            assert reads["layers.0.input_norm.weight"].name == f"layers.{2 * rank}.input_norm.weight"
+            assert "layers.2.input_norm.weight" not in reads
+
+
+def test_shard_refuses_what_the_math_does_not_allow():
+    assert head_shares(8, 2, 4) == [((0, 2), (0, 1)), ((2, 4), (0, 1)), ((4, 6), (1, 2)), ((6, 8), (1, 2))]
+    assert head_shares(9, 3, 2) == [((0, 6), (0, 2)), ((6, 9), (2, 3))]  # uneven: whole KV groups
+    with pytest.raises(ShardError, match="3 ranks cannot divide 2 KV heads"):
+        run_pipeline(lower(_spec()), place(build_pipeline(), Shard(ranks=3, rank=0)))
+    with pytest.raises(ShardError, match="at least 8 layers"):
+        run_pipeline(lower(_spec()), place(build_pipeline(), Shard(ranks=8, rank=0, mode="pipeline")))
+    olmoe = _spec(qk_norm=True, qk_norm_across_heads=True)
+    with pytest.raises(ShardError, match="use --parallel pipeline"):
+        run_pipeline(lower(olmoe), place(build_pipeline(), Shard(ranks=2, rank=0)))
+
+
+def test_shares_read_only_their_bytes(tmp_path):
+    """Slices read from a safetensors file equal slices of the whole tensor (rows, columns, bfloat16); random shares
+    equal slices of the single process's random weights."""
+    from safetensors.numpy import save_file
+
+    a = np.arange(6 * 40 * 3, dtype=np.float32).reshape(6, 40, 3)
+    save_file({"a": a}, str(tmp_path / "a.safetensors"))
+    b = mx.arange(96, dtype=mx.float32).reshape(8, 12).astype(mx.bfloat16)
+    mx.save_safetensors(str(tmp_path / "b.safetensors"), {"b": b})
+    files = SafetensorsSlices([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    assert np.array_equal(np.array(files.read("a", 1, 5, 31)), a[:, 5:31])
+    assert np.array_equal(np.array(files.read("a", 0, 2, 4)), a[2:4])
+    assert np.array_equal(np.array(files.read("a")), a)
+    got = files.read("b", 1, 4, 10)
+    assert got.dtype == mx.bfloat16 and mx.array_equal(got, b[:, 4:10]).item()
+    program = run_pipeline(lower(_spec(num_layers=1)), build_pipeline())
+    whole = W.random_weights(program, seed=3)
+    shapes = [(n, tuple(p.type.shape)) for n, p in program.parameters()]
+    got = random_shares(shapes, {"layers.0.mlp.down_proj.weight": [(1, 50, 100)], "norm.weight": [(None, 0, 0)]},
+                        seed=3)
+    assert np.array_equal(np.array(got[("layers.0.mlp.down_proj.weight", 1, 50, 100)]),
+                          np.array(whole["layers.0.mlp.down_proj.weight"])[:, 50:100])
+    assert np.array_equal(np.array(got[("norm.weight", None, 0, 0)]), np.array(whole["norm.weight"]))
+
+
+def test_parallel_flags_are_checked():
+    bad = _mlxc("run", "preset:tiny", "--tokens", "1,2", "--parallel", "tensor",
+                env={k: v for k, v in os.environ.items() if not k.startswith("MLX_")})
+    assert bad.returncode == 1 and "give --ranks N" in bad.stderr
+    dumped = _mlxc("dump", "preset:tiny", "--ranks", "2", "--rank", "1")
+    assert dumped.returncode == 0 and "all_sum(" in dumped.stdout and "start = 128" in dumped.stdout
