@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +21,7 @@ from ..files import write_text_atomic
 from ..ir import Program
 from ..ir.errors import MlxcError
 from .emit import emit_program
+from .mlx_ops import HELPER_SOURCES
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("mlxc.codegen", "templates"),
@@ -50,7 +52,7 @@ def generate_module(program: Program, title: str = "A language model compiled by
     )
     blocks = [header.rstrip("\n")]
     for helper in sorted(parts.helpers):
-        blocks.append(_ENV.get_template(f"{helper}.py.j2").render().rstrip("\n"))
+        blocks.append(helper_source(helper).rstrip("\n"))
     if parts.constants:
         blocks.append("\n".join(f"{name} = {src}" for src, name in parts.constants.items()))
     blocks += [_ENV.get_template("class.py.j2").render(cls=c).rstrip("\n") for c in parts.classes]
@@ -80,8 +82,15 @@ def helper_namespace(names) -> dict:
 
     namespace = {"mx": mx, "nn": nn, "np": np, "math": math}
     for name in sorted(names):
-        exec(compile(_ENV.get_template(f"{name}.py.j2").render(), f"<{name} helper>", "exec"), namespace)  # noqa: S102
+        exec(compile(helper_source(name), f"<{name} helper>", "exec"), namespace)  # noqa: S102
     return namespace
+
+
+def helper_source(name: str) -> str:
+    """A helper's source: templates/<name>.py.j2, or one registered from outside mlxc (`mlx_ops.helper`)."""
+    if name in HELPER_SOURCES:
+        return HELPER_SOURCES[name]
+    return _ENV.get_template(f"{name}.py.j2").render()
 
 
 def _version() -> str:
@@ -100,6 +109,7 @@ def _compact_list(items: list) -> str:
 
 CACHE_ENV = "MLXC_CACHE"
 CACHE_LIMIT = 64  # generated modules kept; older ones (by last use) are removed when a new one is written
+CACHE_GRACE_S = 600  # a module used this recently is kept whatever the count: another process may be importing it
 
 
 def cache_dir() -> Path:
@@ -117,9 +127,12 @@ def write_module(source: str, directory: str | os.PathLike | None = None) -> Pat
     except OSError as e:
         raise MlxcError(f"cannot create the module cache {root}: {e.strerror or e} (set {CACHE_ENV} elsewhere)") from None
     path = root / f"mlxc_model_{digest}.py"
-    if path.exists() and path.read_text() == source:
-        path.touch()  # recently used: the last to be evicted
-        return path
+    try:
+        if path.read_text() == source:
+            path.touch()  # recently used: the last to be evicted
+            return path
+    except FileNotFoundError:  # not there, or evicted by another process just now
+        pass
     write_text_atomic(path, source)
     if directory is None:
         _evict(root, keep=path)
@@ -127,9 +140,18 @@ def write_module(source: str, directory: str | os.PathLike | None = None) -> Pat
 
 
 def _evict(root: Path, keep: Path) -> None:
-    modules = sorted(root.glob("mlxc_model_*.py"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in modules[CACHE_LIMIT:]:
-        if old != keep:
+    """Remove the least recently used modules beyond CACHE_LIMIT, never one used in the last CACHE_GRACE_S seconds
+    (processes sharing the cache write, then import: a fresh file may be about to be imported elsewhere)."""
+    used = []
+    for p in root.glob("mlxc_model_*.py"):
+        try:
+            used.append((p.stat().st_mtime, p))
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+    used.sort(reverse=True)
+    stale = time.time() - CACHE_GRACE_S
+    for mtime, old in used[CACHE_LIMIT:]:
+        if old != keep and mtime < stale:
             old.unlink(missing_ok=True)
 
 

@@ -239,8 +239,20 @@ class HeadSpec(_Frozen):
     def _check(self):
         if self.kind != HeadKind.CAUSAL_LM and self.num_labels is None:
             raise ValueError(f"a {self.kind.value} head needs num_labels")
-        if self.kind == HeadKind.CAUSAL_LM and (self.num_labels is not None or self.classifier_hidden_size):
-            raise ValueError("a causal LM head projects to the vocabulary: num_labels and a classifier do not apply")
+        # a setting the head would not use is a mistake to report (dumped specs hold every field at its default)
+        changed = {n for n, f in HeadSpec.model_fields.items() if getattr(self, n) != f.default}
+        if self.kind == HeadKind.CAUSAL_LM:
+            extra = sorted(changed - {"kind"})
+            if extra:
+                raise ValueError(f"a causal LM head projects to the vocabulary: {', '.join(extra)} do not apply "
+                                 "(lm_head_bias sets its bias)")
+        if self.kind == HeadKind.TOKEN_CLASSIFICATION and "pooling" in changed:
+            raise ValueError("a token classifier scores every token: pooling does not apply")
+        if self.classifier_hidden_size is not None and self.bias:
+            raise ValueError("an MLP classifier (classifier_hidden_size) always has biases: bias applies to the "
+                             "single linear score layer only")
+        if self.classifier_hidden_size is None and "classifier_activation" in changed:
+            raise ValueError("classifier_activation needs an MLP classifier (classifier_hidden_size)")
         return self
 
     @property

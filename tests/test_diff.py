@@ -118,6 +118,25 @@ def test_within_tolerance_of_transformers(ckpt):
     assert max(r.rel for r in report.rows) < 1e-5
 
 
+@pytest.mark.parametrize("cls, shape", [("LlamaForSequenceClassification", (1, 3)),
+                                        ("LlamaForTokenClassification", (1, len(IDS), 3))])
+def test_classifier_compares_with_transformers_own_head(tmp_path, cls, shape):
+    """A classifier checkpoint is compared with transformers' model for that task, not a causal LM (whose lm_head
+    would be random)."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(3)
+    model = getattr(transformers, cls)(config).eval()
+    model.save_pretrained(tmp_path / "cls")
+    report = diff(tmp_path / "cls", tokens=IDS)
+    assert report.ok and [r.name for r in report.rows][-1] == "logits"
+    with torch.no_grad():
+        want = model(torch.tensor([IDS])).logits.numpy()
+    assert want.shape == shape
+    ours = np.array(mlxc.load(tmp_path / "cls")(mx.array([IDS])).logits)
+    assert report.rows[-1].max_abs == pytest.approx(float(np.abs(ours - want).max()), rel=1e-3, abs=1e-7)
+
+
 def test_localizes_a_perturbed_layer_against_transformers(ckpt, perturbed):
     """The reference transformers model has layer 1 perturbed: layers before it agree, layer 1 is reported."""
     _, path = ckpt

@@ -101,6 +101,7 @@ def test_fused_artifact_exports_unfused_weights(checkpoint, tmp_path):
     artifact = mlxc.compile(path, tmp_path / "artifact")
     assert "qkv_proj" in (artifact / "program.mlxc").read_text()
     out = mlxc.export(artifact, tmp_path / "exported")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"  # torch's name, not the IR's
     err = np.abs(_hf_logits(out, IDS) - _hf_logits(model, IDS)).max()
     assert err <= 1e-6, f"{name}: max |logits diff| {err:.2e}"
 

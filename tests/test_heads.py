@@ -466,3 +466,22 @@ def test_spec_file_head_round_trip(tmp_path):
     loaded = mlxc.load(str(art))
     assert loaded.head_kind == "sequence_classification"
     assert max_diff(np.array(loaded(tokens).logits), np.array(direct(tokens).logits)) <= 1e-6
+
+
+@pytest.mark.parametrize("head, message", [
+    ({"kind": "causal_lm", "pooling": "mean"}, "pooling do not apply"),
+    ({"kind": "causal_lm", "bias": True}, "bias do not apply"),
+    ({"kind": "token_classification", "num_labels": 3, "pooling": "mean"}, "pooling does not apply"),
+    ({"kind": "sequence_classification", "num_labels": 3, "classifier_hidden_size": 8, "bias": True},
+     "always has biases"),
+    ({"kind": "sequence_classification", "num_labels": 3, "classifier_activation": "relu"},
+     "needs an MLP classifier"),
+])
+def test_head_settings_that_would_be_ignored_are_refused(head, message, tmp_path):
+    """A head setting the head does not use is refused by name, in a spec file as in Python."""
+    spec = {"name": "t", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
+            "num_heads": 4, "head": head}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(MlxcError, match=message):
+        mlxc.load(str(path))

@@ -140,8 +140,13 @@ def _transformers_source(src):
     return source
 
 
-def load_transformers(src) -> object:
-    """The transformers model (float32, eval) of a Hugging Face directory, a GGUF file, a hub id or `pkg:` name."""
+_AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
+                 "token_classification": "AutoModelForTokenClassification"}
+
+
+def load_transformers(src, head: str = "causal_lm") -> object:
+    """The transformers model (float32, eval) of a Hugging Face directory, a GGUF file, a hub id or `pkg:` name, with
+    the task head mlxc's model has (`head`: a HeadKind value), so both compute the same outputs."""
     import torch
     import transformers
 
@@ -157,7 +162,7 @@ def load_transformers(src) -> object:
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = getattr(transformers, _AUTO_CLASSES[head]).from_pretrained(where, **kwargs)
     except Exception as e:  # transformers raises many kinds; the first line says what went wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
         raise MlxcError(f"transformers could not load {source.location}: {type(e).__name__}: {first}") from None
@@ -291,7 +296,8 @@ def diff(src, src2=None, *, tokens: Optional[Sequence[int]] = None, prompt: Opti
         cand = dict(zip(ref_labels, [cand[label] for label in other_probe.labels + [LOGITS]]))
         ref_name, cand_name = f"mlxc {src}", f"mlxc {src2}"
     else:
-        hf_model = reference if reference is not None else _load_reference(src, progress)
+        head = model.spec.head.kind.value if model.spec is not None else "causal_lm"
+        hf_model = reference if reference is not None else _load_reference(src, progress, head)
         _note(progress, f"running mlxc and transformers on {len(ids)} tokens")
         cand, theirs = probe(ids), transformers_hidden_states(hf_model, ids)
         n_layers = sum(label.startswith("layers.") for label in theirs)
@@ -308,6 +314,6 @@ def diff(src, src2=None, *, tokens: Optional[Sequence[int]] = None, prompt: Opti
     return DiffReport(cand_name, ref_name, ids, tol, rows)
 
 
-def _load_reference(src, progress: Progress):
+def _load_reference(src, progress: Progress, head: str = "causal_lm"):
     _note(progress, f"loading {src} with transformers")
-    return load_transformers(src)
+    return load_transformers(src, head)

@@ -30,6 +30,14 @@ SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+def _torch_name(ir_dtype: str) -> str:
+    """A manifest records the IR's dtype name (f32); Hugging Face configs use torch's (float32)."""
+    name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(ir_dtype, ir_dtype)
+    if name not in _MX:
+        raise MlxcError(f"the artifact's manifest gives dtype {ir_dtype!r}, which is not a float dtype")
+    return name
+
+
 # ------------------------------------------------------------------------------------- undoing load-time ops
 
 
@@ -258,7 +266,7 @@ def export(src, out_dir, format: str = "hf", *, dtype: Optional[str] = None, ove
         from ..runtime import artifact as art
 
         spec, values, blocked, tokenizer = artifact_values(Path(source.location))
-        dtype = dtype or art.read_manifest(Path(source.location)).dtype
+        dtype = dtype or _torch_name(art.read_manifest(Path(source.location)).dtype)
         config = hf_config_from_spec(spec, dtype)
     else:
         # no optimization passes: the checkpoint's tensors and only the layout ops its frontend asks for
