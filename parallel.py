@@ -70,7 +70,10 @@ def load_parallel(src, parallel: str, dtype: str | None = None, *, passes=None, 
     _check(parallel, source, **options)
     state = distributed.join(argv)
     t = time.perf_counter()
-    front = api.Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else api.read_source(source)
+    # a GGUF's tensors are read by slice below (its reader would load every tensor); a safetensors checkpoint's
+    # are opened lazily, for their names and types
+    front = api.Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else \
+        api.read_source(source, weights=source.kind != api.SourceKind.GGUF)
     t = api._stage(progress, f"read {front.description}", t)
     program, items = _compile(front, parallel, state.size, state.rank, dtype, passes, quantize, group_size,
                               options.get("kernels"))
@@ -92,9 +95,10 @@ def load_parallel(src, parallel: str, dtype: str | None = None, *, passes=None, 
 
 
 def _read(front: api.Frontend, source: api.Source, reads: dict, items, dtype, random_init, seed, init_scale) -> dict:
-    """The rank's tensors by its program's global names: slices read from the checkpoint files, cut from tensors
-    already in memory (GGUF), or drawn as the single process draws random weights."""
-    if front.tensors is None or random_init:
+    """The rank's tensors by its program's global names: slices read from the checkpoint files (safetensors or
+    GGUF), or drawn as the single process draws random weights."""
+    real = source.kind in (api.SourceKind.HF_DIR, api.SourceKind.HUB, api.SourceKind.GGUF)
+    if not real or random_init:
         whole = run_pipeline(lower(front.spec, api._float_dtype(dtype or "float32")), items)
         wanted = defaultdict(list)
         for r in reads.values():
@@ -105,7 +109,7 @@ def _read(front: api.Frontend, source: api.Source, reads: dict, items, dtype, ra
     if seed is not None or init_scale is not None:
         raise MlxcError("--init-seed / --init-scale set random weights, but this source has real ones; "
                         "add --random-init to replace them")
-    files = _safetensors(front, source)
+    files = _gguf(source) if source.kind == api.SourceKind.GGUF else _safetensors(front, source)
     if files is not None:
         return {name: files.read(r.name, r.axis, r.start, r.stop) for name, r in reads.items()}
     out = {}
@@ -114,6 +118,24 @@ def _read(front: api.Frontend, source: api.Source, reads: dict, items, dtype, ra
             raise W.WeightError(f"missing tensor for parameter {r.name}")
         out[name] = S.take(front.tensors[r.name], r.axis, r.start, r.stop)
     return out
+
+
+def _gguf(source: api.Source) -> S.GGUFSlices:
+    """A GGUF file's tensors under the names `api.read_gguf_source` gives them (as stored: Q/K rows in the file's
+    order, which the program's layout ops undo), read by slice."""
+    from .frontends import gguf
+
+    ckpt = gguf.read_gguf(source.location)
+    tensors, native = {}, {}
+    for n, info in ckpt.tensor_infos.items():
+        ir = ckpt.ir_name(n)
+        if ir is None:
+            continue
+        name = gguf.stored_name(ckpt, ir)
+        tensors[name] = (info.ggml_type, tuple(info.shape), info.offset)
+        if info.ggml_type in W.GGUF_NATIVE:
+            native[name] = W.GGUF_NATIVE[info.ggml_type]
+    return S.GGUFSlices(Path(source.location), tensors, native)
 
 
 def _safetensors(front: api.Frontend, source: api.Source) -> S.SafetensorsSlices | None:

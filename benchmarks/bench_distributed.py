@@ -66,7 +66,8 @@ def main() -> None:
         ckpt = args.checkpoint or Path(tmp) / "llama-8l"
         if not (ckpt / "config.json").exists():
             make_checkpoint(ckpt)
-        configs = ([(1, "none")] if args.single else []) + [(int(n), m) for n in args.ranks.split(",") for m in ("tensor", "pipeline")]
+        configs = ([(1, "none")] if args.single else []) + \
+            [(int(n), m) for n in args.ranks.split(",") for m in ("tensor", "pipeline")]
         print("| ranks | parallel | prefill tok/s | decode tok/s | MLX peak GB per rank (after load / overall) "
               "| resident peak GB per rank |")
         print("|---|---|---|---|---|---|")

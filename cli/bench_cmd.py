@@ -46,7 +46,8 @@ def run(args) -> int:
     model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
     result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                          repeats=args.repeats or 3, progress=progress)
-    t = Table(title=f"{args.src} ({model.dtype}, BLAS: {active_blas().name})")
+    split = f", {model.ranks} ranks, {model.parallel} parallel" if getattr(model, "ranks", 1) > 1 else ""
+    t = Table(title=f"{args.src} ({model.dtype}, BLAS: {active_blas().name}{split})")
     for c in ("phase", "tokens", "tokens/s", "ms/token"):
         t.add_column(c, justify="right" if c != "phase" else "left")
     for phase, tokens, tps in (("prefill", result.prompt_tokens, result.prefill_tps),

@@ -148,12 +148,12 @@ def add_parallel(p: argparse.ArgumentParser) -> None:
                    help="start N local ranks on loopback (each reads only its share of the weights) and run this "
                         "command on all of them; rank 0 prints what a single process would")
     g.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
-                   help="tensor: every layer divided among the ranks (default with --ranks); pipeline: consecutive "
-                        "layers per rank. Without --ranks: join the group mlx.launch started (MLX_RANK, "
-                        "MLX_HOSTFILE)")
+                   help="how to split the model (required with --ranks): tensor, every layer divided among the "
+                        "ranks; pipeline, consecutive layers per rank. Without --ranks: join the group mlx.launch "
+                        "started (MLX_RANK, MLX_HOSTFILE)")
     g.add_argument("--timeout", type=positive_float, default=None, metavar="S",
-                   help="stop the job (every rank) after S seconds")
-    g.add_argument("--rank-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="stop the job (every rank) after S seconds (under mlx.launch each rank stops itself)")
+    g.add_argument("--rank-timeout", type=positive_float, default=None, metavar="S",
                    help="with --ranks: fail the job, naming the rank, when a rank stops responding or stays a step "
                         "behind the others for S seconds (default 60)")
 
@@ -167,34 +167,57 @@ def parallel_entry(args, argv: list[str]) -> int | None:
     """`--ranks N`: start N local ranks of this very command and wait for them (returns the job's exit code). In a
     rank (MLX_RANK set, by mlxc or mlx.launch) with `--parallel`: join the group, then run the command (None)."""
     ranks, parallel = getattr(args, "ranks", None), getattr(args, "parallel", None)
-    if args.command not in _READS_STDIN or (ranks is None and parallel is None):
+    if args.command not in _READS_STDIN:
         return None
+    timeout, rank_timeout = args.timeout, args.rank_timeout
     from ..runtime import distributed
 
     if distributed.launched():
+        if ranks is not None:
+            raise MlxcError("--ranks starts local ranks, but this process is already one rank of a group "
+                            "(MLX_RANK is set, e.g. by mlx.launch): drop --ranks and give --parallel")
         if parallel is None:
             raise MlxcError("this process is one rank of a group (MLX_RANK is set): add --parallel tensor or "
                             "--parallel pipeline to say how to split the model")
-        distributed.join(argv)
+        if rank_timeout is not None:
+            raise MlxcError("--rank-timeout is watched by mlxc's own launcher (--ranks N); under another launcher "
+                            "bound the job with --timeout")
+        distributed.join(argv, timeout=timeout)
         return None
     if ranks is None:
-        raise MlxcError("--parallel splits the model over ranks: give --ranks N for N local ranks, or start the "
-                        "command under mlx.launch, which sets MLX_RANK and MLX_HOSTFILE for each rank")
-    if ranks == 1:  # one rank holds the whole model: nothing to split
+        if parallel is not None:
+            raise MlxcError("--parallel splits the model over ranks: give --ranks N for N local ranks, or start the "
+                            "command under mlx.launch, which sets MLX_RANK and MLX_HOSTFILE for each rank")
+        unused = [f for f, v in (("--timeout", timeout), ("--rank-timeout", rank_timeout)) if v is not None]
+        if unused:
+            raise MlxcError(f"{' and '.join(unused)} bound a job of several ranks: give --ranks N and --parallel")
+        return None
+    if parallel is None:
+        raise MlxcError(f"--ranks {ranks} splits the model: say how with --parallel tensor (every layer divided "
+                        "among the ranks) or --parallel pipeline (consecutive layers per rank)")
+    if ranks == 1:  # one rank holds the whole model: the single process, nothing to split or watch
+        unused = [f for f, v in (("--timeout", timeout), ("--rank-timeout", rank_timeout)) if v is not None]
+        if unused:
+            raise MlxcError(f"{' and '.join(unused)} bound a job of several ranks, and --ranks 1 runs the whole "
+                            "model in this process")
         args.parallel = None
         return None
-    child, skip = [], False
+    from ..parallel import program_for_rank
+
+    options = build_options(args)  # a split that cannot be made is refused here, before any rank starts
+    program_for_rank(args.src, options.pop("parallel"), ranks, 0, **options)
+    child, skip = [], False  # the launcher's own flags stay with the launcher (argparse takes unique prefixes)
     for a in argv:
+        name = a.split("=", 1)[0]
         if skip:
             skip = False
-        elif a == "--ranks":
-            skip = True
-        elif not a.startswith("--ranks="):
+        elif len(name) > 2 and name.startswith("--") and \
+                any(f.startswith(name) for f in ("--ranks", "--timeout", "--rank-timeout")):
+            skip = "=" not in a
+        else:
             child.append(a)
-    if parallel is None:
-        child += ["--parallel", "tensor"]
-    return distributed.launch([sys.executable, "-m", "mlxc", *child], ranks, timeout=args.timeout,
-                              rank_timeout=args.rank_timeout, stdin_tee=_READS_STDIN[args.command](args))
+    return distributed.launch([sys.executable, "-m", "mlxc", *child], ranks, timeout=timeout,
+                              rank_timeout=rank_timeout or 60.0, stdin_tee=_READS_STDIN[args.command](args))
 
 
 def sampling(args) -> dict:

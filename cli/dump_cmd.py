@@ -20,7 +20,8 @@ def add_parser(p) -> None:
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
     p.add_argument("--ranks", type=positive_int, default=None, metavar="N",
                    help="show one rank's share of the model split over N ranks (collectives and weight slices)")
-    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None, help="with --ranks (default tensor)")
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
+                   help="with --ranks: how the model is split (tensor: every layer divided; pipeline: layer ranges)")
     p.add_argument("--rank", type=non_negative_int, default=0, help="with --ranks: which rank's program (default 0)")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
     p.add_argument("--force", action="store_true", help="replace an existing --output file")
@@ -70,7 +71,9 @@ def _program(args):
             raise MlxcError("--parallel and --rank show a rank's share: give --ranks N (N > 1) too")
         return program_for(args.src, **options, stop_after=args.after, on_report=lambda r: note(f"pass {r}"),
                            notify=note)
+    if parallel is None:
+        raise MlxcError(f"--ranks {args.ranks}: say how the model is split, --parallel tensor or --parallel pipeline")
     from ..parallel import program_for_rank
 
-    return program_for_rank(args.src, parallel or "tensor", args.ranks, args.rank, **options, stop_after=args.after,
+    return program_for_rank(args.src, parallel, args.ranks, args.rank, **options, stop_after=args.after,
                             on_report=lambda r: note(f"pass {r}"))

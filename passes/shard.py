@@ -405,6 +405,12 @@ class _Function:
         n = w.type.shape[axis]
         if ranges == ((0, n),):
             return w
+        q = w.type.quant
+        if q is not None and axis == w.type.rank - 1 and any(a % q.group_size or b % q.group_size for a, b in ranges):
+            cols = ", ".join(f"{a}..{b - 1}" for a, b in ranges)
+            raise self.error(f"this rank's columns {cols} of %{w.name} cut through its quantization groups of "
+                             f"{q.group_size} (whole heads or experts do not line up with them); use fewer ranks or "
+                             "--parallel pipeline")
         key = (id(w), axis, ranges)
         if key not in self.taken:
             self.taken[key] = self._take(w, axis, ranges)
@@ -612,7 +618,8 @@ def loading_program(program: Program) -> tuple[Program, dict[str, Read]]:
                 if o.op == "slice" and id(o.operands[0]) in params:
                     section.remove(o)
                     fn.params.append(o.result)
-                    local[(fn.name, o.result.name)] = Read(o.operands[0].name, o.attrs["axis"] % o.operands[0].type.rank,
+                    whole = o.operands[0]
+                    local[(fn.name, o.result.name)] = Read(whole.name, o.attrs["axis"] % whole.type.rank,
                                                            o.attrs["start"], o.attrs["stop"])
         used = {id(v) for o in fn.all_ops() for v in o.operands}
         fn.params = [p for p in fn.params if id(p) in used]

@@ -75,10 +75,12 @@ def current():
     return _CURRENT
 
 
-def join(argv: Sequence[str] = ()) -> _Rank:
+def join(argv: Sequence[str] = (), timeout: float | None = None) -> _Rank:
     """Join the group this process was launched in: `mx.distributed.init(strict=True)` (the ring backend when a
     hostfile is given), then check that every rank belongs to this job, start the heartbeat and, on ranks other
-    than 0, silence stdout (rank 0 prints what a single process would)."""
+    than 0, silence stdout (rank 0 prints what a single process would). `timeout` (seconds; else MLXC_JOB_TIMEOUT)
+    bounds this rank's whole run: under a launcher that watches nothing, a rank waiting on a stuck peer still
+    ends."""
     global _CURRENT
     if _CURRENT is not None:
         return _CURRENT
@@ -89,7 +91,7 @@ def join(argv: Sequence[str] = ()) -> _Rank:
     state = _Rank(None, rank, 0)
     if job_dir:
         _Heartbeat(state, Path(job_dir)).start()
-    _watch_timeout(state)
+    _watch_timeout(state, timeout)
     backend = os.environ.get("MLXC_BACKEND") or ("ring" if "MLX_HOSTFILE" in os.environ else "any")
     try:
         group = mx.distributed.init(strict=True, backend=backend)
@@ -156,17 +158,17 @@ class _Heartbeat(threading.Thread):
             time.sleep(BEAT)
 
 
-def _watch_timeout(state: _Rank) -> None:
-    """The job's hard timeout (seconds in MLXC_JOB_TIMEOUT), enforced by the rank itself: under a launcher that has
-    none, a rank waiting forever on a stuck peer still ends."""
-    limit = float(os.environ.get(TIMEOUT) or 0)
+def _watch_timeout(state: _Rank, limit: float | None = None) -> None:
+    """The job's hard timeout (`limit`, else seconds in MLXC_JOB_TIMEOUT), enforced by the rank itself: under a
+    launcher that has none, a rank waiting forever on a stuck peer still ends (exit code 124)."""
+    limit = limit or float(os.environ.get(TIMEOUT) or 0)
     if limit <= 0:
         return
 
     def expire() -> None:
         if not state.done.wait(limit):
             sys.stderr.write(f"error: rank {state.rank}: the job did not finish within {limit:g} s "
-                             f"({TIMEOUT}); stopping this rank\n")
+                             "(--timeout); stopping this rank\n")
             sys.stderr.flush()
             os._exit(124)
 
@@ -233,12 +235,26 @@ class DistributedModel(CompiledModel):
 def peak_memory() -> list[tuple[float, float]]:
     """Every rank's peak memory in GB, (MLX's allocator, the process's resident set), in rank order (this
     process's alone outside a group). Every rank must call it: it is a collective."""
-    import resource
-
     import mlx.core as mx
 
-    mine = [mx.get_peak_memory() / 1e9, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9]
+    mine = [mx.get_peak_memory() / 1e9, _peak_resident() / 1e9]
     return [(a, b) for a, b in gather_floats(mine)]
+
+
+def _peak_resident() -> float:
+    """This process's peak resident set in bytes. Linux's VmHWM counts this program alone: getrusage's ru_maxrss
+    keeps the launching process's size across exec (a launcher that once held a checkpoint would show in every
+    rank)."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) if sys.platform == "darwin" else float(peak) * 1024  # bytes on macOS, KiB elsewhere
 
 
 def gather_floats(values: Sequence[float]) -> list[list[float]]:

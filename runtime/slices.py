@@ -69,37 +69,120 @@ class SafetensorsSlices:
         if axis is None:
             axis, start, stop = 0, 0, shape[0] if shape else 1
         if not shape:
-            return _to_mx(self._bytes(path, offset, np_dtype.itemsize, np_dtype).reshape(()), dtype)
-        outer, inner = prod(shape[:axis]), prod(shape[axis + 1:])
-        run = (stop - start) * inner  # elements kept from each of the `outer` rows
-        row = shape[axis] * inner
-        if outer == 1:
-            arr = self._bytes(path, offset + start * inner * np_dtype.itemsize, run * np_dtype.itemsize, np_dtype)
-        else:
-            rows_per_read = max(1, _BLOCK // (row * np_dtype.itemsize))
-            parts = []
-            for first in range(0, outer, rows_per_read):
-                n = min(rows_per_read, outer - first)
-                block = self._bytes(path, offset + first * row * np_dtype.itemsize, n * row * np_dtype.itemsize,
-                                    np_dtype).reshape(n, row)
-                parts.append(block[:, start * inner:stop * inner].copy())
-            arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return _to_mx(arr.reshape(shape[:axis] + [stop - start] + shape[axis + 1:]), dtype)
+            return _to_mx(_pread(path, offset, np_dtype.itemsize).view(np_dtype).reshape(()), dtype)
+        raw = _read_slice(path, offset, shape, np_dtype.itemsize, axis, start, stop)
+        return _to_mx(raw.view(np_dtype).reshape(raw.shape[:-1]), dtype)
 
-    @staticmethod
-    def _bytes(path: Path, offset: int, length: int, dtype: np.dtype) -> np.ndarray:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            buf = bytearray(length)
-            view, done = memoryview(buf), 0
-            while done < length:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise MlxcError(f"{path}: file ends inside a tensor (truncated checkpoint?)")
-                done += got
-        finally:
-            os.close(fd)
-        return np.frombuffer(buf, dtype=dtype)
+
+def _read_slice(path: Path, offset: int, shape: list[int], itemsize: int, axis: int, start: int,
+                stop: int) -> np.ndarray:
+    """Entries start .. stop - 1 along `axis` of a row-major array of `itemsize`-byte items at `offset` in a file,
+    as uint8 of shape (..., stop - start, ..., itemsize): a range of the first axis is one read, others are read
+    in blocks of rows and cut."""
+    outer, inner = prod(shape[:axis]), prod(shape[axis + 1:]) * itemsize  # bytes per entry along axis
+    row = shape[axis] * inner
+    if outer == 1:
+        arr = _pread(path, offset + start * inner, (stop - start) * inner)
+    else:
+        rows_per_read = max(1, _BLOCK // row)
+        parts = []
+        for first in range(0, outer, rows_per_read):
+            n = min(rows_per_read, outer - first)
+            block = _pread(path, offset + first * row, n * row).reshape(n, row)
+            parts.append(block[:, start * inner:stop * inner].copy())
+        arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return arr.reshape(list(shape[:axis]) + [stop - start] + list(shape[axis + 1:]) + [itemsize])
+
+
+def _pread(path: Path, offset: int, length: int) -> np.ndarray:
+    """`length` bytes of a file from `offset`, as uint8."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(length)
+        view, done = memoryview(buf), 0
+        while done < length:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise MlxcError(f"{path}: file ends inside a tensor (truncated checkpoint?)")
+            done += got
+    finally:
+        os.close(fd)
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+class GGUFSlices:
+    """Tensors of a GGUF file by name, read whole or by slice from the file: rows of a block-quantized matrix are
+    byte ranges, columns whole blocks of each row. Q4_0, Q4_1 and Q8_0 come as MLX's affine codes, scales and
+    biases (what MLX's own GGUF reader makes of them), other quantized types dequantized to float32, F16 and BF16
+    as stored: the tensors `api.read_gguf_source` gives, one slice at a time.
+
+    `tensors`: name -> (GGML type name, shape in numpy order, absolute byte offset); `native`: name -> the Quant of
+    the types kept quantized."""
+
+    def __init__(self, path: Path, tensors: Mapping[str, tuple[str, tuple[int, ...], int]],
+                 native: Mapping[str, object]):
+        self.path, self.tensors, self.native = Path(path), dict(tensors), dict(native)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str, axis: int | None = None, start: int = 0, stop: int = 0) -> Tensor:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        if name not in self.tensors:
+            raise MlxcError(f"missing tensor for parameter {name}")
+        kind, shape, offset = self.tensors[name]
+        shape = list(shape)
+        if axis is None:
+            axis, start, stop = 0, 0, shape[0]
+        if kind in _GGUF_FLOAT:
+            np_dtype = np.dtype(_GGUF_FLOAT[kind])
+            raw = _read_slice(self.path, offset, shape, np_dtype.itemsize, axis, start, stop)
+            return _to_mx(raw.view(np_dtype).reshape(raw.shape[:-1]), kind)
+        qtype = GGMLQuantizationType[kind]
+        block, size = GGML_QUANT_SIZES[qtype]
+        last = len(shape) - 1
+        blocks = shape[:-1] + [shape[-1] // block]
+        if axis == last:  # whole blocks of every row, cut after dequantizing where the range splits a block
+            first, end = start // block, -(-stop // block)
+            raw = _read_slice(self.path, offset, blocks, size, last, first, end)
+            cut = (start - first * block, stop - first * block)
+        else:
+            raw = _read_slice(self.path, offset, blocks, size, axis, start, stop)
+            cut = None
+        if name in self.native:
+            if cut is not None and (cut[0] or cut[1] != raw.shape[-2] * block):
+                raise MlxcError(f"{self.path}: {name} is stored in blocks of {block} values, and columns "
+                                f"{start}..{stop - 1} split a block")
+            return _affine_blocks(raw, kind, self.native[name])
+        from gguf.quants import dequantize
+
+        values = dequantize(raw.reshape(raw.shape[:-2] + (-1,)), qtype)
+        if cut is not None:
+            values = values[..., cut[0]:cut[1]]
+        return mx.array(np.ascontiguousarray(values, dtype=np.float32))
+
+
+_GGUF_FLOAT = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _affine_blocks(raw: np.ndarray, kind: str, quant) -> QuantizedTensor:
+    """Q4_0 / Q4_1 / Q8_0 blocks (uint8 of shape (..., blocks, bytes per block)) as MLX's affine quantization:
+    a block's scale d, bias -8d (Q4_0), its stored minimum m (Q4_1) or -128d (Q8_0), and codes packed into
+    uint32 words low bits first. Q4 blocks hold values j and j + 16 in the low and high nibbles of byte j."""
+    lead = raw.shape[:-2]
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0]
+    if kind == "Q8_0":
+        codes = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        bias = d * np.float16(-128)
+    else:
+        qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]
+        bias = raw[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else d * np.float16(-8)
+        nibbles = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # 32 values of a block, in order
+        codes = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)  # two per byte, low first
+    words = np.ascontiguousarray(codes).reshape(lead + (-1,)).view(np.uint32)
+    return QuantizedTensor(mx.array(words), mx.array(np.ascontiguousarray(d)), mx.array(np.ascontiguousarray(bias)),
+                           quant)
 
 
 def take(arr: Tensor, axis: int | None, start: int, stop: int) -> Tensor:

@@ -2,13 +2,14 @@
 
 `cases` (JSON): [name, source, parallel] triples; rank 0 writes each case's prefill logits, one decode step's
 logits and greedy tokens to OUT/name.npz. `--die SIGNAL` makes rank 1 send itself SIGNAL a few model steps into an
-endless generation (the failure tests).
+endless generation (the failure tests); `--die hang` makes it sleep there instead, alive (its heartbeat goes on).
 """
 
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import mlxc  # noqa: F401  (before mlx.core: the BLAS preload)
@@ -39,6 +40,8 @@ def die(src: str, parallel: str, how: str) -> None:
     for i in range(10_000):
         mx.eval(model(mx.array([[1 + i % 50]]), cache=cache).logits)
         if i == 3 and model.rank == 1:
+            if how == "hang":
+                time.sleep(3600)
             os.kill(os.getpid(), getattr(signal, how))
 
 

