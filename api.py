@@ -28,6 +28,7 @@ from .ir.layout import LayoutRule
 from .passes import LoRAConfig, build_pipeline, describe, run_pipeline
 from .passes.convert_dtype import ConvertDType, compute_dtype
 from .passes.pipeline import PassLike
+from .plugins import check_required, required_plugins
 from .runtime import artifact as art
 from .runtime import weights as W
 from .runtime.budget import check_weights_fit
@@ -61,7 +62,9 @@ def resolve(src: str | Path | ModelSpec) -> Source:
     """Decide what a source string names. Local paths win over preset names and hub ids; a hub id the families
     know carries its preset, so architecture-only commands need no network."""
     from .frontends.presets import PRESETS, match_hub_id, normalize_hub_id
+    from .plugins import load_plugins
 
+    load_plugins()  # installed plugins' ops, blocks, families and passes, before anything reads the registries
     if isinstance(src, ModelSpec):
         return Source(SourceKind.SPEC, src.name)
     text = str(src)
@@ -452,7 +455,9 @@ def program_for(src, dtype: str | None = None, *, passes: Sequence[PassLike] | N
     if source.kind == SourceKind.ARTIFACT:
         _refuse_for_artifact(source.location, dtype=dtype, passes=passes, quantize=quantize, group_size=group_size,
                              adapter=adapter, merge_lora=merge_lora or None, after=stop_after)
-        _check_artifact_kernels(source.location, art.read_manifest(Path(source.location)), kernels)
+        manifest = art.read_manifest(Path(source.location))
+        _check_artifact_kernels(source.location, manifest, kernels)
+        check_required(manifest.plugins, source.location)
         return art.read_program(Path(source.location))
     front = Frontend(src, None, None, "ModelSpec") if isinstance(src, ModelSpec) else read_source(source, weights=False)
     if notify is not None and front.notice:
@@ -566,6 +571,7 @@ def load_artifact(path: Path, progress: Progress = None, dtype: str | None = Non
     if not trust:
         art.check_integrity(path, manifest)
     _check_artifact_kernels(str(path), manifest, kernels)
+    check_required(manifest.plugins, str(path))  # before its program and spec, which name the plugins' ops and blocks
     program = art.read_program(path)
     module_path = art.module_to_import(path, program, trust)
     stored = W.read_safetensors([path / art.WEIGHTS_FILE])
@@ -603,7 +609,7 @@ def compile(src: str | Path | ModelSpec, out_dir: str | Path, dtype: str | None 
     manifest = art.Manifest(__version__, str(src if not isinstance(src, ModelSpec) else src.name),
                             str(compute_dtype(b.program).value), b.passes, b.front.spec.model_dump(mode="json"),
                             lora=b.lora.to_dict() if b.lora and not merge_lora else None, target=target(),
-                            kernels=b.kernels)
+                            kernels=b.kernels, plugins=required_plugins(b.program, b.front.spec))
     out = art.save_artifact(out_dir, module_source=b.code, program=b.program, weights=b.arrays("stored"),
                             manifest=manifest, tokenizer=b.front.tokenizer, overwrite=overwrite)
     _stage(progress, f"wrote {out}", t)

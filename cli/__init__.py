@@ -13,7 +13,7 @@ import sys
 
 # One module per command, in the order `mlxc --help` lists them.
 COMMAND_MODULES = ("compile", "dump", "run", "chat", "inspect", "bench", "train", "kernels", "diff", "perplexity",
-                   "export")
+                   "export", "plugins")
 
 
 def _command(name: str):
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             from .common import parallel_entry
 
+            if args.command != "plugins":  # which lists them, broken ones included
+                from ..plugins import load_plugins
+
+                load_plugins()  # a broken plugin is one line naming it, before any work
             code = parallel_entry(args, list(sys.argv[1:] if argv is None else argv))  # --ranks N: the job's code
             return code if code is not None else _command(args.command).run(args)
         except MlxcError as e:

@@ -320,6 +320,9 @@ def run(args) -> int:
     notice = None
     if source.kind == SourceKind.ARTIFACT:
         manifest = read_manifest(Path(source.location))
+        from ..plugins import check_required
+
+        check_required(manifest.plugins, source.location)  # its spec may name a plugin's block kinds
         if not manifest.spec:
             raise MlxcError(f"{source.location}: the manifest has no spec to inspect")
         spec, what = ModelSpec.model_validate(manifest.spec), f"artifact ({manifest.source}, {manifest.dtype})"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..ir import Function, Program, Quant, Value
 from ..ir.errors import MlxcError
-from .mlx_ops import MX_DTYPES, implementation
+from .mlx_ops import HELPER_SOURCES, MX_DTYPES, helper_names, implementation
 
 # Names a generated method must not bind locally: the module's imports and helpers (templates/*.j2), the method's
 # own plumbing, and Python's builtins (a value called `zip` would break the layer loop). `ROPE_<n>` constants are
@@ -81,7 +81,7 @@ class _Emitter:
 
     def emit(self, fn: Function) -> EmittedClass:
         names: dict[Value, str] = {}
-        taken = set(_RESERVED) | self._symbolic_dims(fn)
+        taken = set(_RESERVED) | self._symbolic_dims(fn) | self._plugin_names(fn)
 
         def local(v: Value) -> str:
             base = re.sub(r"\W", "_", v.name)
@@ -184,6 +184,13 @@ class _Emitter:
                        '    """One state object per stateful op, in call order (see STATES)."""',
                        "    return make_cache(max_kv_size)"]
         return EmittedClass(class_name(fn.name), doc, init + children, _expr_list(inputs) + cache_arg, body, methods)
+
+    @staticmethod
+    def _plugin_names(fn: Function) -> set[str]:
+        """Names the helpers registered from outside mlxc define, for the ops of `fn` that use them."""
+        used = {h for o in fn.ops if o.op != "call" and (impl := implementation(o.op, o.attrs)) is not None
+                for h in impl.helpers if h in HELPER_SOURCES}
+        return {n for h in used for n in helper_names(h)}
 
     @staticmethod
     def _slot_expr(as_list: bool, start: int, n: int) -> str:

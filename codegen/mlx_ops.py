@@ -13,6 +13,9 @@ frequency table) gives its source with `constant`; the emitter names it once per
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,6 +51,35 @@ def implements(op: str, helpers: tuple[str, ...] = (), constant=None, kernel: Ke
         return fragment
 
     return register
+
+
+HELPER_SOURCES: dict[str, str] = {}  # helpers defined outside templates/ (a plugin's): name -> Python source
+
+
+def helper(name: str, *parts) -> str:
+    """Register a helper that fragments name in `helpers=`, from outside mlxc: its Python source, given as text or
+    as functions (and classes) whose source is carried verbatim, so the math has one definition that the generated
+    module and the plugin's own tests both run. The source may use `mx`, `nn`, `np` and `math`, like templates/."""
+    if name in HELPER_SOURCES:
+        raise ValueError(f"helper {name!r} is registered already")
+    chunks = [p if isinstance(p, str) else textwrap.dedent(inspect.getsource(p)) for p in parts]
+    source = "\n\n\n".join(c.strip("\n") for c in chunks)
+    compile(source, f"<helper {name}>", "exec")  # a syntax error shows here, naming the helper
+    HELPER_SOURCES[name] = source
+    return source
+
+
+def helper_names(name: str) -> set[str]:
+    """The module-level names a registered helper defines (generated code must not rebind them)."""
+    tree = ast.parse(HELPER_SOURCES[name])
+    out = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                out.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+    return out
 
 
 def implementation(op: str, attrs: dict) -> Implementation | None:

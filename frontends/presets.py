@@ -31,6 +31,13 @@ def _all() -> dict[str, ModelSpec]:
 PRESETS: Final[dict[str, ModelSpec]] = _all()
 
 
+def refresh() -> None:
+    """Rebuild PRESETS in place after a family was added or removed (a plugin loaded or unloaded)."""
+    fresh = _all()
+    PRESETS.clear()
+    PRESETS.update(fresh)
+
+
 @dataclass(frozen=True)
 class HubMatch:
     """What the families' tables say a hub id is: its family and the preset with its published architecture."""

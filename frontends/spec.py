@@ -20,20 +20,89 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..ir.attrs import RopeKind, RopeScaling
 
 
-class BlockKind(str, enum.Enum):
+class _BlockKinds(type):
+    """Iterating `BlockKind` lists every registered kind, built-in ones first."""
+
+    def __iter__(cls):
+        return iter(tuple(cls._known.values()))
+
+
+class BlockKind(str, metaclass=_BlockKinds):
     """What mixes information across positions in one layer (its FFN, if any, follows). Hybrids list different kinds
     per layer; each kind's builder lives in frontends/blocks/, and each non-attention kind's settings in a
-    ModelSpec field (`MIXER_FIELDS`)."""
+    ModelSpec field (`MIXER_FIELDS`), or for a kind a plugin adds, in `ModelSpec.mixers` under the kind's name.
 
-    ATTENTION = "attention"
-    MAMBA = "mamba"  # Mamba v1: selective state space
-    MAMBA2 = "mamba2"  # Mamba-2: multi-head SSD
-    LSTM = "lstm"
-    GRU = "gru"
-    MINGRU = "mingru"  # "Were RNNs All We Needed?"
+    A kind is a registered name, not a closed enum, so a plugin adds one (`register_block_kind`, which
+    `frontends.blocks.mixer` calls) without editing mlxc; `BlockKind("name")` accepts registered names only."""
+
+    _known: dict = {}
+    _settings: dict = {}  # plugin kind -> the pydantic model of its settings
+
+    def __new__(cls, value):
+        if isinstance(value, BlockKind):
+            return value
+        kind = cls._known.get(value) if isinstance(value, str) else None
+        if kind is None:
+            raise ValueError(f"unknown block kind {value!r}; expected one of {', '.join(cls._known)}")
+        return kind
+
+    @classmethod
+    def _make(cls, name: str) -> "BlockKind":
+        kind = str.__new__(cls, name)
+        cls._known[name] = kind
+        return kind
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def builtin(self) -> bool:
+        return self not in BlockKind._settings
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"BlockKind({self.value!r})"
+
+    def __reduce__(self):
+        return BlockKind, (self.value,)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(
+            cls, serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="json"))
 
 
-# The ModelSpec field holding each non-attention block kind's settings.
+for _name in ("attention", "mamba", "mamba2", "lstm", "gru", "mingru"):
+    setattr(BlockKind, _name.upper(), BlockKind._make(_name))
+# mamba: Mamba v1 (selective state space); mamba2: multi-head SSD; mingru: "Were RNNs All We Needed?"
+
+
+def register_block_kind(name: str, settings: type) -> BlockKind:
+    """Add a block kind from outside mlxc; `settings` is the frozen pydantic model of its `ModelSpec.mixers` entry.
+    Registering a name twice is an error (a plugin shadowing a built-in kind or another plugin's)."""
+    if not (isinstance(name, str) and name.isidentifier() and name.islower()):
+        raise ValueError(f"block kind {name!r} must be a lower-case identifier")
+    if name in BlockKind._known:
+        raise ValueError(f"block kind {name!r} is registered already")
+    if not (isinstance(settings, type) and issubclass(settings, BaseModel)):
+        raise ValueError(f"the settings of block kind {name!r} must be a pydantic model class, got {settings!r}")
+    kind = BlockKind._make(name)
+    BlockKind._settings[name] = settings
+    return kind
+
+
+def unregister_block_kind(name: str) -> None:
+    """Forget a plugin's block kind (unloading the plugin); built-in kinds stay."""
+    if name in BlockKind._settings:
+        del BlockKind._settings[name], BlockKind._known[name]
+
+
+# The ModelSpec field holding each built-in non-attention block kind's settings.
 MIXER_FIELDS: dict = {"mamba": "mamba", "mamba2": "mamba2", "lstm": "recurrent", "gru": "recurrent",
                       "mingru": "recurrent"}
 
@@ -394,6 +463,34 @@ def _pattern_entry(entry, where: str, sliding: bool) -> "LayerSpec":
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors())) from None
 
 
+def _plugin_mixers(data):
+    """Settings of plugin block kinds into `mixers`, each validated by its kind's model: given there, or under the
+    kind's name at the top level (`linear_attention: {num_heads: 4}`), as built-in kinds have their own fields."""
+    if not isinstance(data, dict):
+        return data
+    given = data.get("mixers") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"mixers must map block kinds to their settings, got {given!r}")
+    top = {k: v for k, v in data.items() if isinstance(k, str) and k in BlockKind._settings}
+    if not given and not top:
+        return data
+    both = sorted(set(top) & set(given))
+    if both:
+        raise ValueError(f"the {both[0]} settings are given twice (at the top level and under mixers)")
+    mixers = {}
+    for name, value in {**given, **top}.items():
+        settings = BlockKind._settings.get(name)
+        if settings is None:
+            known = ", ".join(BlockKind._settings) or "none registered; is its plugin installed?"
+            raise ValueError(f"mixers: {name!r} is not a block kind a plugin added ({known})")
+        try:
+            mixers[name] = value if isinstance(value, settings) else settings.model_validate(value)
+        except ValidationError as err:
+            raise ValueError(f"{name}: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors())) from None
+    return {**{k: v for k, v in data.items() if k not in top}, "mixers": mixers}
+
+
 class ModelSpec(_Frozen):
     """A decoder-only language model. Sizes are the checkpoint's; derived values are properties."""
 
@@ -436,6 +533,9 @@ class ModelSpec(_Frozen):
     layers: tuple[LayerSpec, ...] = ()
     mamba: Optional[MambaSpec] = None  # mamba layers' mixer
     mamba2: Optional[Mamba2Spec] = None  # mamba2 layers' mixer
+    # the settings of block kinds that plugins add, by kind (`register_block_kind`); a spec file may also give them
+    # under the kind's own name, as `mamba:` gives Mamba's
+    mixers: dict[str, Any] = {}
     embedding_multiplier: Optional[float] = None  # embeddings scaled in the compute dtype (Gemma: sqrt(hidden))
     final_logit_softcap: Optional[float] = Field(None, gt=0)
     lm_head_bias: bool = False
@@ -452,7 +552,7 @@ class ModelSpec(_Frozen):
         a `layer_pattern` says otherwise (see `_expand_pattern`).
 
         Only a well-formed count is expanded; anything else is left for field validation to report by name."""
-        data = _expand_pattern(data)
+        data = _expand_pattern(_plugin_mixers(data))
         count = data.get("num_layers") if isinstance(data, dict) else None
         if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= _MAX_LAYERS and not data.get("layers"):
             kind = AttentionType.SLIDING_WINDOW if data.get("sliding_window") else AttentionType.FULL
@@ -464,9 +564,9 @@ class ModelSpec(_Frozen):
         if self.has_attention and self.num_heads is None:
             raise ValueError("attention layers need num_heads")
         kinds = {layer.block for layer in self.layers} - {BlockKind.ATTENTION}
-        missing = sorted(k.value for k in kinds if getattr(self, MIXER_FIELDS[k.value], None) is None)
+        missing = sorted(k.value for k in kinds if self.mixer_settings(k) is None)
         if missing:
-            raise ValueError(f"{missing[0]} layers need the `{MIXER_FIELDS[missing[0]]}` settings")
+            raise ValueError(f"{missing[0]} layers need the `{MIXER_FIELDS.get(missing[0], missing[0])}` settings")
         if self.has_attention:
             kv = self.kv_heads
             if self.num_heads % kv:
@@ -524,8 +624,14 @@ class ModelSpec(_Frozen):
                 bias=self.mlp_bias,
                 moe=self.moe if ffn == FFNType.MOE else None,
             ),
-            mixer=None if layer.block == BlockKind.ATTENTION else getattr(self, MIXER_FIELDS[layer.block.value]),
+            mixer=None if layer.block == BlockKind.ATTENTION else self.mixer_settings(layer.block),
         )
+
+    def mixer_settings(self, kind: BlockKind):
+        """A non-attention block kind's settings: its ModelSpec field, or a plugin kind's `mixers` entry."""
+        if kind.value in MIXER_FIELDS:
+            return getattr(self, MIXER_FIELDS[kind.value], None)
+        return self.mixers.get(kind.value)
 
     def _attention(self, i: int) -> AttentionConfig:
         layer = self.layers[i]

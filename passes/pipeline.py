@@ -33,6 +33,19 @@ PASSES: dict[str, type[Pass]] = {
               SelectKernels, Quantize, StorageTypes, LoRA, MergeLoRA)
 }
 
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Add a pass from outside mlxc (usable as a class decorator): its `name` must be new, and a pipeline names it
+    like a built-in one (`--passes dce,my-pass`); it must construct with no arguments, as every registered pass does."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
+        raise MlxcError(f"register_pass takes a Pass subclass with a name, got {cls!r}")
+    if cls.name in PASSES:
+        raise MlxcError(f"pass {cls.name!r} is registered already")
+    PASSES[cls.name] = cls
+    return cls
+
+
 DEFAULT_PIPELINE: tuple[str, ...] = (
     # Phase 1: clean-up of what the frontend lowered
     "dce",

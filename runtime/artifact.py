@@ -37,6 +37,9 @@ class Manifest:
     # SHA-256 of the module, the program and the tokenizer files, and the weights' size, checked at load
     files: dict[str, str] = field(default_factory=dict)
     weights_bytes: int | None = None
+    # the plugins (mlxc.plugins) whose ops and block kinds the program and spec use: name, module, package, version
+    # and what is used of each, so loading without one says which package to install
+    plugins: list[dict] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -99,7 +102,8 @@ def read_manifest(path: Path) -> Manifest:
 # what each manifest field may hold: a type, a tuple of them, or ("list", T) / ("dict", T) for their items
 _FIELD_TYPES = {"mlxc_version": str, "source": str, "dtype": str, "passes": ("list", str), "spec": (dict, type(None)),
                 "tokenizer_files": ("list", str), "lora": (dict, type(None)), "target": str,
-                "files": ("dict", str), "weights_bytes": (int, type(None)), "format": str, "format_version": int}
+                "files": ("dict", str), "weights_bytes": (int, type(None)), "format": str, "format_version": int,
+                "plugins": ("list", dict)}
 
 
 def _has_type(value, kind) -> bool:

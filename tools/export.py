@@ -136,6 +136,9 @@ def artifact_values(path: Path) -> tuple[ModelSpec, dict[str, W.Tensor], dict[st
     from ..runtime import artifact as art
 
     manifest = art.read_manifest(path)
+    from ..plugins import check_required
+
+    check_required(manifest.plugins, str(path))  # its program and spec may name a plugin's ops and block kinds
     if not manifest.spec:
         raise MlxcError(f"{path}: the manifest records no model spec, so there is no config to export")
     if manifest.lora:  # recorded only for adapters that stayed unmerged

@@ -4,6 +4,10 @@ A module registers its builder with `@mixer(BlockKind.X, prefix="mixer")`; the b
 `fname` from `x: [B, T, hidden]` to `[B, T, hidden]`, declaring its parameters under that function and keeping its
 state through stateful ops. Lowering calls it once per distinct configuration and calls the function from each
 layer with the registered parameter prefix. Modules here are found on first use, like the family files.
+
+A plugin adds a kind the same way, naming it with a string and giving the pydantic model of its settings:
+`@mixer("linear_attention", prefix="linear_attn", settings=LinearAttentionSpec)` registers the kind (see
+`spec.register_block_kind`), so spec files can use it per layer and give its settings under its name.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...ir.errors import MlxcError
-from ..spec import BlockKind
+from ..spec import BlockKind, register_block_kind, unregister_block_kind
 
 
 @dataclass(frozen=True)
@@ -27,24 +31,46 @@ _BUILDERS: dict[BlockKind, MixerBuilder] = {}
 _LOADED = False
 
 
-def mixer(kind: BlockKind, prefix: str = "mixer"):
-    """Register the decorated function as the builder of `kind` layers."""
+def mixer(kind: BlockKind | str, prefix: str = "mixer", settings: type | None = None):
+    """Register the decorated function as the builder of `kind` layers; a new kind (from a plugin) comes with the
+    pydantic model of its settings."""
 
     def register(build: Callable) -> Callable:
-        if kind in _BUILDERS:
-            raise ValueError(f"two builders for {kind.value} layers")
-        _BUILDERS[kind] = MixerBuilder(build, prefix)
+        if settings is not None:
+            if kind in BlockKind._known:
+                raise ValueError(f"block kind {kind!r} exists already; a plugin adds a kind with a new name")
+            register_block_kind(str(kind), settings)
+        key = BlockKind(kind)
+        if key in _BUILDERS:
+            raise ValueError(f"two builders for {key.value} layers")
+        _BUILDERS[key] = MixerBuilder(build, prefix)
         return build
 
     return register
 
 
-def builder(kind: BlockKind) -> MixerBuilder:
+def registered() -> dict[BlockKind, MixerBuilder]:
+    """Every mixer builder, built-in ones found first."""
+    _load_builtin()
+    return dict(_BUILDERS)
+
+
+def unregister(kind: str) -> None:
+    """Forget a plugin's block kind and its builder (unloading the plugin)."""
+    _BUILDERS.pop(BlockKind._known.get(kind), None)
+    unregister_block_kind(kind)
+
+
+def _load_builtin() -> None:
     global _LOADED
     if not _LOADED:
         for info in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{info.name}")
         _LOADED = True
+
+
+def builder(kind: BlockKind) -> MixerBuilder:
+    _load_builtin()
     if kind not in _BUILDERS:
         raise MlxcError(f"{kind.value} layers cannot be compiled yet: no builder for them")
     return _BUILDERS[kind]
