@@ -299,13 +299,14 @@ def _present(use: str) -> bool:
 def check_required(required: list, where: str) -> None:
     """Every plugin an artifact's manifest lists is loaded (loading installed ones first), or an MlxcError naming
     the first missing plugin, its package and what the artifact uses of it."""
-    missing = [r for r in required if not all(_present(u) for u in r.get("uses", ()))]
-    if not missing:
+    for r in required:
+        if not isinstance(r, dict) or not isinstance(r.get("uses"), list) or \
+                not all(isinstance(u, str) for u in r["uses"]):
+            raise MlxcError(f"{where}: malformed plugin record {r!r} in its manifest")
+    if all(_present(u) for r in required for u in r["uses"]):
         return
     load_plugins(strict=False)
     for r in required:
-        if not isinstance(r, dict) or not isinstance(r.get("uses"), list):
-            raise MlxcError(f"{where}: malformed plugin record {r!r} in its manifest")
         absent = [u for u in r["uses"] if not _present(u)]
         if not absent:
             continue

@@ -295,7 +295,7 @@ def re_escape(text: str) -> str:
     return re.escape(text)
 
 
-def test_broken_plugin_is_one_clear_error_and_leaves_nothing_behind(site, capsys):
+def test_broken_plugin_is_one_clear_error_and_leaves_nothing_behind(site, capsys, monkeypatch):
     broken = site / "mlxc_broken_plugin"
     broken.mkdir()
     (broken / "__init__.py").write_text(
@@ -315,3 +315,10 @@ def test_broken_plugin_is_one_clear_error_and_leaves_nothing_behind(site, capsys
     assert "plugin 'broken'" in err and "MLXC_DISABLE_PLUGINS=broken" in err and "Traceback" not in err
     assert main(["plugins"]) == 1
     assert "failed: ModuleNotFoundError" in capsys.readouterr().out
+    monkeypatch.setenv("MLXC_DISABLE_PLUGINS", "broken")  # the way out the message names
+    assert mlxc.load("preset:tiny")(mx.array([[1, 2]])).logits.shape == (1, 2, 256)
+
+
+def test_malformed_plugin_record_in_a_manifest(tmp_path):
+    with pytest.raises(MlxcError, match="malformed plugin record"):
+        plugins.check_required(["linear-attention"], str(tmp_path))
