@@ -215,6 +215,35 @@ def test_gguf_shares_are_read_by_range(checkpoints):
     assert {"Q8_0", "Q4_1", "F32"} <= kinds
 
 
+def test_gguf_other_types_are_dequantized_by_range(tmp_path):
+    """Types MLX does not keep quantized (Q5_0, blocks of 32) are dequantized slice by slice, a column range that
+    splits blocks included, equal to gguf's dequantization of the whole tensor; F16 stays F16."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+
+    from mlxc.runtime.slices import GGUFSlices
+
+    rng = np.random.default_rng(0)
+    q5 = quantize(rng.standard_normal((6, 256)).astype(np.float32), gguf.GGMLQuantizationType.Q5_0)
+    f16 = rng.standard_normal((5, 7)).astype(np.float16)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_tensor("q5", q5, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    writer.add_tensor("f16", f16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    infos = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors}
+    files = GGUFSlices(tmp_path / "t.gguf", {"q5": ("Q5_0", (6, 256), int(infos["q5"].data_offset)),
+                                             "f16": ("F16", (5, 7), int(infos["f16"].data_offset))}, {})
+    whole = {"q5": dequantize(q5, gguf.GGMLQuantizationType.Q5_0), "f16": f16}
+    for name, axis, start, stop in [("q5", None, 0, 0), ("q5", 0, 1, 4), ("q5", 1, 32, 96), ("q5", 1, 40, 201),
+                                    ("f16", None, 0, 0), ("f16", 0, 2, 5), ("f16", 1, 3, 6)]:
+        want = whole[name] if axis is None else np.take(whole[name], range(start, stop), axis=axis)
+        got = np.array(files.read(name, axis, start, stop))
+        assert got.dtype == want.dtype and np.array_equal(got, want), (name, axis, start, stop)
+
+
 def test_parallel_flags_are_checked(monkeypatch, capsys):
     """Flags that cannot apply are refused with one line each, before any rank starts."""
     from mlxc.cli import main
