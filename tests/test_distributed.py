@@ -103,11 +103,21 @@ def _mlxc(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlxc", *args], capture_output=True, text=True, timeout=240, **kw)
 
 
-def test_cli_rank_0_prints_what_a_single_process_prints(checkpoints):
-    args = ["run", checkpoints["llama"], "--tokens", "5,9,200,17", "--max-new-tokens", "10"]
-    single, split = _mlxc(*args), _mlxc(*args, "--ranks", "2", "--parallel", "pipeline")
-    assert single.returncode == split.returncode == 0, split.stderr
-    assert split.stdout == single.stdout and single.stdout.strip()
+RUN = ["run", "--tokens", "5,9,200,17", "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def single_run(checkpoints) -> str:
+    """What one process prints for RUN on the Llama checkpoint."""
+    single = _mlxc(*RUN, checkpoints["llama"])
+    assert single.returncode == 0 and single.stdout.strip(), single.stderr
+    return single.stdout
+
+
+def test_cli_rank_0_prints_what_a_single_process_prints(checkpoints, single_run):
+    split = _mlxc(*RUN, checkpoints["llama"], "--ranks", "2", "--parallel", "pipeline")
+    assert split.returncode == 0, split.stderr
+    assert split.stdout == single_run, split.stderr
 
 
 def _no_worker_left() -> bool:
@@ -132,6 +142,18 @@ def test_a_rank_that_dies_or_hangs_fails_the_job_fast(checkpoints, tmp_path, how
     assert code != 0 and expect in message, message
     assert took < 60, f"the job took {took:.0f} s to fail"
     assert _no_worker_left()
+
+
+def test_the_hard_timeout_stops_every_rank(tmp_path):
+    """--timeout bounds the whole job even while every rank looks alive: the job ends with 124 and nothing is left."""
+    err, marker = tmp_path / "stderr", f"mlxc-timeout-test-{os.getpid()}"
+    start = time.time()
+    with open(err, "w") as f:
+        code = launch([sys.executable, "-c", "import sys, time; time.sleep(120)", marker], 2, timeout=2,
+                      rank_timeout=60, stderr=f)
+    assert code == 124 and "did not finish within 2 s" in err.read_text()
+    assert time.time() - start < 30
+    assert marker not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 
 
 def test_shard_writes_collectives_and_slices_that_round_trip():
@@ -280,21 +302,18 @@ def _port() -> int:
     return free_ports(1)[0]
 
 
-def test_mlx_launch_group_is_joined(checkpoints):
+def test_mlx_launch_group_is_joined(checkpoints, single_run):
     """Under mlx.launch (MLX_RANK and MLX_HOSTFILE per rank, mlxc's launcher not involved) `--parallel tensor`
     joins the launched group, and rank 0 prints what one process prints."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.skip("mlx.launch is not on PATH")
-    args = ["run", checkpoints["llama"], "--tokens", "5,9,200,17", "--max-new-tokens", "8"]
-    single = _mlxc(*args)
     # mlx.launch exits 0 even when a rank fails: the output says whether they ran
     split = subprocess.run([launcher, "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--starting-port",
-                            str(_port()), "--", sys.executable, "-m", "mlxc", *args, "--parallel", "tensor",
-                            "--timeout", "120"], capture_output=True, text=True, timeout=240)
-    assert single.returncode == split.returncode == 0, split.stderr
-    assert "exited with code" not in split.stderr, split.stderr
-    assert split.stdout == single.stdout and single.stdout.strip(), split.stderr
+                            str(_port()), "--", sys.executable, "-m", "mlxc", *RUN, checkpoints["llama"],
+                            "--parallel", "tensor", "--timeout", "120"], capture_output=True, text=True, timeout=240)
+    assert split.returncode == 0 and "exited with code" not in split.stderr, split.stderr
+    assert split.stdout == single_run, split.stderr
 
 
 def test_two_jobs_on_the_same_ports_refuse_each_other(tmp_path):
