@@ -423,6 +423,70 @@ def test_fusion_changes_nothing(tmp_path_factory):
     check_fusion(path, VOCAB, fused_names=("qkv_proj", "gate_up_proj"))
 
 
+def test_default_pipeline_changes_nothing_for_mamba(tmp_path_factory):
+    """A Mamba mixer has no parallel projections to fuse: the default pipeline (fusion, CSE, lifting, DCE) keeps its
+    numbers and its greedy tokens those of a DCE-only program."""
+    _, path = _case("mamba-bias", tmp_path_factory)
+    check_fusion(path, VOCAB, fused_names=())
+
+
+@pytest.mark.parametrize("name", ["mamba-untied", "jamba"])
+def test_stream_yields_generate_and_a_closed_stream_leaves_a_consistent_cache(name, tmp_path_factory):
+    """`stream` yields `generate`'s tokens; closed after k tokens it takes back its speculative step (restoring the
+    conv and SSM snapshots, trimming the KV), so the cache holds the prompt and k - 1 tokens and feeding the k-th
+    gives the logits of one prefill of the whole sequence."""
+    _, path = _case(name, tmp_path_factory)
+    model = mlxc.load(str(path))
+    prompt = ids(VOCAB, (1, 7), seed=21)
+    want = np.array(model.generate(mx.array(prompt), max_new_tokens=6, stop_tokens=[]))[0, 7:].tolist()
+    assert [int(t[0]) for t in model.stream(mx.array(prompt), max_new_tokens=6, stop_tokens=[])] == want
+    cache = model.make_cache()
+    stream = model.stream(mx.array(prompt), max_new_tokens=6, cache=cache, stop_tokens=[])
+    got = [int(next(stream)[0]) for _ in range(3)]
+    stream.close()
+    assert got == want[:3] and cache.offset == 7 + 2
+    seq = mx.array(np.concatenate([prompt, [got]], axis=1))
+    step = model(seq[:, -1:], cache=cache).logits[:, -1]
+    assert max_diff(np.array(step), np.array(model(seq).logits[:, -1])) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mamba-untied", "jamba-tied"])
+def test_cli_compiles_a_quantized_artifact_and_runs_it(name, tmp_path_factory, tmp_path, capsys):
+    """`mlxc compile --quantize 8` writes an artifact whose `mlxc run --tokens` continuation is the one the API
+    generates from the checkpoint quantized the same way."""
+    from mlxc.cli import main
+
+    _, path = _case(name, tmp_path_factory)
+    out = tmp_path / "q8"
+    assert main(["compile", str(path), "-o", str(out), "--quantize", "8", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "--tokens", "5,9,17,33", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    want = np.array(mlxc.load(str(path), quantize=8, group_size=32).generate(
+        mx.array([[5, 9, 17, 33]]), max_new_tokens=5, stop_tokens=()))[0, 4:].tolist()
+    assert [int(t) for t in printed.replace(",", " ").split()] == want
+
+
+@pytest.mark.parametrize("name, targets", [("mamba-bias", ("in_proj", "x_proj", "out_proj")),
+                                           ("jamba-tied", ("in_proj", "out_proj", "q_proj", "v_proj"))])
+def test_lora_training_lowers_the_loss(name, targets, tmp_path_factory):
+    """A few steps of runtime/train.py through the chunked scan's gradients learn a repeating pattern; the base
+    weights stay as they were."""
+    from mlx.utils import tree_flatten
+
+    from mlxc.runtime.train import Example, TrainConfig, train_lora
+
+    _, path = _case(name, tmp_path_factory)
+    model = mlxc.load(str(path), lora=mlxc.LoRAConfig(rank=4, alpha=8.0, targets=targets))
+    before = {n: np.array(a) for n, a in tree_flatten(model.net.parameters()) if ".lora_" not in n}
+    pattern = [5, 9, 17, 33, 65, 12] * 6
+    result = train_lora(model.net, [Example(tokens=tuple(pattern))] * 4,
+                        TrainConfig(steps=16, batch_size=2, seq_len=32, learning_rate=3e-2, log_every=4))
+    assert np.mean(result.losses[-3:]) < 0.7 * np.mean(result.losses[:3])
+    after = dict(tree_flatten(model.net.parameters()))
+    assert all(np.array_equal(np.array(after[n]), a) for n, a in before.items())
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_export_gives_transformers_the_same_logits(name, tmp_path_factory, tmp_path):
     """`mlxc export`'s config and tensors load in transformers to the same logits."""
