@@ -250,8 +250,8 @@ def check_safetensors(path: Path, error: type[MlxcError] = MlxcError) -> None:
         raise error(f"cannot read {path}: its safetensors header is not a JSON object")
     data_size, spans = size - 8 - n, []
     for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        if name == "__metadata__":  # null is what mx.save_safetensors writes without metadata (safetensors accepts it)
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise error(f"cannot read {path}: its __metadata__ must map strings to strings")
             continue
         spans.append(_tensor_span(path, name, entry, data_size, error))

@@ -82,7 +82,8 @@ def _compare(args) -> int:
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg"):
         raise MlxcError(f"--plot {args.plot}: the figure is written as .png or .svg")  # before minutes of timing
     axes = parse_axes(args.compare)
-    report = compare(args.src, axes, options=build_options(args), prompt_len=args.prompt_len, gen_len=args.gen_len,
+    options = {**build_options(args), **trust_option(args)}
+    report = compare(args.src, axes, options=options, prompt_len=args.prompt_len, gen_len=args.gen_len,
                      batch=args.batch, warmup=args.warmup, repeats=args.repeats or 5, progress=progress)
     if args.json:
         write(json.dumps(report.to_json()))

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..ir.errors import MlxcError
-from .common import DTYPES, build_options, consoles, int_list, progress, write
+from .common import DTYPES, add_trust, build_options, consoles, int_list, progress, trust_option, write
 
 HELP = "compare with transformers or another model, layer by layer"
 DIVERGED = 1
@@ -49,6 +49,7 @@ def add_parser(p) -> None:
                        help=f"quantize {which}'s weights to this many bits")
         p.add_argument(f"--group-size{suffix}", type=int, choices=(32, 64, 128), default=None,
                        help=f"{which}'s quantization group size (default 64)")
+    add_trust(p)
 
 
 def _side(args, suffix: str) -> dict:
@@ -93,6 +94,9 @@ def run(args) -> int:
         if args.src2 is None and options2:
             flags = ", ".join("--passes2/--no-opt2" if k == "passes" else f"--{k.replace('_', '-')}2" for k in options2)
             raise MlxcError(f"{flags}: the second model's flags need a second source (mlxc diff SRC SRC2)")
+        options.update(trust_option(args))  # --trust: both sides are models the user vouches for
+        if args.src2 is not None:
+            options2.update(trust_option(args))
         report = diff(args.src, args.src2, tokens=args.tokens, prompt=args.prompt, tol=args.tol, options=options,
                       options2=options2, progress=progress)
     except MlxcError as e:

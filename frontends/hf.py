@@ -81,10 +81,14 @@ def load_hf_config(path: PathLike) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise MlxcError(f"cannot read Hugging Face config {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise MlxcError(f"{p}: not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise MlxcError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise MlxcError(f"{p}: malformed JSON (nested too deep)") from None
     if not isinstance(data, dict):
         raise MlxcError(f"{p}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -129,6 +133,8 @@ def detect_family(config: Mapping[str, Any], tensor_names: Optional[Iterable[str
     declared = config.get("architectures") or []
     if isinstance(declared, str):
         declared = [declared]
+    if not isinstance(declared, (list, tuple)):
+        raise MlxcError(f"config.json: architectures should be a list of class names, not {declared!r:.80}")
     families = all_families()
     for name in declared:
         stem, _ = _split_architecture(str(name))
@@ -289,7 +295,7 @@ class HFConfig:
 
     def activation(self, key: str = "hidden_act") -> Activation:
         name = self.get(key)
-        if name not in ACTIVATIONS:
+        if not isinstance(name, str) or name not in ACTIVATIONS:
             raise self.error(f"unsupported {key} {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
         return ACTIVATIONS[name]
 

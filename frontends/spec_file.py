@@ -74,12 +74,17 @@ def load_spec_file(path: PathLike) -> ModelSpec:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise MlxcError(f"cannot read spec file {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise MlxcError(f"{p}: not UTF-8 text") from None
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as err:
         raise MlxcError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     except yaml.YAMLError as err:
         raise MlxcError(f"{p}: malformed YAML: {err}") from None
+    except RecursionError:
+        kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
+        raise MlxcError(f"{p}: malformed {kind} (nested too deep)") from None
     return spec_from_mapping(data, str(p))
 
 

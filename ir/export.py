@@ -110,6 +110,8 @@ def from_json(text: str) -> Program:
         raise ParseError(f"malformed IR JSON: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ParseError(f"malformed IR JSON: {type(e).__name__}: {e}") from None
+    except RecursionError:
+        raise ParseError("malformed IR JSON: nested too deep") from None
 
 
 def to_graph(fn: Function) -> networkx.DiGraph:

@@ -51,6 +51,10 @@ def _read_json(path: Path) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise MlxcError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise MlxcError(f"{path} is not UTF-8 text") from None
+    except RecursionError:
+        raise MlxcError(f"{path} is not valid JSON: nested too deep") from None
     if not isinstance(data, dict):
         raise MlxcError(f"{path} should hold a JSON object")
     return data
@@ -487,7 +491,8 @@ class Tokenizer:
         extra_eos: list[int] = []
         if (d / "generation_config.json").is_file():
             eid = _read_json(d / "generation_config.json").get("eos_token_id")
-            extra_eos = [eid] if isinstance(eid, int) else [i for i in (eid or []) if isinstance(i, int)]
+            listed = eid if isinstance(eid, list) else [eid]
+            extra_eos = [i for i in listed if isinstance(i, int) and not isinstance(i, bool)]
 
         return cls(
             tok,

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import struct
 from functools import lru_cache
+from typing import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -185,8 +187,9 @@ SPEC_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "nu
 
 @target("spec")
 def _spec(p: dict, note) -> None:
-    """A YAML or JSON spec file with odd values; loaded as `mlxc.load(spec)` does (random weights), which must
-    refuse a model too large for the machine before allocating it."""
+    """A YAML or JSON spec file with odd values: read and lowered, and every `load_every`-th case loaded as
+    `mlxc.load(spec)` does (random weights), which must refuse a model too large for the machine before allocating
+    it."""
     rng = case_rng(p, "spec")
     base = rng.choice(p["specs"])
     doc, what = mutate_json(rng, json.loads(_bytes(base)), SPEC_KEYS)
@@ -204,7 +207,9 @@ def _spec(p: dict, note) -> None:
     note(f"{Path(base).name} as {suffix}: " + "; ".join(filter(None, [what, damage])))
     path = Path("case" + suffix)
     path.write_text(text)
-    _forward(mlxc.load(str(path)))
+    api.program_for(str(path))  # the spec read, checked and lowered (what `mlxc inspect` / `mlxc dump` do)
+    if p["case"] % p.get("load_every", 4) == 0:
+        _forward(mlxc.load(str(path)))
 
 
 # ------------------------------------------------------------------------------------------------------- adapters
@@ -247,8 +252,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def _tokenizer(p: dict, note) -> None:
     """A tokenizer folder (tokenizer.json and friends) with one file mutated as JSON or damaged, or a chat template
     replaced; loaded, then used to encode, decode and render a conversation."""
+    from mlxc.runtime import tokenizer as T
     from mlxc.runtime.tokenizer import Tokenizer
 
+    T.TEMPLATE_SECONDS = p.get("seconds", T.TEMPLATE_SECONDS)
     rng = case_rng(p, "tokenizer")
     src, d = Path(p["dir"]), _fresh("tok")
     for f in src.iterdir():
@@ -405,6 +412,216 @@ def _artifact(p: dict, note) -> None:
         os.unlink(d / "weights.safetensors")
         (d / "weights.safetensors").write_bytes(data)
         what = "weights.safetensors: " + what
-    note(what)
-    model = mlxc.load(str(d))
+    trust = choice != "module" and p["case"] % 2 == 1  # trusted, the readers behind the hash check get the input
+    note(what + ("; loaded with trust=True" if trust else ""))
+    model = mlxc.load(str(d), trust=trust)
     _forward(model)
+
+
+# ----------------------------------------------------------------------------------------- hypothesis properties
+# Generated (not mutated) inputs: hypothesis draws whole structures, run here in the worker so the time limit and
+# the memory ceiling bound every example. A property fails (a `crash` outcome, with hypothesis's falsifying example)
+# when an example ends in anything but a load or an MlxcError.
+
+PROPERTIES: dict[str, Callable] = {}
+
+
+def _property(fn):
+    PROPERTIES[fn.__name__.lstrip("_")] = fn
+    return fn
+
+
+def _clean(fn, *args) -> None:
+    try:
+        fn(*args)
+    except mlxc.MlxcError as e:
+        if not str(e) or "Traceback" in str(e):
+            raise AssertionError(f"an MlxcError without a clear message: {e!r}") from None
+
+
+def _gguf_strategies(st) -> dict:
+    """The strategies `_gguf_kv` draws from, built once (building `st.text()` costs far more than drawing from it)."""
+    fmts = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    scalar = {v: (st.integers(0, 1) if f == "?" else st.integers(0, 127) if f in "Bb" else st.floats(width=32)
+                  if f == "f" else st.floats() if f == "d" else st.integers(0, 2 ** (8 * struct.calcsize(f) - 1) - 1))
+              for v, f in fmts.items()}
+    return {
+        "fmts": fmts, "scalar": scalar,
+        "key": st.sampled_from(["general.architecture", "llama.block_count", "llama.context_length",
+                                "llama.embedding_length", "llama.attention.head_count", "tokenizer.ggml.tokens",
+                                "general.alignment", "x"]),
+        "vtype": st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 2**31]),
+        "text": st.text(max_size=20), "u64": st.integers(0, 2**64 - 1), "small": st.integers(0, 4),
+        "itype": st.sampled_from([4, 8, 9, 12, 99]), "items": st.binary(max_size=64), "junk": st.binary(max_size=16),
+    }
+
+
+def _gguf_kv(draw, s: dict) -> bytes:
+    """One GGUF metadata entry: a key, a value type (sometimes unknown) and a value, or declared lengths that lie."""
+    from hypothesis import strategies as st
+
+    key = draw(s["key"])
+    vtype = draw(s["vtype"])
+    raw = struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype)
+    fmt = s["fmts"].get(vtype)
+    if fmt:
+        return raw + struct.pack("<" + fmt, draw(s["scalar"][vtype]))
+    if vtype == 8:
+        text = draw(s["text"]).encode()
+        n = draw(st.one_of(st.just(len(text)), s["u64"]))
+        return raw + struct.pack("<Q", n) + text
+    if vtype == 9:
+        itype = draw(s["itype"])
+        count = draw(st.one_of(s["small"], s["u64"]))
+        return raw + struct.pack("<IQ", itype, count) + draw(s["items"])
+    return raw + draw(s["junk"])
+
+
+@_property
+def _gguf_header(n: int, seed: int) -> None:
+    """A GGUF file drawn field by field: version, counts, metadata entries and tensor infos (dims, types, offsets),
+    then a data region; read (weights evaluated) as `mlxc.load` would."""
+    from hypothesis import given, settings, strategies as st
+
+    strategies = _gguf_strategies(st)
+    u32, u64 = st.integers(0, 2**32 - 1), strategies["u64"]
+    versions = st.sampled_from([3, 3, 3, 2, 1, 0, 2**32 - 1])
+    names = st.sampled_from(["token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight", "t"])
+    dim_lists = st.lists(st.one_of(st.integers(0, 64), u64), max_size=5)
+    ttypes = st.sampled_from([0, 1, 2, 3, 8, 12, 14, 30, 39, 2**31])
+    offsets = st.one_of(st.sampled_from([0, 32, 64]), u64)
+    data = st.binary(max_size=4096)
+    arch = struct.pack("<Q", 20) + b"general.architecture" + struct.pack("<IQ", 8, 5) + b"llama"
+
+    @st.composite
+    def files(draw):
+        version = draw(versions)
+        entries = [_gguf_kv(draw, strategies) for _ in range(draw(st.integers(0, 5)))]
+        if draw(st.booleans()):
+            entries.insert(0, arch)
+        tensors = []
+        for i in range(draw(st.integers(0, 4))):
+            name, dims = draw(names), draw(dim_lists)
+            n_dims = draw(st.one_of(st.just(len(dims)), u32))
+            tensors.append(struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", n_dims) +
+                           b"".join(struct.pack("<Q", d) for d in dims) +
+                           struct.pack("<IQ", draw(ttypes), draw(offsets)))
+        n_kv = draw(st.one_of(st.just(len(entries)), u64))
+        n_t = draw(st.one_of(st.just(len(tensors)), u64))
+        head = b"GGUF" + struct.pack("<IQQ", version, n_t, n_kv) + b"".join(entries) + b"".join(tensors)
+        return head + b"\0" * ((-len(head)) % 32) + draw(data)
+
+    @settings(max_examples=n, database=None, deadline=None)
+    @given(files())
+    def prop(data):
+        Path("h.gguf").write_bytes(data)
+
+        def run():
+            front = api.read_gguf_source(Path("h.gguf"), weights=True)
+            _evaluate(front.tensors)
+
+        _clean(run)
+
+    from hypothesis import seed as hseed
+
+    hseed(seed)(prop)()
+
+
+@_property
+def _safetensors_header(n: int, seed: int) -> None:
+    """A safetensors file whose header hypothesis writes: any dtypes, shapes (negative, huge, non-integer) and byte
+    ranges (overlapping, reversed, past the end) over a data region of any length; checked, then read with mx.load."""
+    from hypothesis import given, seed as hseed, settings, strategies as st
+
+    from mlxc.files import check_safetensors
+
+    dims = st.one_of(st.integers(0, 8), st.integers(-2, 2**64), st.sampled_from([1.5, "3", None]))
+    entry = st.fixed_dictionaries({
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I32", "I64", "U8", "BOOL", "F64", "F8_E4M3", "Q4", ""]),
+        "shape": st.one_of(st.lists(dims, max_size=4), st.none(), st.just("x")),
+        "data_offsets": st.one_of(st.lists(st.one_of(st.integers(0, 128), st.integers(-2, 2**64)), min_size=0,
+                                           max_size=3), st.just("x")),
+    })
+    headers = st.dictionaries(st.sampled_from(["a", "b", "model.embed_tokens.weight", "__metadata__"]),
+                              st.one_of(entry, st.none(), st.integers(), st.dictionaries(st.text(max_size=3),
+                                                                                          st.text(max_size=3))),
+                              max_size=4)
+
+    @settings(max_examples=n, database=None, deadline=None)
+    @given(headers, st.binary(max_size=256), st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+    def prop(header, body, length):
+        raw = json.dumps(header).encode()
+        Path("h.safetensors").write_bytes((len(raw) if length is None else length).to_bytes(8, "little") + raw
+                                          + body)
+
+        def run():
+            check_safetensors(Path("h.safetensors"))
+            mx.eval(*mx.load("h.safetensors").values())
+
+        _clean(run)
+
+    hseed(seed)(prop)()
+
+
+_IR_WORDS = ["func", "@main", "@x", "%x", "%0", "%1", "(", ")", "{", "}", "[", "]", "<", ">", ",", ":", "=", "->",
+             "return", "f32", "bf16", "i32", "f32[2,3]", "f32[B,T,64]", "i32[B,T]", "linear", "rms_norm", "embed",
+             "attention", "add", "reshape", "param", "eps", "1e-5", "0", "-1", "64", "2", "nan", "inf", "\"s\"",
+             "#rope<kind=default>", "true", "none", "q4<64>", "state(kv)", "\n", " "]
+
+
+@_property
+def _ir_text(n: int, seed: int) -> None:
+    """IR text hypothesis writes from the language's own tokens (and around a valid program); parsed, verified and
+    generated, as loading an artifact's program.mlxc does."""
+    from hypothesis import given, seed as hseed, settings, strategies as st
+
+    from mlxc.ir import parse_program
+
+    valid = Path(__file__).with_name("ir_fixtures") / "llama_decoder.mlxc"
+    base = valid.read_text() if valid.is_file() else ""
+    soup = st.lists(st.sampled_from(_IR_WORDS), max_size=60).map(" ".join)
+    spliced = st.tuples(st.integers(0, len(base)), st.integers(0, 40), soup).map(
+        lambda t: base[: t[0]] + t[2] + base[t[0] + t[1]:])
+
+    @settings(max_examples=n, database=None, deadline=None)
+    @given(st.one_of(soup, spliced, st.text(max_size=200)))
+    def prop(text):
+        _clean(lambda: _compile_ir(parse_program(text)))
+
+    hseed(seed)(prop)()
+
+
+@_property
+def _spec_mapping(n: int, seed: int) -> None:
+    """Spec documents hypothesis writes (any JSON values under the spec's keys); validated, and the model built and
+    run when it validates, refusing what would not fit in memory."""
+    from hypothesis import given, seed as hseed, settings, strategies as st
+
+    from fuzzlib import BASE_SPECS
+    from mlxc.frontends.spec_file import spec_from_mapping
+
+    values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2, 2**70), st.floats(),
+                                    st.text(max_size=8)),
+                          lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c,
+                                                                                        max_size=3)), max_leaves=6)
+    docs = st.tuples(st.sampled_from(BASE_SPECS), st.dictionaries(st.sampled_from(list(SPEC_KEYS)), values,
+                                                                  max_size=3))
+
+    @settings(max_examples=n, database=None, deadline=None)
+    @given(docs)
+    def prop(doc):
+        base, changes = doc
+
+        def run():
+            spec = spec_from_mapping({**base, **changes}, "drawn spec")
+            _forward(mlxc.load(spec))
+
+        _clean(run)
+
+    hseed(seed)(prop)()
+
+
+@target("property")
+def _run_property(p: dict, note) -> None:
+    note(f"hypothesis property {p['property']}: {p['examples']} examples, seed {p['seed']}")
+    PROPERTIES[p["property"]](p["examples"], p["seed"])

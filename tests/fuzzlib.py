@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import random
+import re
 import resource
 import select
 import signal
@@ -52,8 +53,9 @@ class Outcome:
 
 
 def long_run(request) -> bool:
-    """Whether this run selected the long fuzz runs (`pytest -m fuzz`)."""
-    return "fuzz" in (request.config.getoption("markexpr", "") or "").split()
+    """Whether this run selected the long fuzz runs (`pytest -m fuzz`; the default `-m 'not fuzz'` does not)."""
+    expr = request.config.getoption("markexpr", "") or ""
+    return re.search(r"(?<!not )\bfuzz\b", expr) is not None
 
 
 def scale(request) -> int:
@@ -96,15 +98,16 @@ class Worker:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, target: str, payload: dict) -> Outcome:
+    def run(self, target: str, payload: dict, timeout: float | None = None) -> Outcome:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        timeout = timeout or self.timeout
         start = time.monotonic()
         self.proc.stdin.write((json.dumps({"target": target, "payload": payload}) + "\n").encode())
         self.proc.stdin.flush()
         what = ""
         while True:
-            msg = self._line(start + self.timeout)
+            msg = self._line(start + timeout)
             if msg is None:
                 code = self.proc.wait()
                 self.proc = None
@@ -112,7 +115,7 @@ class Worker:
                 tail = self.log.read_text(errors="replace")[-3000:]
                 return Outcome(payload.get("case"), "died", what, f"{why}\n{tail}", time.monotonic() - start)
             if msg.get("_hang"):
-                return Outcome(payload.get("case"), "hang", what, f"no answer within {self.timeout:g} s",
+                return Outcome(payload.get("case"), "hang", what, f"no answer within {timeout:g} s",
                                time.monotonic() - start)
             if "what" in msg:
                 what = msg["what"]
@@ -528,4 +531,110 @@ BASE_SPECS = [
     {"name": "tiny-moe-classifier", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
      "num_heads": 4, "ffn": "moe", "moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 32},
      "pad_token_id": 0, "head": {"kind": "sequence_classification", "num_labels": 3}},
+]
+
+
+def peft_adapter(dest: Path, base: Path, rank: int = 4) -> Path:
+    """A PEFT LoRA adapter saved by peft itself for the transformers checkpoint `base` (random, non-zero B)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"], task_type="CAUSAL_LM")
+    peft.get_peft_model(model, config).save_pretrained(dest)
+    return dest
+
+
+def spec_files(dest: Path) -> list[str]:
+    """BASE_SPECS as JSON files in `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for spec in BASE_SPECS:
+        path = dest / f"{spec['name']}.json"
+        path.write_text(json.dumps(spec))
+        out.append(str(path))
+    return out
+
+
+def ir_dumps(dest: Path, src: Path) -> tuple[str, str]:
+    """The optimized program of the checkpoint `src` as IR text and as IR JSON (what `mlxc dump` writes)."""
+    from mlxc.api import program_for
+    from mlxc.ir import print_program
+    from mlxc.ir.export import to_json
+
+    program = program_for(str(src))
+    (dest / "program.mlxc").write_text(print_program(program))
+    (dest / "program.json").write_text(to_json(program))
+    return str(dest / "program.mlxc"), str(dest / "program.json")
+
+
+def tokenizer_dir(dest: Path, src: Path) -> Path:
+    """The tokenizer files of the checkpoint `src` alone in `dest`."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.name == "generation_config.json":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def reader_inputs(root: Path) -> dict:
+    """Every real input the non-GGUF fuzz targets mutate, built once: a tiny random-weight transformers Llama with
+    SmolLM2's (shrunk) tokenizer and chat template, a peft LoRA adapter for it, spec files, its program as IR text
+    and JSON, a compiled artifact and its tokenizer folder."""
+    import mlxc
+
+    gguf_path = tiny_gguf(root / "tiny.gguf")
+    ckpt = tiny_hf_checkpoint(root / "ckpt", tokenizer_from=gguf_path)
+    adapter = peft_adapter(root / "adapter", ckpt)
+    ir_text, ir_json = ir_dumps(root, ckpt)
+    artifact = mlxc.compile(str(ckpt), root / "artifact")
+    return {"gguf": str(gguf_path), "ckpt": str(ckpt), "adapter": str(adapter), "specs": spec_files(root / "specs"),
+            "ir_text": ir_text, "ir_json": ir_json, "artifact": str(artifact),
+            "tokenizer": str(tokenizer_dir(root / "tok", ckpt))}
+
+
+# Chat templates that try to escape or exhaust the sandbox: Python internals through attributes, runaway loops and
+# recursion, huge strings and lists by every route jinja offers, and plain broken syntax.
+HOSTILE_TEMPLATES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.system('touch pwned') }}",
+    "{{ joiner.__init__.__globals__['__builtins__']['open']('pwned', 'w') }}",
+    "{{ namespace.__init__.__globals__.os.popen('id').read() }}",
+    "{{ lipsum.__globals__['os'].system('touch pwned') }}",
+    "{{ self._TemplateReference__context }}",
+    "{{ raise_exception.__globals__ }}",
+    "{{ messages[0].content.__class__.__dict__ }}",
+    "{{ (messages|first).items.__self__ }}",
+    "{% set x = messages.append(1) %}{{ x }}",
+    "{% set d = {} %}{{ d.update(a=1) }}",
+    "{{ ''.format.__globals__ }}",
+    "{{ '{0.__class__.__mro__}'.format('') }}",
+    "{{ '%s' % ('x' * 100000000) }}",
+    "{{ 'x' * 1000000000 }}",
+    "{{ ['x'] * 1000000000 }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('ab') }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ ('x' * 4096) | join(range(100000) | map('string') | list) }}",
+    "{{ range(10000000) | list | length }}",
+    "{{ 'x' | center(2000000000) }}",
+    "{{ '{:>2000000000}'.format('x') }}",
+    "{{ 'ab' | replace('a', 'x' * 1000000) | replace('x', 'y' * 1000000) }}",
+    "{{ range(1000000) | sum(start=[]) }}",
+    "{{ 9 ** 9 ** 9 }}",
+    "{{ 2 ** 100000000 }}",
+    "{% for m in messages %}{{ m['role'] }",
+    "{{ raise_exception('refused by the template') }}",
+    "{% include 'other.jinja' %}",
+    "{% import 'os' as os %}",
+    "{% extends '/etc/passwd' %}",
+    "{{ '\\x00' * 20 }}{{ messages }}",
+    "{%- for m in messages -%}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor -%}",
 ]
