@@ -8,10 +8,11 @@ A plugin is an installed Python package that names a module in the `mlxc.plugins
 Importing that module declares things with the machinery mlxc's own files use, re-exported here so a plugin imports
 one module: `op` (an op's operands, typed attributes, type rule and state; ir/opdef.py), `implements` and `helper`
 (its MLX implementation and the helper functions it calls, carried verbatim into generated modules;
-codegen/mlx_ops.py), `mixer` (a block kind usable per layer in spec files, with the pydantic model of its settings;
-frontends/blocks/), a module-level `FAMILIES` tuple (a family file: config mapping, tensor names, detection,
-presets; frontends/families/) and `register_pass` (a pass usable in `--passes`). Nothing else needs to know: the
-printer, parser, verifier, dumps, explorer, passes, codegen, LoRA and quantization read the same registries.
+codegen/mlx_ops.py), `mixer` and `ffn` (a block or FFN kind usable per layer in spec files, with the pydantic
+model of its settings; frontends/blocks/), a module-level `FAMILIES` tuple (a family file: config mapping, tensor
+names, detection, presets; frontends/families/) and `register_pass` (a pass usable in `--passes`). Nothing else
+needs to know: the printer, parser, verifier, dumps, explorer, passes, codegen, LoRA and quantization read the same
+registries.
 
 mlxc loads plugins when a command or `mlxc.load` / `mlxc.compile` starts (`load_plugins`). Where something came from
 is read off the objects themselves (the module that defined a type rule, fragment, builder, family or pass), so a
@@ -32,9 +33,9 @@ from importlib import metadata
 from .codegen.mlx_ops import HELPER_SOURCES, IMPLEMENTATIONS, VARIANTS, helper, implements
 from .frontends import blocks as _blocks
 from .frontends import families as _families
-from .frontends.blocks import mixer
+from .frontends.blocks import ffn, mixer
 from .frontends.families import Family, NameTable, register_family
-from .frontends.spec import BlockKind
+from .frontends.spec import BlockKind, FFNType
 from .ir.errors import MlxcError
 from .ir.graph import FunctionBuilder
 from .ir.opdef import OPS, AttrDef, Ints, OpGroup, Shape, op, require
@@ -45,7 +46,7 @@ from .passes.pipeline import PASSES, register_pass
 
 __all__ = [
     "AttrDef", "DType", "Family", "FunctionBuilder", "GROUP", "Ints", "NameTable", "OpGroup", "Pass", "PassReport", "Plugin", "Shape",
-    "State", "StateKind", "TensorType", "check_required", "helper", "implements", "load_module", "load_plugins", "mixer", "op",
+    "State", "StateKind", "TensorType", "check_required", "ffn", "helper", "implements", "load_module", "load_plugins", "mixer", "op",
     "plugins", "register_family", "register_pass", "registered", "require", "required_plugins", "unload",
 ]
 
@@ -211,6 +212,8 @@ def registered() -> list[Entry]:
         out.append(Entry("op", name, _module_of(d.infer), f"{d.group.value}; MLX: {', '.join(kernels) or 'none'}"))
     for kind, b in _blocks.registered().items():
         out.append(Entry("block", kind.value, _module_of(b.build), f"prefix {b.prefix}"))
+    for kind, build in _blocks.ffn_builders().items():
+        out.append(Entry("ffn", kind.value, _module_of(build), "FFN kind"))
     for f in _families.all_families():
         module = _module_of(f.config)
         out.append(Entry("family", f.name, module, f"{len(f.presets)} presets" if f.presets else ""))
@@ -236,7 +239,7 @@ def _forget(entry: Entry) -> None:
             for h in impl.helpers if impl is not None else ():
                 HELPER_SOURCES.pop(h, None)
         OPS.pop(entry.name, None)
-    elif entry.kind == "block":
+    elif entry.kind in ("block", "ffn"):
         _blocks.unregister(entry.name)
     elif entry.kind == "family":
         _families.unregister_family(entry.name)
@@ -269,13 +272,15 @@ def unload(name: str) -> Plugin:
 
 
 def required_plugins(program, spec=None) -> list[dict]:
-    """The plugins an artifact of `program` (and `spec`) needs to load: those whose ops it runs or whose block
-    kinds its spec lists, with what it uses of each (recorded in the manifest)."""
-    ops = {o.op for fn in program.functions for o in fn.ops}
-    kinds = {layer.block.value for layer in spec.layers} if spec is not None else set()
+    """The plugins an artifact of `program` (and `spec`) needs to load: those whose ops it runs or whose block or
+    FFN kinds its spec lists, with what it uses of each (recorded in the manifest)."""
+    used = {("op", o.op) for fn in program.functions for o in fn.ops}
+    if spec is not None:
+        used |= {("block", layer.block.value) for layer in spec.layers}
+        used |= {("ffn", (layer.ffn or spec.ffn).value) for layer in spec.layers}
     uses: dict[str, list[str]] = {}
     for e in registered():
-        if e.builtin or not ((e.kind == "op" and e.name in ops) or (e.kind == "block" and e.name in kinds)):
+        if e.builtin or (e.kind, e.name) not in used:
             continue
         uses.setdefault(e.module.split(".")[0], []).append(f"{e.kind} {e.name}")
     out = []
@@ -293,6 +298,8 @@ def _present(use: str) -> bool:
         return name in OPS
     if kind == "block":
         return name in BlockKind._known
+    if kind == "ffn":
+        return name in FFNType._known
     return False
 
 

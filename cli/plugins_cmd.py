@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .common import consoles, note, write
 
-HELP = "list installed plugins and every registered op, block kind, family and pass with where it came from"
+HELP = "list installed plugins and every registered op, block and FFN kind, family and pass with where it came from"
 
 
 def add_parser(p) -> None:
@@ -55,7 +55,7 @@ def run(args) -> int:
     reg = Table(title="registered", title_justify="left")
     for col in ("kind", "name", "origin", "module", "detail"):
         reg.add_column(col)
-    for e in sorted(entries, key=lambda e: ("op block family pass".split().index(e.kind), not e.builtin, e.name)):
+    for e in sorted(entries, key=lambda e: ("op block ffn family pass".split().index(e.kind), not e.builtin, e.name)):
         reg.add_row(e.kind, e.name, origin[e], e.module, e.detail)
     consoles.out.print(reg)
     for p in broken:

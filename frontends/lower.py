@@ -13,7 +13,7 @@ onto these (frontends/families/).
 from __future__ import annotations
 
 from ..ir import DType, FunctionBuilder, Program, TensorType, Value, verify
-from .blocks import builder
+from .blocks import builder, ffn_builder
 from .spec import (AttentionConfig, FFNConfig, FFNType, HeadKind, LayerConfig, ModelSpec, NormConfig, NormType,
                    Residual)
 
@@ -108,6 +108,8 @@ class _Lowering:
             up = self.linear(b, x, "up_proj", i, h, f.bias, "up")
             hidden = b.op(act, up, name="hidden")
             out = self.linear(b, hidden, "down_proj", h, i, f.bias, "out")
+        elif not f.kind.builtin:  # a kind a plugin added (frontends/blocks: `ffn`)
+            out = ffn_builder(f.kind)(self, b, x, f.settings, f)
         else:
             out = self.moe(b, x, f)
         b.build(out)

@@ -20,36 +20,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..ir.attrs import RopeKind, RopeScaling
 
 
-class _BlockKinds(type):
-    """Iterating `BlockKind` lists every registered kind, built-in ones first."""
+class _Kinds(type):
+    """Iterating a kind class lists every registered kind, built-in ones first."""
 
     def __iter__(cls):
         return iter(tuple(cls._known.values()))
 
 
-class BlockKind(str, metaclass=_BlockKinds):
-    """What mixes information across positions in one layer (its FFN, if any, follows). Hybrids list different kinds
-    per layer; each kind's builder lives in frontends/blocks/, and each non-attention kind's settings in a
-    ModelSpec field (`MIXER_FIELDS`), or for a kind a plugin adds, in `ModelSpec.mixers` under the kind's name.
+class _Kind(str, metaclass=_Kinds):
+    """A registered name, not a closed enum, so a plugin adds a kind without editing mlxc; `Kind("name")` accepts
+    registered names only, and built-in kinds are class attributes (`BlockKind.MAMBA`). Each subclass keeps its
+    own registry; a kind a plugin adds comes with the pydantic model of its settings (`ModelSpec.extensions`)."""
 
-    A kind is a registered name, not a closed enum, so a plugin adds one (`register_block_kind`, which
-    `frontends.blocks.mixer` calls) without editing mlxc; `BlockKind("name")` accepts registered names only."""
-
+    _what = "kind"
     _known: dict = {}
     _settings: dict = {}  # plugin kind -> the pydantic model of its settings
 
     def __new__(cls, value):
-        if isinstance(value, BlockKind):
+        if isinstance(value, cls):
             return value
         kind = cls._known.get(value) if isinstance(value, str) else None
         if kind is None:
-            raise ValueError(f"unknown block kind {value!r}; expected one of {', '.join(cls._known)}")
+            raise ValueError(f"unknown {cls._what} {value!r}; expected one of {', '.join(cls._known)}")
         return kind
 
     @classmethod
-    def _make(cls, name: str) -> "BlockKind":
+    def _make(cls, name: str):
         kind = str.__new__(cls, name)
         cls._known[name] = kind
+        setattr(cls, name.upper(), kind)
         return kind
 
     @property
@@ -58,16 +57,16 @@ class BlockKind(str, metaclass=_BlockKinds):
 
     @property
     def builtin(self) -> bool:
-        return self not in BlockKind._settings
+        return self.value not in type(self)._settings
 
     def __str__(self) -> str:
         return self.value
 
     def __repr__(self) -> str:
-        return f"BlockKind({self.value!r})"
+        return f"{type(self).__name__}({self.value!r})"
 
     def __reduce__(self):
-        return BlockKind, (self.value,)
+        return type(self), (self.value,)
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source, handler):
@@ -77,29 +76,63 @@ class BlockKind(str, metaclass=_BlockKinds):
             cls, serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="json"))
 
 
+class BlockKind(_Kind):
+    """What mixes information across positions in one layer (its FFN, if any, follows). Hybrids list different kinds
+    per layer; each kind's builder lives in frontends/blocks/, and each built-in non-attention kind's settings in a
+    ModelSpec field (`MIXER_FIELDS`). A plugin adds a kind with `frontends.blocks.mixer(..., settings=)`."""
+
+    _what = "block kind"
+    _known: dict = {}
+    _settings: dict = {}
+
+
+class FFNType(_Kind):
+    """What a layer's feed-forward sublayer computes. A plugin adds a kind with `frontends.blocks.ffn(...)`."""
+
+    _what = "FFN kind"
+    _known: dict = {}
+    _settings: dict = {}
+
+
 for _name in ("attention", "mamba", "mamba2", "lstm", "gru", "mingru"):
-    setattr(BlockKind, _name.upper(), BlockKind._make(_name))
+    BlockKind._make(_name)
 # mamba: Mamba v1 (selective state space); mamba2: multi-head SSD; mingru: "Were RNNs All We Needed?"
+for _name in ("gated", "dense", "moe", "none"):
+    FFNType._make(_name)
+# gated: down(act(gate(x)) * up(x)) (SwiGLU, GeGLU); dense: down(act(up(x))); moe: a mixture of gated experts (see
+# MoESpec); none: no FFN sublayer, the mixer is the whole layer (Mamba, RNN stacks)
+_KIND_CLASSES = (BlockKind, FFNType)
+
+
+def register_kind(cls: type, name: str, settings: type):
+    """Add a block kind (`cls` BlockKind) or an FFN kind (FFNType) from outside mlxc; `settings` is the pydantic
+    model of its `ModelSpec.extensions` entry. A name is registered once across both (a plugin shadowing a built-in
+    kind or another plugin's is an error), since settings are found by name."""
+    if cls not in _KIND_CLASSES:
+        raise ValueError(f"{cls!r} is not a kind registry")
+    if not (isinstance(name, str) and name.isidentifier() and name.islower()) or name.upper() in vars(cls):
+        raise ValueError(f"{cls._what} {name!r} must be a new lower-case identifier")
+    if any(name in k._known for k in _KIND_CLASSES):
+        raise ValueError(f"kind {name!r} is registered already")
+    if not (isinstance(settings, type) and issubclass(settings, BaseModel)):
+        raise ValueError(f"the settings of {cls._what} {name!r} must be a pydantic model class, got {settings!r}")
+    cls._settings[name] = settings
+    return cls._make(name)
+
+
+def unregister_kind(name: str) -> None:
+    """Forget a plugin's block or FFN kind (unloading the plugin); built-in kinds stay."""
+    for cls in _KIND_CLASSES:
+        if name in cls._settings:
+            del cls._settings[name], cls._known[name]
+            delattr(cls, name.upper())
 
 
 def register_block_kind(name: str, settings: type) -> BlockKind:
-    """Add a block kind from outside mlxc; `settings` is the frozen pydantic model of its `ModelSpec.mixers` entry.
-    Registering a name twice is an error (a plugin shadowing a built-in kind or another plugin's)."""
-    if not (isinstance(name, str) and name.isidentifier() and name.islower()):
-        raise ValueError(f"block kind {name!r} must be a lower-case identifier")
-    if name in BlockKind._known:
-        raise ValueError(f"block kind {name!r} is registered already")
-    if not (isinstance(settings, type) and issubclass(settings, BaseModel)):
-        raise ValueError(f"the settings of block kind {name!r} must be a pydantic model class, got {settings!r}")
-    kind = BlockKind._make(name)
-    BlockKind._settings[name] = settings
-    return kind
+    return register_kind(BlockKind, name, settings)
 
 
-def unregister_block_kind(name: str) -> None:
-    """Forget a plugin's block kind (unloading the plugin); built-in kinds stay."""
-    if name in BlockKind._settings:
-        del BlockKind._settings[name], BlockKind._known[name]
+unregister_block_kind = unregister_kind
 
 
 # The ModelSpec field holding each built-in non-attention block kind's settings.
@@ -110,13 +143,6 @@ MIXER_FIELDS: dict = {"mamba": "mamba", "mamba2": "mamba2", "lstm": "recurrent",
 class AttentionType(str, enum.Enum):
     FULL = "full"
     SLIDING_WINDOW = "sliding_window"
-
-
-class FFNType(str, enum.Enum):
-    GATED = "gated"  # down(act(gate(x)) * up(x)): SwiGLU, GeGLU
-    DENSE = "dense"  # down(act(up(x)))
-    MOE = "moe"  # a mixture of gated experts (see MoESpec)
-    NONE = "none"  # no FFN sublayer: the mixer is the whole layer (Mamba, RNN stacks)
 
 
 class Residual(str, enum.Enum):
@@ -384,6 +410,7 @@ class FFNConfig:
     activation: Activation
     bias: bool
     moe: Optional[MoESpec]
+    settings: Any = None  # a plugin FFN kind's settings (its `ModelSpec.extensions` entry)
 
 
 @dataclass(frozen=True)
@@ -463,32 +490,33 @@ def _pattern_entry(entry, where: str, sliding: bool) -> "LayerSpec":
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors())) from None
 
 
-def _plugin_mixers(data):
-    """Settings of plugin block kinds into `mixers`, each validated by its kind's model: given there, or under the
-    kind's name at the top level (`linear_attention: {num_heads: 4}`), as built-in kinds have their own fields."""
+def _plugin_settings(data):
+    """Settings of plugin block and FFN kinds into `extensions`, each validated by its kind's model: given there, or
+    under the kind's name at the top level (`linear_attention: {num_heads: 4}`), as built-in kinds have fields."""
     if not isinstance(data, dict):
         return data
-    given = data.get("mixers") or {}
+    given = data.get("extensions") or {}
     if not isinstance(given, dict):
-        raise ValueError(f"mixers must map block kinds to their settings, got {given!r}")
-    top = {k: v for k, v in data.items() if isinstance(k, str) and k in BlockKind._settings}
+        raise ValueError(f"extensions must map plugin kinds to their settings, got {given!r}")
+    models = {name: model for cls in _KIND_CLASSES for name, model in cls._settings.items()}
+    top = {k: v for k, v in data.items() if isinstance(k, str) and k in models}
     if not given and not top:
         return data
     both = sorted(set(top) & set(given))
     if both:
-        raise ValueError(f"the {both[0]} settings are given twice (at the top level and under mixers)")
-    mixers = {}
+        raise ValueError(f"the {both[0]} settings are given twice (at the top level and under extensions)")
+    out = {}
     for name, value in {**given, **top}.items():
-        settings = BlockKind._settings.get(name)
+        settings = models.get(name)
         if settings is None:
-            known = ", ".join(BlockKind._settings) or "none registered; is its plugin installed?"
-            raise ValueError(f"mixers: {name!r} is not a block kind a plugin added ({known})")
+            known = ", ".join(models) or "none registered; is its plugin installed?"
+            raise ValueError(f"extensions: {name!r} is not a kind a plugin added ({known})")
         try:
-            mixers[name] = value if isinstance(value, settings) else settings.model_validate(value)
+            out[name] = value if isinstance(value, settings) else settings.model_validate(value)
         except ValidationError as err:
             raise ValueError(f"{name}: " + "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors())) from None
-    return {**{k: v for k, v in data.items() if k not in top}, "mixers": mixers}
+    return {**{k: v for k, v in data.items() if k not in top}, "extensions": out}
 
 
 class ModelSpec(_Frozen):
@@ -533,9 +561,9 @@ class ModelSpec(_Frozen):
     layers: tuple[LayerSpec, ...] = ()
     mamba: Optional[MambaSpec] = None  # mamba layers' mixer
     mamba2: Optional[Mamba2Spec] = None  # mamba2 layers' mixer
-    # the settings of block kinds that plugins add, by kind (`register_block_kind`); a spec file may also give them
-    # under the kind's own name, as `mamba:` gives Mamba's
-    mixers: dict[str, Any] = {}
+    # the settings of block and FFN kinds that plugins add, by kind (`register_kind`); a spec file may also give
+    # them under the kind's own name, as `mamba:` gives Mamba's
+    extensions: dict[str, Any] = {}
     embedding_multiplier: Optional[float] = None  # embeddings scaled in the compute dtype (Gemma: sqrt(hidden))
     final_logit_softcap: Optional[float] = Field(None, gt=0)
     lm_head_bias: bool = False
@@ -552,7 +580,7 @@ class ModelSpec(_Frozen):
         a `layer_pattern` says otherwise (see `_expand_pattern`).
 
         Only a well-formed count is expanded; anything else is left for field validation to report by name."""
-        data = _expand_pattern(_plugin_mixers(data))
+        data = _expand_pattern(_plugin_settings(data))
         count = data.get("num_layers") if isinstance(data, dict) else None
         if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= _MAX_LAYERS and not data.get("layers"):
             kind = AttentionType.SLIDING_WINDOW if data.get("sliding_window") else AttentionType.FULL
@@ -567,6 +595,10 @@ class ModelSpec(_Frozen):
         missing = sorted(k.value for k in kinds if self.mixer_settings(k) is None)
         if missing:
             raise ValueError(f"{missing[0]} layers need the `{MIXER_FIELDS.get(missing[0], missing[0])}` settings")
+        ffns = {layer.ffn or self.ffn for layer in self.layers}
+        missing = sorted(k.value for k in ffns if not k.builtin and k.value not in self.extensions)
+        if missing:
+            raise ValueError(f"{missing[0]} FFNs need the `{missing[0]}` settings")
         if self.has_attention:
             kv = self.kv_heads
             if self.num_heads % kv:
@@ -623,15 +655,16 @@ class ModelSpec(_Frozen):
                 activation=self.activation,
                 bias=self.mlp_bias,
                 moe=self.moe if ffn == FFNType.MOE else None,
+                settings=None if ffn.builtin else self.extensions.get(ffn.value),
             ),
             mixer=None if layer.block == BlockKind.ATTENTION else self.mixer_settings(layer.block),
         )
 
     def mixer_settings(self, kind: BlockKind):
-        """A non-attention block kind's settings: its ModelSpec field, or a plugin kind's `mixers` entry."""
+        """A non-attention block kind's settings: its ModelSpec field, or a plugin kind's `extensions` entry."""
         if kind.value in MIXER_FIELDS:
             return getattr(self, MIXER_FIELDS[kind.value], None)
-        return self.mixers.get(kind.value)
+        return self.extensions.get(kind.value)
 
     def _attention(self, i: int) -> AttentionConfig:
         layer = self.layers[i]

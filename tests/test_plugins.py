@@ -48,7 +48,7 @@ def site(tmp_path):
     sys.path.insert(0, str(path))
     yield path
     for p in plugins.plugins():
-        if p.loaded and p.top in ("mlxc_linear_attention", "mlxc_broken_plugin"):
+        if p.loaded and p.top in ("mlxc_linear_attention", "mlxc_broken_plugin", "mlxc_relu2_ffn"):
             plugins.unload(p.name)
     sys.path.remove(str(path))
     plugins.load_plugins(strict=False)  # rescans: the removed entry points are forgotten
@@ -317,6 +317,56 @@ def test_broken_plugin_is_one_clear_error_and_leaves_nothing_behind(site, capsys
     assert "failed: ModuleNotFoundError" in capsys.readouterr().out
     monkeypatch.setenv("MLXC_DISABLE_PLUGINS", "broken")  # the way out the message names
     assert mlxc.load("preset:tiny")(mx.array([[1, 2]])).logits.shape == (1, 2, 256)
+
+
+_RELU2 = """
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from mlxc.plugins import ffn
+
+
+class Relu2Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    intermediate_size: Optional[int] = None
+
+
+@ffn("relu2", settings=Relu2Spec)
+def build(lo, b, x, s, cfg):
+    \"\"\"Primer's squared-ReLU FFN: down(relu(up(x))^2).\"\"\"
+    h, i = lo.spec.hidden_size, s.intermediate_size or cfg.intermediate_size
+    r = b.op("relu", lo.linear(b, x, "up_proj", i, h, cfg.bias, "up"), name="r")
+    return lo.linear(b, b.op("mul", r, r, name="r2"), "down_proj", h, i, cfg.bias, "out")
+"""
+
+
+def test_ffn_kind_from_a_plugin(site, tmp_path, capsys):
+    """A throwaway plugin adds an FFN kind; a spec uses it on some layers, the layer's FFN computes what NumPy
+    computes from its weights, and artifacts record it."""
+    (site / "mlxc_relu2_ffn").mkdir()
+    (site / "mlxc_relu2_ffn" / "__init__.py").write_text(_RELU2)
+    _install(site, "mlxc-relu2", "0.3", {"relu2": "mlxc_relu2_ffn"})
+    spec = tmp_path / "relu2.yaml"
+    spec.write_text("name: relu2-demo\nvocab_size: 64\nhidden_size: 32\nintermediate_size: 64\nnum_layers: 2\n"
+                    "num_heads: 4\nlayer_pattern: [{ffn: relu2}, attention]\nrelu2: {intermediate_size: 48}\n")
+    model = mlxc.load(str(spec), seed=3, init_scale=0.3)
+    mlp = model.net.layers[0].mlp
+    up, down = np.array(mlp.up_proj.weight), np.array(mlp.down_proj.weight)
+    assert up.shape == (48, 32)
+    x = np.random.default_rng(9).normal(size=(2, 5, 32)).astype(np.float32)
+    want = (np.maximum(x @ up.T, 0) ** 2) @ down.T
+    np.testing.assert_allclose(np.array(mlp(mx.array(x))), want, rtol=1e-5, atol=1e-5)
+    assert model.generate(mx.array([[1, 2, 3]]), max_new_tokens=3, stop_tokens=[]).shape == (1, 6)
+    out = mlxc.compile(str(spec), tmp_path / "art")
+    assert json.loads((out / "manifest.json").read_text())["plugins"][0]["uses"] == ["ffn relu2"]
+    assert main(["plugins", "--plugins-only", "--json"]) == 0
+    assert [(e["kind"], e["name"], e["origin"]) for e in json.loads(capsys.readouterr().out)["registered"]] == \
+        [("ffn", "relu2", "plugin relu2")]
+    plugins.unload("relu2")
+    with pytest.raises(ValueError, match="unknown FFN kind 'relu2'"):  # pydantic's ValidationError
+        mlxc.lower(mlxc.ModelSpec(name="x", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                                  num_heads=2, ffn="relu2"))
 
 
 def test_malformed_plugin_record_in_a_manifest(tmp_path):

@@ -7,7 +7,8 @@ layer with the registered parameter prefix. Modules here are found on first use,
 
 A plugin adds a kind the same way, naming it with a string and giving the pydantic model of its settings:
 `@mixer("linear_attention", prefix="linear_attn", settings=LinearAttentionSpec)` registers the kind (see
-`spec.register_block_kind`), so spec files can use it per layer and give its settings under its name.
+`spec.register_kind`), so spec files can use it per layer and give its settings under its name. An FFN kind is
+added the same way with `@ffn("relu2", settings=Relu2Spec)`: its builder writes the layer's feed-forward function.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...ir.errors import MlxcError
-from ..spec import BlockKind, register_block_kind, unregister_block_kind
+from ..spec import BlockKind, FFNType, register_kind, unregister_kind
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def mixer(kind: BlockKind | str, prefix: str = "mixer", settings: type | None = 
         if settings is not None:
             if kind in BlockKind._known:
                 raise ValueError(f"block kind {kind!r} exists already; a plugin adds a kind with a new name")
-            register_block_kind(str(kind), settings)
+            register_kind(BlockKind, str(kind), settings)
         key = BlockKind(kind)
         if key in _BUILDERS:
             raise ValueError(f"two builders for {key.value} layers")
@@ -56,9 +57,36 @@ def registered() -> dict[BlockKind, MixerBuilder]:
 
 
 def unregister(kind: str) -> None:
-    """Forget a plugin's block kind and its builder (unloading the plugin)."""
+    """Forget a plugin's block or FFN kind and its builder (unloading the plugin)."""
     _BUILDERS.pop(BlockKind._known.get(kind), None)
-    unregister_block_kind(kind)
+    _FFN_BUILDERS.pop(FFNType._known.get(kind), None)
+    unregister_kind(kind)
+
+
+_FFN_BUILDERS: dict[FFNType, Callable] = {}
+
+
+def ffn(kind: str, settings: type):
+    """Register the decorated function as the builder of a new FFN kind (from a plugin), with the pydantic model of
+    its settings. The builder gets (lowering, function builder, x [B, T, hidden], settings, FFNConfig) and returns
+    the output value; its parameters are the layer's `mlp.*`."""
+
+    def register(build: Callable) -> Callable:
+        key = register_kind(FFNType, kind, settings)
+        _FFN_BUILDERS[key] = build
+        return build
+
+    return register
+
+
+def ffn_builders() -> dict[FFNType, Callable]:
+    return dict(_FFN_BUILDERS)
+
+
+def ffn_builder(kind: FFNType) -> Callable:
+    if kind not in _FFN_BUILDERS:
+        raise MlxcError(f"{kind.value} FFNs cannot be compiled: no builder for them")
+    return _FFN_BUILDERS[kind]
 
 
 def _load_builtin() -> None:

@@ -42,14 +42,14 @@ def config(c) -> dict[str, Any]:
     if unknown or len(types) != fields["num_layers"]:
         raise c.error(f"layer_types must list {fields['num_layers']} entries of {', '.join(KINDS)}, got {types}")
     return {**fields, "layers": tuple(LayerSpec(block=KINDS[t]) for t in types),
-            "mixers": {"linear_attention": LinearAttentionSpec(
+            "extensions": {"linear_attention": LinearAttentionSpec(
                 num_heads=c.get("linear_num_heads") or fields["num_heads"], head_dim=c.get("linear_head_dim"),
                 eps=c.get("linear_eps"))}}
 
 
 def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
     """The inverse of `config`, so `mlxc export` writes checkpoints this family reads back."""
-    la = spec.mixers["linear_attention"]
+    la = spec.extensions["linear_attention"]
     return {
         "architectures": ["LinearHybridForCausalLM"], "model_type": "linear_hybrid",
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
@@ -68,7 +68,7 @@ PRESETS = (
     ModelSpec(name="linear-hybrid-tiny", family="linear_hybrid", vocab_size=256, hidden_size=64,
               intermediate_size=128, num_layers=6, num_heads=4, num_kv_heads=2,
               layer_pattern=["linear_attention", "linear_attention", "attention"],
-              mixers={"linear_attention": LinearAttentionSpec(num_heads=4)}, bos_token_id=1, eos_token_ids=(2,)),
+              extensions={"linear_attention": LinearAttentionSpec(num_heads=4)}, bos_token_id=1, eos_token_ids=(2,)),
 )
 
 FAMILIES = (
