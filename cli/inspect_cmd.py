@@ -212,6 +212,7 @@ def describe(spec, what: str, detection, storage: dict[str, int], notice: str | 
         "head_dim": spec.dim_per_head if spec.has_attention else None,
         "vocab_size": spec.vocab_size,
         "max_position_embeddings": spec.max_position_embeddings,
+        "position": spec.position.value,
         "norm": {"kind": spec.norm.value, "eps": spec.norm_eps, "unit_offset": spec.norm_unit_offset,
                  "residual": spec.residual.value},
         "embedding_multiplier": spec.embedding_multiplier,
@@ -250,6 +251,7 @@ def _property_rows(d: dict[str, Any], detection) -> list[tuple[str, str]]:
                                         f"({attn[0]['heads']})" if d["num_heads"] else "none (no attention layers)"),
         ("vocabulary", str(d["vocab_size"])),
         ("context length", f"{d['max_position_embeddings']:,}"),
+        ("positions", d["position"]),
         ("rope", "per layer (see layers)" if len(ropes) > 1 else
                  _rope_text(attn[0]["rope"], d["head_dim"]) if attn[0]["rope"] else "none"),
     ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..ir import DType, FunctionBuilder, Program, TensorType, Value, verify
 from .blocks import builder, ffn_builder
 from .spec import (AttentionConfig, FFNConfig, FFNType, HeadKind, LayerConfig, ModelSpec, NormConfig, NormType,
-                   Residual)
+                   PositionEmbedding, Residual)
 
 B, T = "B", "T"
 OFFSET = TensorType(DType.I32, ())  # the position of a call's first token, an explicit input of every model
@@ -45,7 +45,7 @@ class _Lowering:
             return b.op("cast", b.op("rms_norm", x, w, eps=cfg.eps, name=f"{name}_f32"), dtype=self.dtype, name=name)
         if cfg.kind == NormType.RMS:
             return b.op("rms_norm", x, w, eps=cfg.eps, name=name)
-        bias = b.param(f"{prefix}.bias", self.t(size))
+        bias = b.param(f"{prefix}.bias", self.t(size)) if cfg.bias else None
         return b.op("layer_norm", x, w, bias, eps=cfg.eps, name=name)
 
     def linear(self, b: FunctionBuilder, x: Value, prefix: str, out: int, inp: int, bias: bool, name: str) -> Value:
@@ -81,7 +81,7 @@ class _Lowering:
             rope = dict(dims=a.rope_dims, base=a.rope_theta, scaling=a.rope)
             q = b.op("rope", q, offset, name="q_rot", **rope)
             k = b.op("rope", k, offset, name="k_rot", **rope)
-        o = b.op("attention", q, k, v, scale=a.scale, window=a.window, softcap=a.softcap, name="attn")
+        o = b.op("attention", q, k, v, scale=a.scale, window=a.window, softcap=a.softcap, alibi=a.alibi, name="attn")
         o = b.op("transpose", o, perm=[0, 2, 1, 3], name="attn_t")
         o = b.op("reshape", o, shape=[B, T, nq * d], name="attn_flat")
         out = self.linear(b, o, "o_proj", h, nq * d, a.out_bias, "out")
@@ -220,6 +220,9 @@ class _Lowering:
         h = b.op("embed", ids, table, name="h")
         if s.embedding_multiplier is not None:
             h = b.op("scale", h, factor=s.embedding_multiplier, name="h_scaled")
+        h = self.positions(b, h, ids, offset)
+        if s.embedding_norm:  # BLOOM's word_embeddings_layernorm
+            h = self.norm(b, h, "embed_norm", "h_normed", _model_norm(s), s.hidden_size)
         h = self._widen(b, h, "h")
         for i, c in enumerate(configs):
             positions = offset if _uses_offset(c) else None
@@ -234,6 +237,18 @@ class _Lowering:
         # callees first, entry last: reads top-down like a source file
         self.program.functions.sort(key=lambda f: f.name == "main")
         return verify(self.program)
+
+    def positions(self, b: FunctionBuilder, h: Value, ids: Value, offset: Value) -> Value:
+        """Absolute positions added to the embeddings, at the call's positions offset .. offset + T - 1."""
+        s = self.spec
+        if s.position == PositionEmbedding.LEARNED:
+            table = b.param("embed_positions.weight", self.t(s.max_position_embeddings, s.hidden_size))
+            pos = b.op("learned_positions", ids, table, offset, name="positions")
+        elif s.position == PositionEmbedding.SINUSOIDAL:
+            pos = b.op("sinusoidal_positions", ids, offset, dims=s.hidden_size, dtype=self.dtype, name="positions")
+        else:
+            return h
+        return b.op("add", h, pos, name="h_positioned")
 
     def head(self, b: FunctionBuilder, h: Value, ids: Value, table: Value) -> Value:
         """The LM head, or a classifier. A sequence classifier pools before projecting: transformers scores every
@@ -263,7 +278,7 @@ def _uses_offset(cfg: LayerConfig) -> bool:
 
 
 def _model_norm(spec: ModelSpec) -> NormConfig:
-    return NormConfig(spec.norm, spec.norm_eps, spec.norm_unit_offset)
+    return NormConfig(spec.norm, spec.norm_eps, spec.norm_unit_offset, spec.norm_bias)
 
 
 def _names(base: str, configs: list, distinguish) -> dict:

@@ -11,10 +11,12 @@ function.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Optional
+import math
+from typing import Annotated, Any, Literal, Optional
 
 from dataclasses import dataclass
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..ir.attrs import RopeKind, RopeScaling
@@ -188,8 +190,17 @@ class Activation(str, enum.Enum):
 
 
 class PositionEmbedding(str, enum.Enum):
-    ROPE = "rope"
-    NONE = "none"
+    """Where a model learns token order. The first three act in attention (and a layer may choose its own: NoPE
+    layers in a rotary model); learned and sinusoidal positions are added to the token embeddings."""
+
+    ROPE = "rope"  # rotary queries and keys (`rope`)
+    ALIBI = "alibi"  # a per-head linear penalty by distance on the attention scores (`alibi`: BLOOM, MPT)
+    NONE = "none"  # no positions (NoPE; attention-free stacks)
+    LEARNED = "learned"  # a trained table [max_position_embeddings, hidden] added to the embeddings (GPT-2)
+    SINUSOIDAL = "sinusoidal"  # the fixed sin/cos table of "Attention Is All You Need", added to the embeddings
+
+
+_LAYER_POSITIONS = (PositionEmbedding.ROPE, PositionEmbedding.ALIBI, PositionEmbedding.NONE)
 
 
 # far beyond any real model (the largest have ~130 layers); a larger count is a malformed config, refused before
@@ -240,6 +251,39 @@ class RopeSpec(_Frozen):
             short_factor=self.short_factor,
             long_factor=self.long_factor,
         )
+
+
+class AlibiSpec(_Frozen):
+    """ALiBi's per-head slopes (Press et al., 2022). For n heads, n a power of two, both families' slopes are the
+    geometric sequence 2^(-bias_max * h / n), h = 1 .. n. Other head counts differ, each as transformers computes it:
+    `bloom` takes the sequence of the power of two below n, then every other slope of the one above (bias_max 8);
+    `mpt` takes the sequence of the power of two above n, its odd-numbered slopes first, and keeps the first n."""
+
+    slopes: Literal["bloom", "mpt"] = "bloom"
+    bias_max: float = Field(8.0, gt=0)  # MPT's alibi_bias_max
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.slopes == "bloom" and self.bias_max != 8.0:
+            raise ValueError(f"BLOOM's slopes have bias_max 8 (got {self.bias_max}); MPT's take any (slopes: mpt)")
+        return self
+
+    def values(self, num_heads: int) -> tuple[float, ...]:
+        """The slopes in float32, as transformers rounds them (`_get_alibi_slopes`, `build_mpt_alibi_tensor`)."""
+        f32, n = np.float32, num_heads
+        if self.slopes == "bloom":
+            below = 2 ** math.floor(math.log2(n))
+            slopes = f32(2.0 ** (-8.0 / below)) ** np.arange(1, below + 1, dtype=f32)
+            if below != n:
+                extra = f32(2.0 ** (-8.0 / (2 * below))) ** np.arange(1, 2 * (n - below), 2, dtype=f32)
+                slopes = np.concatenate([slopes, extra])
+        else:
+            above = 2 ** math.ceil(math.log2(n))
+            exponents = np.arange(1, above + 1, dtype=f32) * f32(self.bias_max / above)
+            slopes = f32(1.0) / np.power(f32(2.0), exponents)
+            if above != n:
+                slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n]
+        return tuple(float(x) for x in slopes.astype(np.float32))
 
 
 class MoESpec(_Frozen):
@@ -375,6 +419,7 @@ class LayerSpec(_Frozen):
     block: BlockKind = BlockKind.ATTENTION
     attention: AttentionType = AttentionType.FULL
     rope: Optional[RopeSpec] = None  # e.g. Gemma 3's local rope base on sliding layers
+    position: Optional[PositionEmbedding] = None  # this layer's attention positions (rope, alibi, none: NoPE)
     ffn: Optional[FFNType] = None  # e.g. a dense layer in a mixture-of-experts model
 
 
@@ -383,6 +428,7 @@ class NormConfig:
     kind: NormType
     eps: float
     unit_offset: bool  # the checkpoint stores w - 1 (Gemma): the norm multiplies by 1 + w
+    bias: bool = True  # a layer norm's bias (MPT's have none)
 
 
 @dataclass(frozen=True)
@@ -401,6 +447,7 @@ class AttentionConfig:
     qk_norm: bool
     qk_norm_across_heads: bool = False  # the q/k norm spans the whole projection, before the head split (OLMoE)
     clip_qkv: Optional[float] = None  # q, k, v clamped to [-clip, clip] after the projections (OLMoE)
+    alibi: Optional[tuple[float, ...]] = None  # ALiBi's slope per query head (BLOOM, MPT)
 
 
 @dataclass(frozen=True)
@@ -535,6 +582,8 @@ class ModelSpec(_Frozen):
     norm: NormType = NormType.RMS
     norm_eps: float = Field(1e-5, gt=0)
     norm_unit_offset: bool = False  # norms multiply by (1 + w): Gemma's convention
+    norm_bias: bool = True  # layer norms add a bias (MPT's do not)
+    embedding_norm: bool = False  # the model's norm right after the token embeddings (BLOOM)
     residual: Residual = Residual.PRE_NORM
     # the residual stream stays float32 below float32 (transformers' `residual_in_fp32`: Mamba): each layer reads it
     # cast to the compute dtype and adds its output back in float32; the final norm runs on it in float32
@@ -545,6 +594,7 @@ class ModelSpec(_Frozen):
     recurrent: Optional[RecurrentSpec] = None  # lstm / gru / mingru layers' cell
     position: PositionEmbedding = PositionEmbedding.ROPE
     rope: RopeSpec = RopeSpec()
+    alibi: Optional[AlibiSpec] = None  # ALiBi's slopes, for alibi layers; None: BLOOM's
     # generation empties the cache and runs the whole sequence again when it first outgrows LongRoPE's original
     # context, so every key is rotated with the long factors (transformers' Phi-3 generate; other models keep theirs)
     longrope_cache_restart: bool = False
@@ -607,8 +657,9 @@ class ModelSpec(_Frozen):
                 raise ValueError(
                     f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim"
                 )
-            if self.position == PositionEmbedding.ROPE and self.rope_dims % 2:
+            if PositionEmbedding.ROPE in self._attention_positions() and self.rope_dims % 2:
                 raise ValueError(f"rotary embeddings need an even number of rotated features, got {self.rope_dims}")
+        self._check_positions()
         if len(self.layers) != self.num_layers:
             raise ValueError(f"layers lists {len(self.layers)} entries but num_layers is {self.num_layers}")
         if any(l.attention == AttentionType.SLIDING_WINDOW for l in self.layers) and not self.sliding_window:
@@ -631,6 +682,21 @@ class ModelSpec(_Frozen):
             raise ValueError("only a causal LM head can be tied to the embeddings")
         return self
 
+    def _attention_positions(self) -> set:
+        return {layer.position or self.position for layer in self.layers if layer.block == BlockKind.ATTENTION}
+
+    def _check_positions(self) -> None:
+        bad = next((l.position for l in self.layers if l.position not in (None, *_LAYER_POSITIONS)), None)
+        if bad is not None:
+            raise ValueError(f"a layer's position may be rope, alibi or none, not {bad.value}: learned and "
+                             "sinusoidal positions are added to the embeddings, for the whole model")
+        if self.alibi is not None and PositionEmbedding.ALIBI not in self._attention_positions():
+            raise ValueError("alibi settings are given but no attention layer uses alibi positions")
+        if self.position == PositionEmbedding.SINUSOIDAL and self.hidden_size % 2:
+            raise ValueError(f"sinusoidal positions need an even hidden_size, got {self.hidden_size}")
+        if not self.norm_bias and self.norm != NormType.LAYER:
+            raise ValueError("norm_bias: false says a layer norm has no bias; RMS norms never have one")
+
     @property
     def rope_dims(self) -> int:
         """Rotated features per head: head_dim times partial_rotary_factor, as transformers computes it."""
@@ -647,7 +713,7 @@ class ModelSpec(_Frozen):
         return LayerConfig(
             block=layer.block,
             residual=self.residual,
-            norm=NormConfig(self.norm, self.norm_eps, self.norm_unit_offset),
+            norm=NormConfig(self.norm, self.norm_eps, self.norm_unit_offset, self.norm_bias),
             attention=self._attention(i) if layer.block == BlockKind.ATTENTION else None,
             ffn=None if ffn == FFNType.NONE else FFNConfig(
                 kind=ffn,
@@ -670,6 +736,7 @@ class ModelSpec(_Frozen):
         layer = self.layers[i]
         d = self.dim_per_head
         rope = layer.rope or self.rope
+        position = layer.position or self.position
         return AttentionConfig(
                 num_heads=self.num_heads,
                 num_kv_heads=self.kv_heads,
@@ -677,7 +744,7 @@ class ModelSpec(_Frozen):
                 bias=self.attention_bias,
                 out_bias=self.out_bias,
                 window=self.window_of(i),
-                rope=rope.scaling(self.max_position_embeddings) if self.position == PositionEmbedding.ROPE else None,
+                rope=rope.scaling(self.max_position_embeddings) if position == PositionEmbedding.ROPE else None,
                 rope_theta=rope.theta,
                 rope_dims=self.rope_dims,
                 scale=self.query_scale if self.query_scale is not None else d**-0.5,
@@ -685,6 +752,8 @@ class ModelSpec(_Frozen):
                 qk_norm=self.qk_norm,
                 qk_norm_across_heads=self.qk_norm_across_heads,
                 clip_qkv=self.clip_qkv,
+                alibi=(self.alibi or AlibiSpec()).values(self.num_heads) if position == PositionEmbedding.ALIBI
+                else None,
             )
 
     @property

@@ -14,11 +14,14 @@ from typing import Union
 
 @dataclass(frozen=True)
 class SplitParam:
-    """The checkpoint stores `parts` concatenated along `axis` as one tensor `stored` (Phi-3's `qkv_proj`)."""
+    """The checkpoint stores `parts` concatenated along `axis` as one tensor `stored` (Phi-3's `qkv_proj`). With
+    `groups` > 1 the concatenation is per group: `groups` blocks each holding every part's share in turn (BLOOM's
+    `query_key_value`: per head its q, k and v rows)."""
 
     stored: str
     parts: tuple[str, ...]
     axis: int = 0
+    groups: int = 1
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,17 @@ class Ints(tuple):
     """An attribute holding a list of plain integers (`[0, 2, 1, 3]`)."""
 
 
+class Floats(tuple):
+    """An attribute holding a list of numbers (`[0.5, 0.25]`: ALiBi's per-head slopes)."""
+
+
 REQUIRED = object()
 
 
 @dataclass(frozen=True)
 class AttrDef:
     name: str
-    kind: type  # int, float, bool, str, Symbol, Shape, Ints, an Enum, or a struct from attrs.STRUCT_ATTRS
+    kind: type  # int, float, bool, str, Symbol, Shape, Ints, Floats, an Enum, or a struct from attrs.STRUCT_ATTRS
     default: Any = REQUIRED
     optional: bool = False  # None is a legal value
 
@@ -78,6 +82,10 @@ class AttrDef:
         elif k is Ints:
             if isinstance(value, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) for d in value):
                 return Ints(value)
+        elif k is Floats:
+            if isinstance(value, (list, tuple)) and all(isinstance(d, (int, float)) and not isinstance(d, bool)
+                                                        for d in value):
+                return Floats(float(d) for d in value)
         elif k is DType:
             if isinstance(value, (str, DType)):
                 return DType.parse(value) if isinstance(value, str) else value
@@ -97,7 +105,8 @@ def _is_dim(d: Any) -> bool:
 
 
 def _kind_name(k: type) -> str:
-    return {Shape: "a shape", Ints: "a list of ints", Symbol: "a function symbol"}.get(k, k.__name__)
+    names = {Shape: "a shape", Ints: "a list of ints", Floats: "a list of numbers", Symbol: "a function symbol"}
+    return names.get(k, k.__name__)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from math import prod
 
 from .attrs import Kernel, RopeKind, RopeScaling
-from .opdef import AttrDef, Ints, OpGroup, Shape, Symbol, op, require
+from .opdef import AttrDef, Floats, Ints, OpGroup, Shape, Symbol, op, require
 from .state import State, StateKind
 from .types import DType, Quant, TensorType
 
@@ -299,21 +299,48 @@ def _rope(x: TensorType, offset: TensorType, dims: int, base: float, scaling: Ro
     return x
 
 
+@op("learned_positions", OpGroup.POSITION, ("ids", "table", "offset"))
+def _learned_positions(ids: TensorType, table: TensorType, offset: TensorType):
+    """Learned absolute positions: rows offset .. offset + T - 1 of `table` [max_positions, hidden] for a call's
+    ids [B, T], as [T, hidden] (added to the token embeddings, broadcasting over the batch). A position past the
+    table is an error at run time, not a silent wrap."""
+    require(ids.rank == 2 and not ids.dtype.is_float, f"ids must be integers [B, T], got {ids}")
+    require(table.rank == 2 and table.quant is None, f"table must be a float [max_positions, hidden], got {table}")
+    require(offset.rank == 0 and not offset.dtype.is_float, f"offset must be an integer scalar, got {offset}")
+    return TensorType(table.dtype, (ids.shape[1], table.shape[1]))
+
+
+@op("sinusoidal_positions", OpGroup.POSITION, ("ids", "offset"),
+    (AttrDef("dims", int), AttrDef("dtype", DType), AttrDef("base", float, 10000.0)))
+def _sinusoidal_positions(ids: TensorType, offset: TensorType, dims: int, dtype: DType, base: float):
+    """The fixed sinusoidal positions of "Attention Is All You Need" for positions p = offset .. offset + T - 1 of
+    ids [B, T], as [T, dims] in `dtype`: feature 2i is sin(p / base^(2i / dims)) and 2i + 1 its cos, computed in
+    float32."""
+    require(ids.rank == 2 and not ids.dtype.is_float, f"ids must be integers [B, T], got {ids}")
+    require(offset.rank == 0 and not offset.dtype.is_float, f"offset must be an integer scalar, got {offset}")
+    require(dims > 0 and dims % 2 == 0, f"sinusoidal positions need an even, positive width, got {dims}")
+    require(dtype.is_float and base > 0, f"sinusoidal positions need a float dtype and a positive base")
+    return TensorType(dtype, (ids.shape[1], dims))
+
+
 @op(
     "attention",
     OpGroup.ATTENTION,
     ("q", "k", "v"),
     (AttrDef("scale", float), AttrDef("window", int, None, optional=True),
-     AttrDef("softcap", float, None, optional=True), KERNEL),
+     AttrDef("softcap", float, None, optional=True), AttrDef("alibi", Floats, None, optional=True)),
     state=lambda attrs, *types: (State(StateKind.KV, attrs["window"]),),
 )
 def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None,
-               softcap: float | None, kernel: Kernel):
+               softcap: float | None, alibi: Floats | None):
     """Causal softmax attention of q [B, Hq, T, D] over the keys and values its KV state holds followed by k, v
     [B, Hkv, T, D], which it then appends to that state.
 
     `window` limits each query to the last `window` positions (itself included), as sliding-window models do;
-    `softcap` squashes the scaled scores with cap * tanh(s / cap) before the softmax (Gemma 2).
+    `softcap` squashes the scaled scores with cap * tanh(s / cap) before the softmax (Gemma 2). `alibi` holds one
+    slope per query head: the scaled scores get slope * (key position - query position) added, ALiBi's linear
+    penalty by distance (BLOOM, MPT); the softmax ignores a per-query constant, so this is also their bias measured
+    from the first key (BLOOM) or from the last (MPT), and it needs no positions but the keys' order in the cache.
     """
     require(softcap is None or softcap > 0, f"softcap must be positive, got {softcap}")
     require(q.rank == k.rank == v.rank == 4, "attention expects [B, heads, T, head_dim] operands")
@@ -323,6 +350,8 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window
     if isinstance(hq, int) and isinstance(hkv, int):
         require(hq % hkv == 0, f"{hq} query heads are not a multiple of {hkv} kv heads")
     require(window is None or window > 0, f"window must be positive, got {window}")
+    require(alibi is None or not isinstance(hq, int) or len(alibi) == hq,
+            f"alibi needs one slope per query head ({hq}), got {0 if alibi is None else len(alibi)}")
     return q.with_shape(q.shape[:3] + (v.shape[3],))
 
 
@@ -401,12 +430,10 @@ def _rms_norm_gated(x: TensorType, gate: TensorType, weight: TensorType, eps: fl
 
 
 @op("ssd", OpGroup.SCAN, ("x", "dt", "A", "B", "C", "D", "dt_bias?"),
-    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True),
-     KERNEL),
+    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True)),
     state=lambda attrs, *types: (State(StateKind.SSM),))
 def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
-         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None,
-         kernel: Kernel):
+         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None):
     """Mamba-2's state-space duality scan, per head h with a scalar A[h] and its group g of B and C (heads share
     them, H / G per group), every intermediate in float32:
 
@@ -432,10 +459,10 @@ def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorT
     return x
 
 
-@op("selective_scan", OpGroup.SCAN, ("u", "delta", "A", "B", "C", "D", "dt_bias", "z?"), (KERNEL,),
+@op("selective_scan", OpGroup.SCAN, ("u", "delta", "A", "B", "C", "D", "dt_bias", "z?"),
     state=lambda attrs, *types: (State(StateKind.SSM),))
 def _selective_scan(u: TensorType, delta: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
-                    dt_bias: TensorType, z: TensorType | None = None, *, kernel: Kernel):
+                    dt_bias: TensorType, z: TensorType | None = None):
     """Mamba's selective scan, per channel d and state n, every intermediate in float32:
 
         dt_t = softplus(delta_t + dt_bias),  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,  y_t = h_t . C_t + D u_t

@@ -48,6 +48,9 @@ class CheckpointLayout(Pass):
             size = sum(p.type.shape[ax] for p in parts)
             stored = self._replace(fn, parts, rule.stored, first.with_shape(first.shape[:ax] + (size,) + first.shape[ax + 1:]))
             sizes = [p.type.shape[ax] for p in parts]
+            if rule.groups > 1:
+                self._split_groups(fn, rw, stored, parts, ax, rule.groups)
+                return True
             self._derive(fn, rw, "split", [stored], parts, sizes=sizes, axis=rule.axis)
             return True
         if isinstance(rule, StackParams):
@@ -71,6 +74,22 @@ class CheckpointLayout(Pass):
                 self._derive(fn, rw, "shift", [stored], [target], value=-rule.offset)
             return True
         raise MlxcError(f"unknown checkpoint layout rule {rule!r}")
+
+    def _split_groups(self, fn: Function, rw: Rewriter, stored: Value, parts: list[Value], ax: int, g: int) -> None:
+        """Per-group interleaved parts: reshape to [.., g, rows / g, ..], split each group's rows, reshape back."""
+        sizes = [p.type.shape[ax] for p in parts]
+        if any(s % g for s in sizes):
+            raise MlxcError(f"@{fn.name}: {stored.name} does not split into {g} groups of "
+                            f"{', '.join(p.name for p in parts)}")
+        shape = stored.type.shape
+        grouped = Value(f"{stored.name}.grouped",
+                        stored.type.with_shape(shape[:ax] + (g, sum(sizes) // g) + shape[ax + 1:]))
+        pieces = [Value(f"{p.name}.grouped", p.type.with_shape(shape[:ax] + (g, s // g) + shape[ax + 1:]))
+                  for p, s in zip(parts, sizes)]
+        for piece, part in reversed(list(zip(pieces, parts))):  # each derive goes first: add them last to first
+            self._derive(fn, rw, "reshape", [piece], [part], shape=list(part.type.shape))
+        self._derive(fn, rw, "split", [grouped], pieces, sizes=[s // g for s in sizes], axis=ax + 1)
+        self._derive(fn, rw, "reshape", [stored], [grouped], shape=list(grouped.type.shape))
 
     @staticmethod
     def _swap_in(fn: Function, old: list[Value], new: list[Value]) -> None:

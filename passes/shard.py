@@ -33,7 +33,7 @@ from typing import Sequence
 
 from ..ir import Function, OpGroup, Operation, Program, Value, verify
 from ..ir.errors import MlxcError
-from ..ir.opdef import Shape
+from ..ir.opdef import Floats, Shape
 from .base import Pass, PassReport
 from .dce import DeadCodeElimination
 from .rewrite import Rewriter, refresh_types
@@ -210,6 +210,8 @@ class _Function:
             (q0, q1), (k0, k1) = head_shares(nq, nkv, self.s.ranks)[self.s.rank]
         except ShardError as err:
             raise self.error(str(err)) from None
+        if op.attrs.get("alibi") is not None:  # ALiBi: this rank's heads keep their slopes
+            op.attrs["alibi"] = Floats(op.attrs["alibi"][q0:q1])
         narrow = _Narrow(self)
         for value, (a, b), width in ((q, (q0, q1), d), (k, (k0, k1), d), (v, (k0, k1), dv)):
             reshape = self._heads(value)

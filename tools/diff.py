@@ -178,8 +178,10 @@ def transformers_hidden_states(hf_model, ids: Sequence[int]) -> dict[str, np.nda
     import torch
 
     base = hf_model.base_model
-    layers = list(getattr(base, "layers", None) or [])
-    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)  # Phi names it final_layernorm
+    layers = list(getattr(base, "layers", None) or getattr(base, "h", None) or getattr(base, "blocks", None) or [])
+    # Phi names the final norm final_layernorm, BLOOM ln_f, MPT norm_f
+    norm = next((m for m in (getattr(base, n, None) for n in ("norm", "final_layernorm", "ln_f", "norm_f"))
+                 if m is not None), None)
     if not layers or norm is None:
         raise MlxcError(f"{type(hf_model).__name__}: cannot find its decoder layers and final norm to hook")
     captured: dict[str, np.ndarray] = {}
