@@ -297,18 +297,22 @@ KERNEL_CHOICES = ("auto", "reference", "custom", "emulated")
 
 
 def kernel_family(kernels: str = "auto", on: str | None = None) -> str:
-    """The implementation family `kernels=` picks on target `on` (default: this machine's), for select-kernels:
-    `native` or `reference`. `auto`: the target's best available (the CPU: mlxc's native kernels when the extension
-    is built, else the reference MLX ops); `reference`: plain MLX ops; `custom`: the target's custom kernels, or an
-    error saying why there are none; `emulated`: the Metal kernels in the emulator (not wired to any op yet)."""
+    """The implementation family `kernels=` picks on target `on` (default: this machine's), for select-kernels
+    (`reference`, `native`, `metal`, `cuda`, `emulated`, or `native+emulated`). `auto`: the target's best available
+    (the CPU: mlxc's native kernels when the extension is built, else the reference MLX ops); `reference`: plain MLX
+    ops; `custom`: the target's custom kernels, or an error saying why there are none; `emulated`: attention and
+    the scans run their Metal kernels in the emulator, matmuls as `auto` runs them ("emulated" or
+    "native+emulated"). On a GPU `auto` and `custom` give its custom kernels ("metal" or "cuda") for attention and
+    the scans."""
     if kernels not in KERNEL_CHOICES:
         raise MlxcError(f"unknown kernels choice {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     on = on or target()
     if kernels == "reference":
         return "reference"
     if kernels == "emulated":
-        raise MlxcError("kernels='emulated' runs custom Metal kernels through the kernel emulator, and no op of a "
-                        "compiled model uses one yet; use kernels='reference' or 'auto'")
+        # attention and the scans run their Metal kernels' exact source in the emulator (kernels/emulator, a test
+        # instrument: slow); matmuls and lookups run as `auto` would run them
+        return "native+emulated" if "native" in kernel_family("auto", on).split("+") else "emulated"
     if on == "cpu":
         from .kernels import native
 
@@ -319,10 +323,19 @@ def kernel_family(kernels: str = "auto", on: str | None = None) -> str:
             raise MlxcError(f"kernels='custom': the CPU's custom kernels are mlxc's native extension, which is "
                             f"unavailable: {native.reason()}")
         return "reference"
-    if kernels == "custom":
-        raise MlxcError(f"kernels='custom': no custom kernels are wired for target {on!r} yet; use 'auto' or "
-                        "'reference'")
-    return "reference"
+    gpu = gpu_kernels()
+    if gpu is None and kernels == "custom":
+        raise MlxcError(f"kernels='custom': target {on!r} has neither Metal nor MLX's CUDA back-end here; use "
+                        "'auto', 'reference' or 'emulated'")
+    return gpu or "reference"  # attention and the scans run mlxc's custom kernels there
+
+
+def gpu_kernels() -> str | None:
+    """The custom kernels this machine's GPU runs: "metal" (Apple GPU), "cuda" (mlx[cuda]) or None."""
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else None
 
 
 def compile_program(spec: ModelSpec, dtype: DType | str = DType.F32, passes: Sequence[PassLike] | None = None,
@@ -508,8 +521,9 @@ def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | P
     does the same for a checkpoint, keeping only its architecture. `adapter` is a PEFT LoRA folder (merged into the
     weights with `merge_lora=True`); `lora` adds fresh adapters for training. `kernels` chooses the implementation
     of ops that have several (`auto`: the target's best available, on the CPU mlxc's native quantized kernels when
-    built; `reference`: plain MLX ops; `custom`: the target's custom kernels or an error; `emulated`: the Metal
-    kernels in the emulator, refused until an op uses one). An artifact keeps the kernels it was compiled with.
+    built; `reference`: plain MLX ops; `custom`: the target's custom kernels or an error; `emulated`: attention and
+    the scans run their Metal kernels' source in the kernel emulator, a slow test instrument). An artifact keeps
+    the kernels it was compiled with.
     `parallel` ("tensor" or "pipeline"), in a process started as one rank of a group, loads this rank's share of
     the model (see `mlxc.parallel`).
     `trust=True` runs an artifact's model.py as it is; without it mlxc checks the files against the hashes its

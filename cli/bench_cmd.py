@@ -26,7 +26,9 @@ def add_parser(p) -> None:
                    help="timed rounds (default 3; with --compare 5)")
     p.add_argument("--compare", metavar="AXES",
                    help="time variants side by side, every combination of the named axes (fusion: unfused vs fused "
-                        "projections; compile: eager vs mx.compile of the stateless functions), e.g. fusion,compile")
+                        "projections; compile: eager vs mx.compile of the stateless functions; scan: Mamba's "
+                        "sequential vs chunked selective scan; kernels: MLX's ops vs mlxc's custom kernels where this "
+                        "device runs them), e.g. fusion,compile")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (--compare)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object (--compare)")
     p.add_argument("--html", metavar="FILE", help="write the comparison's bar charts as one self-contained page")
@@ -43,6 +45,10 @@ def run(args) -> int:
     from ..blas import active_blas
     from ..runtime.bench import bench_model
 
+    if args.kernels == "emulated":
+        from ..tools.bench_compare import EMULATED_REFUSED
+
+        raise MlxcError(EMULATED_REFUSED)
     model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
     result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                          repeats=args.repeats or 3, progress=progress)

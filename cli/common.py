@@ -119,7 +119,8 @@ def add_passes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=("auto", "reference", "custom", "emulated"), default=None,
                    help="implementation of ops that have several (default auto: the target's best available, on the "
                         "CPU mlxc's native quantized kernels when built; reference: plain MLX ops; custom: the "
-                        "target's custom kernels or an error)")
+                        "target's custom kernels or an error; emulated: attention and the scans run their Metal "
+                        "kernels' source in mlxc's kernel emulator, slowly, for testing)")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:

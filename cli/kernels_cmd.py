@@ -42,23 +42,26 @@ def _list(args) -> int:
     from ..kernels.registry import REGISTRY, TARGETS
 
     if args.json:
-        write(json.dumps([{"name": i.name, "mlx_name": i.kernel.name, "implements": i.implements,
+        write(json.dumps([{"name": i.name, "op": i.op, "mlx_name": i.kernel.name, "implements": i.implements,
                            "reference": i.reference, "cuda_twin": i.has_cuda,
                            "targets": {t: i.implementation(t) for t in TARGETS}} for i in REGISTRY.values()],
                          indent=2))
         return 0
     t = Table(title="custom kernels (Metal body, CUDA twin, plain-MLX reference)")
     t.add_column("kernel")
+    t.add_column("IR op")
     t.add_column("implements", overflow="fold")
     for target in TARGETS:
         t.add_column(target)
     names = {"metal": "Metal kernel", "cuda": "CUDA twin", "reference": "reference ops"}
     for i in REGISTRY.values():
-        t.add_row(i.name, i.implements, *(names[i.implementation(target)] for target in TARGETS))
+        t.add_row(i.name, i.op, i.implements, *(names[i.implementation(target)] for target in TARGETS))
     consoles.out.print(t)
     consoles.out.print("metal: mx.fast.metal_kernel on an Apple GPU; cuda: mx.fast.cuda_kernel under mlx[cuda]; "
-                       "cpu: the reference MLX ops. `mlxc kernels check` runs the Metal sources here, in the emulator.",
-                       markup=False)
+                       "cpu: the reference MLX ops. select-kernels makes the choice per op and target (the generated "
+                       "module calls kernel_attention / kernel_selective_scan / kernel_ssd with impl=...). "
+                       "`mlxc kernels check` runs the Metal sources here, in the emulator; `--kernels emulated` "
+                       "(mlxc.load(kernels=\"emulated\")) runs whole models through it.", markup=False)
     return 0
 
 

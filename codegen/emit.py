@@ -28,6 +28,9 @@ _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 _RESERVED |= {"learned_positions", "sinusoidal_positions", "alibi_bias"}
 # the native-kernel helper's names (templates/native.py.j2)
 _RESERVED |= {"NATIVE", "qlinear", "qlinear_packed", "qembed", "qembed_packed", "pack_weight"}
+# the custom-kernel helper's names (templates/kernels.py.j2)
+_RESERVED |= {"kernel_attention", "kernel_selective_scan", "kernel_ssd", "_kernel_attention", "_kernel_scan",
+              "_kernel_ssd"}
 # the selective scan helper's names (templates/selective_scan.py.j2)
 _RESERVED |= {"causal_conv1d", "selective_scan", "selective_scan_chunked", "selective_scan_step",
               "selective_scan_reference", "scan_exp", "scan_softplus", "scan_silu", "softplus", "silu", "SELECTIVE_SCAN", "SCAN_BLOCK", "SCAN_CHUNK"}

@@ -293,11 +293,15 @@ def _rope(a, k, t):
     return f"{a[0]}({a[1]}, {a[2]})"
 
 
+def _attention_args(a, k) -> str:
+    extra = "".join(f", {name}={k[name]!r}" for name in ("window", "softcap") if k[name] is not None)
+    return f"{_list(a)}, scale={k['scale']!r}{extra}"
+
+
 @implements("attention", helpers=("attention",))
 def _attention(a, k, t):
-    extra = "".join(f", {name}={k[name]!r}" for name in ("window", "softcap") if k[name] is not None)
     alibi = "" if k.get("alibi") is None else f", alibi={tuple(k['alibi'])!r}"  # custom kernels take no alibi
-    return f"attention({_list(a)}, scale={k['scale']!r}{extra}{alibi})"
+    return f"attention({_attention_args(a, k)}{alibi})"
 
 
 @implements("learned_positions", helpers=("positions",))
@@ -324,12 +328,16 @@ def _rms_norm_gated(a, k, t):
     return f"rms_norm_gated({_list(a)}, {k['eps']!r}, {k['groups']})"
 
 
-@implements("ssd", helpers=("ssd",))
-def _ssd(a, k, t):
+def _ssd_args(a, k) -> str:
     bias = a[6] if len(a) == 8 else "None"
     top = "math.inf" if k["dt_max"] is None else repr(k["dt_max"])
     limit = "" if k["dt_min"] == 0 and k["dt_max"] is None else f", dt_limit=({k['dt_min']!r}, {top})"
-    return f"ssd({_list(a[:6])}, {bias}, {a[-1]}, chunk_size={k['chunk_size']}{limit})"
+    return f"{_list(a[:6])}, {bias}, {a[-1]}, chunk_size={k['chunk_size']}{limit}"
+
+
+@implements("ssd", helpers=("ssd",))
+def _ssd(a, k, t):
+    return f"ssd({_ssd_args(a, k)})"
 
 
 @implements("lstm", helpers=("recurrent",))
@@ -349,10 +357,27 @@ def _mingru(a, k, t):
     return f"mingru({a[0]}, {a[1]}, {a[2]})"
 
 
+def _selective_scan_args(a) -> str:
+    z = a[7] if len(a) == 9 else "None"
+    return f"{_list(a[:7])}, {z}, {a[-1]}"
+
+
 @implements("selective_scan", helpers=("selective_scan",))
 def _selective_scan(a, k, t):
-    z = a[7] if len(a) == 9 else "None"
-    return f"selective_scan({_list(a[:7])}, {z}, {a[-1]})"
+    return f"selective_scan({_selective_scan_args(a)})"
+
+
+# mlxc's custom kernels (kernels/metal) for attention and the scans: the Metal kernel, its CUDA twin, or the Metal
+# source in the kernel emulator, by the op's `kernel`; the helper (templates/kernels.py.j2) falls back to the
+# reference helper when the module runs without mlxc, so that one comes too.
+for _kernel in (Kernel.METAL, Kernel.CUDA, Kernel.EMULATED):
+    _impl = f'impl="{_kernel.value}"'
+    implements("attention", helpers=("attention", "kernels"), kernel=_kernel)(
+        lambda a, k, t, _impl=_impl: f"kernel_attention({_attention_args(a, k)}, {_impl})")
+    implements("selective_scan", helpers=("selective_scan", "kernels"), kernel=_kernel)(
+        lambda a, k, t, _impl=_impl: f"kernel_selective_scan({_selective_scan_args(a)}, {_impl})")
+    implements("ssd", helpers=("ssd", "kernels"), kernel=_kernel)(
+        lambda a, k, t, _impl=_impl: f"kernel_ssd({_ssd_args(a, k)}, {_impl})")
 
 
 # ---------------------------------------------------------------------------------------------- mixtures and heads

@@ -328,11 +328,11 @@ def _sinusoidal_positions(ids: TensorType, offset: TensorType, dims: int, dtype:
     OpGroup.ATTENTION,
     ("q", "k", "v"),
     (AttrDef("scale", float), AttrDef("window", int, None, optional=True),
-     AttrDef("softcap", float, None, optional=True), AttrDef("alibi", Floats, None, optional=True)),
+     AttrDef("softcap", float, None, optional=True), KERNEL, AttrDef("alibi", Floats, None, optional=True)),
     state=lambda attrs, *types: (State(StateKind.KV, attrs["window"]),),
 )
 def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window: int | None,
-               softcap: float | None, alibi: Floats | None):
+               softcap: float | None, kernel: Kernel, alibi: Floats | None):
     """Causal softmax attention of q [B, Hq, T, D] over the keys and values its KV state holds followed by k, v
     [B, Hkv, T, D], which it then appends to that state.
 
@@ -430,10 +430,12 @@ def _rms_norm_gated(x: TensorType, gate: TensorType, weight: TensorType, eps: fl
 
 
 @op("ssd", OpGroup.SCAN, ("x", "dt", "A", "B", "C", "D", "dt_bias?"),
-    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True)),
+    (AttrDef("chunk_size", int), AttrDef("dt_min", float, 0.0), AttrDef("dt_max", float, None, optional=True),
+     KERNEL),
     state=lambda attrs, *types: (State(StateKind.SSM),))
 def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
-         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None):
+         dt_bias: TensorType | None = None, *, chunk_size: int, dt_min: float, dt_max: float | None,
+         kernel: Kernel):
     """Mamba-2's state-space duality scan, per head h with a scalar A[h] and its group g of B and C (heads share
     them, H / G per group), every intermediate in float32:
 
@@ -459,10 +461,10 @@ def _ssd(x: TensorType, dt: TensorType, A: TensorType, B: TensorType, C: TensorT
     return x
 
 
-@op("selective_scan", OpGroup.SCAN, ("u", "delta", "A", "B", "C", "D", "dt_bias", "z?"),
+@op("selective_scan", OpGroup.SCAN, ("u", "delta", "A", "B", "C", "D", "dt_bias", "z?"), (KERNEL,),
     state=lambda attrs, *types: (State(StateKind.SSM),))
 def _selective_scan(u: TensorType, delta: TensorType, A: TensorType, B: TensorType, C: TensorType, D: TensorType,
-                    dt_bias: TensorType, z: TensorType | None = None):
+                    dt_bias: TensorType, z: TensorType | None = None, *, kernel: Kernel):
     """Mamba's selective scan, per channel d and state n, every intermediate in float32:
 
         dt_t = softplus(delta_t + dt_bias),  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,  y_t = h_t . C_t + D u_t

@@ -22,6 +22,7 @@ class KernelInfo:
     kernel: KernelDef
     implements: str
     reference: str  # the reference (fallback) function, module:qualname
+    op: str  # the IR op it runs (select-kernels gives the op `kernel = metal | cuda | emulated`)
 
     @property
     def has_cuda(self) -> bool:
@@ -45,21 +46,21 @@ def _ref(fn) -> str:
 REGISTRY: dict[str, KernelInfo] = {
     "selective_scan": KernelInfo("selective_scan", scan.SELECTIVE_SCAN,
                                  "Mamba selective scan, prefill over the whole sequence",
-                                 _ref(scan.selective_scan_reference)),
+                                 _ref(scan.selective_scan_reference), "selective_scan"),
     "selective_state_update": KernelInfo("selective_state_update", scan.SELECTIVE_STATE_UPDATE,
                                          "Mamba decode step (cached state advances one token)",
-                                         _ref(scan.selective_state_update_reference)),
+                                         _ref(scan.selective_state_update_reference), "selective_scan"),
     "mamba2_state_update": KernelInfo("mamba2_state_update", ssd.MAMBA2_STATE_UPDATE,
                                       "Mamba-2 decode step (per-head scalar decay, grouped B/C)",
-                                      _ref(ssd.mamba2_state_update_reference)),
+                                      _ref(ssd.mamba2_state_update_reference), "ssd"),
     "mamba2_chunk_scan": KernelInfo("mamba2_chunk_scan", ssd.MAMBA2_CHUNK_SCAN, "Mamba-2 chunked SSD prefill",
-                                    _ref(ssd.mamba2_chunk_scan_reference)),
+                                    _ref(ssd.mamba2_chunk_scan_reference), "ssd"),
     "attention_decode": KernelInfo("attention_decode", attention.ATTENTION_DECODE,
                                    "attention, one query per head, over the KV cache (GQA, window, soft-cap)",
-                                   _ref(attention.attention_reference)),
+                                   _ref(attention.attention_reference), "attention"),
     "attention_prefill": KernelInfo("attention_prefill", attention.ATTENTION_PREFILL,
                                     "causal attention, tiled over queries and keys (GQA, window, soft-cap)",
-                                    _ref(attention.attention_reference)),
+                                    _ref(attention.attention_reference), "attention"),
 }
 
 

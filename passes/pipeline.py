@@ -113,7 +113,7 @@ def build_pipeline(passes: Sequence[PassLike] | None = None, *, target: str = "c
     if lora is not None:
         # re-quantizing a merged weight only pays where quantized kernels run; on the CPU's reference path it would
         # be dequantized
-        requantize = target != "cpu" or kernels != "reference"
+        requantize = target != "cpu" or "native" in kernels.split("+")
         adapters: list[Pass] = [LoRA(lora)] + ([MergeLoRA(requantize=requantize)] if merge_lora else [])
         # after fusion, before weight work is lifted to load time (merging is weight work too)
         at = next((i for i, p in enumerate(items) if p.name in ("lift-params",) + LoRA.runs_before), len(items))

@@ -1,14 +1,17 @@
 """select-kernels: choose how each op runs on the target, and say so in the IR (`linear {kernel = native}`).
 
-Ops with several implementations (`linear`, `embed`; see `ir.attrs.Kernel`) carry a `kernel` attribute, default
-`reference` (plain MLX ops). The caller says which implementation family the target offers (`kernels`: what
-`mlxc.load(kernels=...)` resolved to, after checking what is installed); this pass applies it op by op, with the
-weight layout each kernel needs:
+Ops with several implementations (`linear`, `embed`, `attention`, `selective_scan`, `ssd`; see `ir.attrs.Kernel`)
+carry a `kernel` attribute, default `reference` (plain MLX ops). The caller says which implementation family the
+target offers (`kernels`: what `mlxc.load(kernels=...)` resolved to, after checking what is installed); this pass
+applies it op by op, with the weight layout each kernel needs:
 
 - `native` (the CPU with mlxc's C++ extension): matmuls and lookups on 4- and 8-bit weights keep them quantized
   and run the native kernels. Each quantized weight a matmul reads is repacked once at load (`pack`: 16 rows side by
   side, ~2x fewer instructions per weight for one activation row); a tied embedding's lookups read the same packed
   copy. Anything the kernels do not take (other widths, the experts of a `moe`) is handled as on the reference path.
+- `metal` / `cuda` (an Apple GPU / MLX's CUDA back-end) and `emulated` (any machine, for tests): `attention`,
+  `selective_scan` and `ssd` run mlxc's custom kernels (kernels/metal: the Metal kernel, its CUDA twin, or the Metal
+  source in the kernel emulator); matmuls keep their own choice ("native+emulated" on a CPU with the extension).
 - `reference` on the CPU: MLX's CPU backend has no fast quantized matmul (SmolLM2-135M: 8 tok/s prefill with 4-bit
   weights, 294 tok/s in fp32 with OpenBLAS), so each quantized weight a matmul or lookup reads gets a load-time
   `dequantize` and the kernels run in float; unless the user asked for quantized weights (`keep_quantized`, from
@@ -26,6 +29,12 @@ from .quantize import derived_name, weight_uses
 
 # The ops whose implementation select-kernels chooses, and the operand position of their weight.
 CHOOSABLE = {"linear": 1, "embed": 1}
+# The ops with custom GPU kernels (kernels/metal: a Metal kernel, its CUDA twin, and the emulator that runs the Metal
+# source anywhere); kernels/registry.py lists the kernels behind them, and a test holds the two to each other.
+CUSTOM = {"attention": (Kernel.METAL, Kernel.CUDA, Kernel.EMULATED),
+          "selective_scan": (Kernel.METAL, Kernel.CUDA, Kernel.EMULATED),
+          "ssd": (Kernel.METAL, Kernel.CUDA, Kernel.EMULATED)}
+CUSTOM_TARGETS = {Kernel.METAL: "gpu", Kernel.CUDA: "gpu"}  # where each runs (the emulator: anywhere)
 NATIVE_BITS, NATIVE_GROUPS, NATIVE_MAX_K = (4, 8), (32, 64, 128), 65536
 
 
@@ -36,18 +45,23 @@ class SelectKernels(Pass):
 
     name = "select-kernels"
     target: str = "cpu"
-    kernels: str = "reference"  # the implementation family chosen for this target: "reference" or "native"
+    # the implementation family chosen for this target: "reference", "native" (matmuls and lookups), "metal" /
+    # "cuda" / "emulated" (the ops in CUSTOM), or a matmul family and a custom one joined by "+" ("native+emulated")
+    kernels: str = "reference"
     pack: bool = True  # native: repack the weights matmuls read (off: the kernels read MLX's layout; needed for x-grads)
     keep_quantized: bool = False  # reference: quantized weights stay quantized (the user asked for them)
 
     def run(self, program: Program) -> tuple[Program, PassReport]:
-        kernel = Kernel(self.kernels)
-        if kernel not in (Kernel.REFERENCE, Kernel.NATIVE):
-            raise MlxcError(f"select-kernels: no op has a {kernel.value!r} implementation yet")
-        if kernel == Kernel.NATIVE and self.target != "cpu":
-            raise MlxcError(f"select-kernels: the native kernels run on the CPU, not on target {self.target!r}")
+        kernel, custom = self._families()
         report = PassReport(self.name, {"native": 0, "packed": 0, "dequantized at load": 0})
+        if custom != Kernel.REFERENCE:
+            report.changes[custom.value] = 0
         for fn in program.functions:
+            for o in fn.ops:
+                # the attention kernels have no ALiBi: such an op keeps the reference ops
+                if custom in CUSTOM.get(o.op, ()) and o.attrs.get("alibi") is None:
+                    o.attrs["kernel"] = custom
+                    report.changes[custom.value] += 1
             native = [(o, w) for o, w in weight_uses(fn) if kernel == Kernel.NATIVE and self._native_fits(o, w)]
             for o, _ in native:
                 o.attrs["kernel"] = Kernel.NATIVE
@@ -59,6 +73,26 @@ class SelectKernels(Pass):
                 rest = [(o, w) for o, w in weight_uses(fn) if id(o) not in chosen]
                 report.changes["dequantized at load"] += self._dequantize(fn, rest)
         return program, report
+
+    def _families(self) -> tuple[Kernel, Kernel]:
+        """(matmul and lookup kernel, custom-op kernel) from `kernels`, or an error naming what cannot apply."""
+        try:
+            parts = [Kernel(p) for p in self.kernels.split("+")]
+        except ValueError:
+            raise MlxcError(f"select-kernels: unknown kernels {self.kernels!r}; expected "
+                            f"{', '.join(k.value for k in Kernel)}, or two joined by '+'") from None
+        matmul = [k for k in parts if k in (Kernel.REFERENCE, Kernel.NATIVE)]
+        custom = [k for k in parts if k not in matmul]
+        if len(matmul) > 1 or len(custom) > 1:
+            raise MlxcError(f"select-kernels: kernels {self.kernels!r} names two choices for the same ops")
+        kernel, op_kernel = (matmul or [Kernel.REFERENCE])[0], (custom or [Kernel.REFERENCE])[0]
+        if kernel == Kernel.NATIVE and self.target != "cpu":
+            raise MlxcError(f"select-kernels: the native kernels run on the CPU, not on target {self.target!r}")
+        where = CUSTOM_TARGETS.get(op_kernel)
+        if where is not None and self.target != where:
+            raise MlxcError(f"select-kernels: the {op_kernel.value} kernels run on a GPU, not on target "
+                            f"{self.target!r}; kernels='emulated' runs the Metal kernels' source on any machine")
+        return kernel, op_kernel
 
     @staticmethod
     def _native_fits(o: Operation, w: Value) -> bool:

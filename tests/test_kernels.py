@@ -320,3 +320,158 @@ def test_kernels_source(capsys):
     assert code == 0 and '#include "metal.h"' in out and "mlxc_kernel_entry" in out
     code, _, err = _cli(capsys, "kernels", "source", "nope")
     assert code == 1 and "unknown kernel 'nope'" in err
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+
+
+def test_registry_and_select_kernels_name_the_same_ops():
+    """select-kernels (passes/, which may not import kernels/) offers a kernel for an op exactly where the registry
+    has kernels behind it, and CUDA only where every one of them has a twin."""
+    from mlxc.ir import Kernel
+    from mlxc.passes.select_kernels import CUSTOM
+
+    ops = {i.op for i in registry.REGISTRY.values()}
+    assert ops == set(CUSTOM)
+    for op in ops:
+        twins = all(i.has_cuda for i in registry.REGISTRY.values() if i.op == op)
+        assert (Kernel.CUDA in CUSTOM[op]) == twins
+        assert Kernel.METAL in CUSTOM[op] and Kernel.EMULATED in CUSTOM[op]
+
+
+def test_select_kernels_per_target():
+    import mlxc.api as api
+    from mlxc.codegen import generate_module
+    from mlxc.frontends.presets import PRESETS
+    from mlxc.ir import Kernel
+    from mlxc.ir.errors import MlxcError
+    from mlxc.passes import build_pipeline
+
+    spec = PRESETS["tiny"]
+    chosen = {}
+    for target, family in (("cpu", "reference"), ("cpu", "emulated"), ("gpu", "metal"), ("gpu", "cuda"),
+                           ("gpu", "reference")):
+        program = api.compile_program(spec, passes=build_pipeline(target=target, kernels=family))
+        kernels = {o.attrs.get("kernel", Kernel.REFERENCE) for f in program.functions for o in f.ops
+                   if o.op == "attention"}
+        code = generate_module(program)
+        calls = [line.strip() for line in code.splitlines() if "= kernel_attention(" in line]
+        chosen[(target, family)] = (kernels, calls)
+    assert chosen[("cpu", "reference")] == ({Kernel.REFERENCE}, [])
+    for (target, family), (kernels, calls) in chosen.items():
+        if family != "reference":
+            assert kernels == {Kernel(family)} and calls and all(f'impl="{family}"' in c for c in calls), (family,
+                                                                                                         calls)
+    # what cannot run on a target is refused, not silently swapped
+    for target, family, why in (("cpu", "metal", "run on a GPU"), ("gpu", "native", "run on the CPU"),
+                                ("cpu", "metal+emulated", "two choices"), ("cpu", "fast", "unknown kernels")):
+        with pytest.raises(MlxcError, match=why):
+            api.compile_program(spec, passes=build_pipeline(target=target, kernels=family))
+
+
+def test_kernel_family_choices():
+    import mlxc.api as api
+    from mlxc.ir.errors import MlxcError
+
+    assert api.kernel_family("emulated", "cpu") in ("emulated", "native+emulated")
+    assert api.kernel_family("reference", "gpu") == "reference"
+    if api.gpu_kernels() is None:  # this machine: no Metal, no CUDA back-end
+        assert api.kernel_family("auto", "gpu") == "reference"
+        with pytest.raises(MlxcError, match="neither Metal nor MLX's CUDA"):
+            api.kernel_family("custom", "gpu")
+
+
+@needs_gxx
+def test_emulated_artifact_keeps_its_kernels(tmp_path, capsys):
+    """`mlxc compile --kernels emulated`: the manifest records it, the artifact's module calls the emulator, and
+    the artifact refuses another choice."""
+    import mlxc
+    from mlxc.ir.errors import MlxcError
+
+    out = tmp_path / "tiny"
+    code, _, err = _cli(capsys, "compile", "preset:tiny", "-o", str(out), "--kernels", "emulated")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernels"] in ("emulated", "native+emulated") and manifest["target"] == "cpu"
+    assert 'impl="emulated"' in (out / "model.py").read_text()
+    tokens = mx.array([[5, 9, 3, 200, 17, 4, 4, 81]])
+    emu = mlxc.load(str(out))
+    ref = mlxc.load("preset:tiny", kernels="reference")
+    assert np.abs(np.array(emu(tokens).logits) - np.array(ref(tokens).logits)).max() <= 1e-4
+    with pytest.raises(MlxcError, match="compiled with"):
+        mlxc.load(str(out), kernels="reference")
+
+
+# ------------------------------------------------------------------------------------------------ bench --compare
+
+MAMBA_SPEC = """\
+name: mamba-tiny
+vocab_size: 128
+hidden_size: 32
+intermediate_size: 64
+num_layers: 2
+eos_token_ids: [2]
+mamba: {state_size: 8}
+layer_pattern:
+  - {block: mamba, ffn: none}
+"""
+_QUICK = ("--prompt-len", "8", "--gen-len", "2", "--repeats", "1", "--warmup", "0")
+
+
+def test_bench_compare_scan_and_kernels_on_mamba(tmp_path, capsys):
+    from mlxc.kernels import native
+
+    spec = tmp_path / "mamba.yaml"
+    spec.write_text(MAMBA_SPEC)
+    code, out, err = _cli(capsys, "bench", str(spec), "--compare", "scan,kernels", *_QUICK, "--json")
+    if not native.available():  # kernels=custom on this CPU means the native extension, which is missing
+        assert code == 1 and "native extension" in err
+        code, out, err = _cli(capsys, "bench", str(spec), "--compare", "scan", *_QUICK, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    variants = {v["name"]: v for v in report["variants"]}
+    assert set(variants) >= {"sequential", "chunked"} or set(variants) == {
+        "sequential+reference", "sequential+custom", "chunked+reference", "chunked+custom"}
+    for v in variants.values():
+        assert v["prefill"]["median"] > 0 and v["decode"]["median"] > 0
+        assert any("selective scan prefill " + v["settings"]["scan"] in n for n in v["notes"])
+        if v["settings"].get("kernels") == "custom":  # the Metal scan kernels are not timed on this CPU
+            assert any("need an Apple GPU: not timed here" in n for n in v["notes"])
+    code, out, err = _cli(capsys, "bench", str(spec), "--compare", "scan", *_QUICK)
+    assert code == 0 and "sequential" in out and "chunked" in out and "vs sequential" in out
+
+
+def test_bench_compare_on_llama(capsys):
+    from mlxc.kernels import native
+
+    code, out, err = _cli(capsys, "bench", "preset:tiny", "--compare", "fusion,kernels", "--quantize", "8",
+                          *_QUICK)
+    if native.available():
+        assert code == 0, err
+        assert "unfused+reference" in out and "fused+custom" in out and "native kernels on" in out
+    else:
+        assert code == 1 and "native extension" in err
+    code, out, err = _cli(capsys, "bench", "preset:tiny", "--compare", "scan", *_QUICK)
+    assert code == 1 and "--compare scan" in err and "has none" in err
+    code, out, err = _cli(capsys, "bench", "preset:tiny", "--kernels", "emulated", *_QUICK)
+    assert code == 1 and "emulator" in err and "refuse" in err
+
+
+def test_packaging_ships_kernel_sources():
+    """pyproject.toml lists the kernel packages and package-data covering every kernel body, CUDA header and
+    emulator source (a wheel without them would render no kernel); a wheel built from it was checked by hand."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(registry.__file__).resolve().parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for pkg in ("mlxc.kernels.metal", "mlxc.kernels.emulator"):
+        assert pkg in tool["packages"]
+        folder = root / pkg.removeprefix("mlxc.").replace(".", "/")
+        globs = tool["package-data"][pkg]
+        data = [p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+        assert data
+        missing = [f for f in data if not any(fnmatch.fnmatch(f, g) for g in globs)]
+        assert not missing, missing

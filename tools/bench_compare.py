@@ -3,7 +3,9 @@
 A comparison is a set of axes (`fusion`, `compile`, ...), each a short list of settings whose first is the
 baseline; the variants are every combination. A setting adds options to `mlxc.load` (`passes=...`) and/or changes
 the loaded model in place (`prepare`), so a new axis (scan kernels, native kernels, ...) is one `register(Axis(...))`
-in this module or in the module that owns the feature.
+in this module or in the module that owns the feature. Registered here: `fusion`, `compile`, `scan` (Mamba's
+sequential vs chunked selective scan) and `kernels` (MLX's ops vs mlxc's custom kernels where the device runs
+them; the emulator is never timed).
 
 Every variant is loaded once. Each round times one prefill and `gen_len` greedy decode steps of every variant back
 to back, in an order that alternates between rounds, so slow drifts of the machine hit all variants alike. Warm-up
@@ -89,6 +91,63 @@ register(Axis("fusion", "unfused q/k/v and gate/up projections vs fused ones (fu
               (Setting("unfused", {"passes": list(UNFUSED)}), Setting("fused", {"passes": list(DEFAULT_PIPELINE)}))))
 register(Axis("compile", "the generated module as written vs mx.compile of its stateless functions",
               (Setting("eager"), Setting("compiled", prepare=compile_stateless))))
+
+
+def _ops(model, name: str):
+    return [o for fn in model.program.functions for o in fn.ops if o.op == name]
+
+
+def _scan_mode(mode: str) -> Callable[[Any], str]:
+    """Run the prefill of every `selective_scan` (Mamba v1, Jamba) as `mode`: "sequential" (one step per token, the
+    reference recurrence) or "chunked" (blocks of chunks in compiled graphs; see templates/selective_scan.py.j2)."""
+
+    def prepare(model) -> str:
+        from ..ir import Kernel
+
+        scans = _ops(model, "selective_scan")
+        if not scans:
+            other = ", ".join(sorted({o.op for fn in model.program.functions for o in fn.ops
+                                      if o.op in ("ssd", "lstm", "gru", "mingru")}))
+            raise MlxcError("--compare scan times the sequential against the chunked selective scan of Mamba (v1) "
+                            "layers, and this model has none"
+                            + (f" (its {other} layers are other scans)" if other else ""))
+        if any(o.attrs.get("kernel", Kernel.REFERENCE) != Kernel.REFERENCE for o in scans):
+            raise MlxcError("--compare scan times the reference ops' two scans, but this model's selective scan runs "
+                            f"the {scans[0].attrs['kernel'].value} kernel: add --kernels reference")
+        model.module.SELECTIVE_SCAN = mode
+        return f"selective scan prefill {mode}"
+
+    return prepare
+
+
+def _kernels_note(model, custom: bool = False) -> str:
+    """What runs a custom kernel in this variant, and what cannot be timed on this machine."""
+    from collections import Counter
+
+    from ..api import gpu_kernels
+    from ..ir import Kernel
+
+    counts = Counter(o.attrs["kernel"].value for fn in model.program.functions for o in fn.ops
+                     if o.attrs.get("kernel", Kernel.REFERENCE) != Kernel.REFERENCE)
+    used = ", ".join(f"{k} kernels on {n} IR ops" for k, n in sorted(counts.items())) or "MLX's ops"
+    if not counts and custom:
+        used = "no custom kernel runs" + (" (the native CPU kernels take 4- and 8-bit weights: --quantize 4 or 8)"
+                                          if gpu_kernels() is None else "")
+    if custom and gpu_kernels() is None and any(_ops(model, op) for op in ("attention", "selective_scan", "ssd")):
+        used += "; the Metal attention/scan kernels need an Apple GPU: not timed here"
+    return used
+
+
+EMULATED_REFUSED = ("kernels='emulated' runs the kernels in mlxc's emulator, a test instrument whose speed says "
+                    "nothing about a GPU's: benchmarks refuse it")
+
+register(Axis("scan", "Mamba's selective scan prefill: the sequential reference recurrence vs the chunked scan",
+              (Setting("sequential", prepare=_scan_mode("sequential")),
+               Setting("chunked", prepare=_scan_mode("chunked")))))
+register(Axis("kernels", "built-in MLX ops vs mlxc's custom kernels where this device runs them (the CPU: the "
+                         "native quantized kernels; an Apple GPU: the Metal attention and scan kernels)",
+              (Setting("reference", {"kernels": "reference"}, prepare=_kernels_note),
+               Setting("custom", {"kernels": "custom"}, prepare=functools.partial(_kernels_note, custom=True)))))
 
 
 def parse_axes(text: str) -> list[Axis]:
@@ -188,6 +247,8 @@ def compare(src, axes: Sequence[Axis], *, options: Optional[Mapping[str, Any]] =
 
     if repeats < 1 or warmup < 0:
         raise MlxcError("--repeats must be >= 1 and --warmup >= 0")
+    if (options or {}).get("kernels") == "emulated":
+        raise MlxcError(EMULATED_REFUSED)
     combos = list(itertools.product(*(a.settings for a in axes)))
     models, results = [], []
     for combo in combos:
