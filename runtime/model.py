@@ -195,10 +195,13 @@ class CompiledModel:
     def _room(self, ids: mx.array, cache, max_new_tokens):
         """`max_new_tokens`, clipped so that what the cache holds, the prompt and the new tokens fit the model's
         context (`max_position_embeddings`): generation stops there, as a stop token would end it. A cache bounded by
-        `max_kv_size` lifts the limit (every token then attends to the last N positions), and so does a model with
-        no positions (no rope, no attention). A prompt that leaves no room is an error."""
+        `max_kv_size` lifts the limit (every token then attends to the last N positions), unless positions come from
+        a learned table, and so does a model with no positions (no rope, no attention). A prompt that leaves no room
+        is an error."""
         ctx = self.context_length
-        if ctx is None or getattr(cache, "max_kv_size", None) is not None or isinstance(max_new_tokens, bool) \
+        table = any(o.op == "learned_positions" for fn in self.program.functions for o in fn.ops)
+        bounded = getattr(cache, "max_kv_size", None) is not None and not table
+        if ctx is None or bounded or isinstance(max_new_tokens, bool) \
                 or not isinstance(max_new_tokens, int) or not any(o.op in ("rope", "attention") for fn in
                                                                   self.program.functions for o in fn.ops):
             return max_new_tokens
@@ -206,9 +209,10 @@ class CompiledModel:
         room = ctx - held - ids.shape[1]
         if room <= 0 and max_new_tokens > 0:
             where = f" after the {held} positions the cache holds" if held else ""
+            hint = " (its learned position table ends there)" if table else \
+                ", or give max_kv_size=N (--max-kv-size N) to attend to the last N positions only"
             raise MlxcError(f"the prompt has {ids.shape[1]} tokens{where}, which fills the model's context of {ctx} "
-                            "positions; shorten it, or give max_kv_size=N (--max-kv-size N) to attend to the last N "
-                            "positions only")
+                            f"positions; shorten it{hint}")
         return max(min(max_new_tokens, room), 0)
 
     def _cache_for(self, cache, max_kv_size):

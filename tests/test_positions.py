@@ -271,3 +271,18 @@ def test_tensor_parallel_ranks_keep_their_heads_slopes():
         attention = [o for fn in program.functions for o in fn.ops if o.op == "attention"]
         assert attention and all(np.allclose(o.attrs["alibi"], slopes[q0:q1], rtol=1e-6) for o in attention)
         assert all(o.operands[0].type.shape[1] == q1 - q0 for o in attention)
+
+
+def test_generation_stops_at_the_learned_table_even_with_a_bounded_cache():
+    """A bounded cache lifts the context limit for rotary or ALiBi models, not for a learned table: generation ends
+    where the table does, and a prompt that fills it is one clear error."""
+    model, _ = _model("learned")  # 32 positions
+    out = model.generate(mx.array(_tokens((1, 20))), max_new_tokens=40, temperature=0.0, stop_tokens=(),
+                         max_kv_size=8)
+    assert np.array(out).shape == (1, 32)
+    with pytest.raises(MlxcError, match="learned position table"):
+        model.generate(mx.array(_tokens((1, 32))), max_new_tokens=4, max_kv_size=8)
+    alibi, _ = _model("alibi-bloom")  # the same max_position_embeddings, but distances only: the cache bounds it
+    out = alibi.generate(mx.array(_tokens((1, 20))), max_new_tokens=20, temperature=0.0, stop_tokens=(),
+                         max_kv_size=8)
+    assert np.array(out).shape == (1, 40)
