@@ -98,8 +98,10 @@ class QuantizedTensor:
         if self.quant.packed:
             raise WeightError("packed weights are made at load time and never dequantized")
         q = self.quant
-        scales, biases = self.scales.astype(mx.float32), self.biases.astype(mx.float32)
-        return mx.dequantize(self.codes, scales, biases, group_size=q.group_size, bits=q.bits)
+        codes, scales, biases = self.codes, self.scales.astype(mx.float32), self.biases.astype(mx.float32)
+        if codes.ndim == 1:  # a vector in blocks (GGUF lets any tensor be quantized); mx.dequantize wants rows
+            return mx.dequantize(codes[None], scales[None], biases[None], group_size=q.group_size, bits=q.bits)[0]
+        return mx.dequantize(codes, scales, biases, group_size=q.group_size, bits=q.bits)
 
 
     def take_rows(self, order) -> "QuantizedTensor":

@@ -111,6 +111,31 @@ def test_generation_stops_at_the_context_length():
     assert model.generate(prompt, max_new_tokens=40, stop_tokens=[], max_kv_size=16).shape == (1, 50)
 
 
+def test_a_quantized_vector_in_a_gguf_dequantizes_as_gguf_does(tmp_path):
+    """GGUF lets a 1-D tensor (a norm's weight) be stored in blocks; the fuzzer found mx.dequantize refusing one.
+    Each block type MLX reads natively, against gguf's own dequantizer."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    from mlxc.runtime.weights import GGUF_NATIVE, read_gguf_blocks
+
+    a = np.random.default_rng(0).standard_normal(96).astype(np.float32)
+    types = {name: gguf.GGMLQuantizationType[name] for name in GGUF_NATIVE}
+    path = tmp_path / "vectors.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, qtype in types.items():
+        w.add_tensor(name.lower(), quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    blocks = read_gguf_blocks(path, {name.lower(): GGUF_NATIVE[name] for name in types})
+    for name, qtype in types.items():
+        got = np.array(blocks[name.lower()].dequantize())
+        np.testing.assert_allclose(got, dequantize(quantize(a, qtype), qtype), rtol=0, atol=1e-6, err_msg=name)
+
+
 # -------------------------------------------------------------------------------------------- tampered artifacts
 
 MARKER = "mlxc-tamper-marker"
