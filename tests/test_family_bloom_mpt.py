@@ -157,6 +157,16 @@ def test_longer_prompt_than_training_context_is_bounded_by_max_kv_size(tmp_path_
     assert np.array(out).shape[1] == 70
 
 
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_sequence_classifier_matches(family, tmp_path):
+    """*ForSequenceClassification: the same blocks and a `score` over the last non-padding token."""
+    cls, config = (_bloom if family == "bloom" else _mpt)(num_labels=3, pad_token_id=0)
+    cls = getattr(transformers, cls.__name__.replace("ForCausalLM", "ForSequenceClassification"))
+    hf = save_checkpoint(cls, config, tmp_path, seed=7)
+    tokens = ids(VOCAB, (2, 12), seed=14)
+    assert max_diff(np.array(mlxc.load(str(tmp_path))(mx.array(tokens)).logits), hf_logits(hf, tokens)) <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------ configs
 
 
