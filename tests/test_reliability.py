@@ -252,6 +252,16 @@ def test_cli_trust_flag(artifact, tmp_path, capsys, command):
     assert marker.read_text() == "ran"
 
 
+def test_cli_refuses_changed_weights_unless_trusted(artifact, tmp_path, capsys):
+    d = _copy(artifact, tmp_path)
+    with open(d / "weights.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+    code, out = _cli(capsys, "run", str(d), "--tokens", "1,2", "--max-tokens", "2")
+    assert code == 1 and "weights.safetensors has" in out and "--trust" in out and "Traceback" not in out, out
+    code, out = _cli(capsys, "run", str(d), "--tokens", "1,2", "--max-tokens", "2", "--trust")
+    assert code == 0, out
+
+
 # --------------------------------------------------------------------------------------------- chat templates
 
 
@@ -450,13 +460,18 @@ def test_interrupted_writes_leave_old_or_new(tmp_path):
 
 def test_nothing_is_unpickled():
     """No reader mlxc ships can run code stored in a file: no pickle, no torch.load without weights_only, no
-    np.load that allows pickles."""
+    np.load that allows pickles, no unsafe YAML, and transformers (the reference of `mlxc diff`) reads safetensors
+    only."""
     bad = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
         if rel.parts[0] in ("tests", "build") or ".egg-info" in str(rel):
             continue
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = path.read_text(encoding="utf-8")
+        if ".from_pretrained(" in text and "use_safetensors" not in text and rel.parts[0] != "benchmarks":
+            # transformers would read a .bin pickle (the benchmarks load the models they name, not what a user gives)
+            bad.append(f"{rel}: from_pretrained without use_safetensors")
+        for i, line in enumerate(text.splitlines(), 1):
             code = line.split("#")[0]
             if re.search(r"\b(c?pickle|marshal|shelve|dill|joblib)\b", code) \
                     or ("torch.load(" in code and "weights_only=True" not in code) \

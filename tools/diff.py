@@ -157,8 +157,8 @@ def load_transformers(src, head: str = "causal_lm") -> object:
     kwargs = dict(dtype=torch.float32)
     if source.kind == SourceKind.GGUF:
         where, kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        where = str(path)
+    else:  # safetensors only: a pytorch_model.bin is a pickle, and mlxc never unpickles what it is given
+        where, kwargs["use_safetensors"] = str(path), True
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
