@@ -146,6 +146,27 @@ def test_lora_round_trips_through_peft(tmp_path_factory):
         mlxc.load(str(path), lora=mlxc.LoRAConfig(rank=2, targets=("query_key_value",)))
 
 
+def test_peft_adapter_on_mpt_fused_wqkv(tmp_path_factory, tmp_path):
+    """PEFT's default MPT target, the fused `Wqkv` (and the MLP's up projection), with trained B: mlxc's logits,
+    unmerged and merged, are peft's."""
+    peft = pytest.importorskip("peft")
+    _, path = _case("mpt", tmp_path_factory)
+    base = transformers.MptForCausalLM.from_pretrained(path).eval()
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["Wqkv", "up_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    tuned.save_pretrained(tmp_path / "adapter")
+    tokens = ids(VOCAB, (2, 12), seed=15)
+    ref = hf_logits(tuned.eval(), tokens)
+    assert max_diff(ref, hf_logits(_case("mpt", tmp_path_factory)[0], tokens)) > 1e-3  # the adapter matters
+    for merge in (False, True):
+        model = mlxc.load(str(path), adapter=tmp_path / "adapter", merge_lora=merge)
+        assert max_diff(np.array(model(mx.array(tokens)).logits), ref) <= 1e-4
+
+
 def test_longer_prompt_than_training_context_is_bounded_by_max_kv_size(tmp_path_factory):
     """MPT's context is max_seq_len (transformers' bias table); a bounded cache generates past it."""
     _, path = _case("mpt", tmp_path_factory)
