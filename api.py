@@ -316,8 +316,7 @@ def kernel_family(kernels: str = "auto", on: str | None = None) -> str:
     if on == "cpu":
         from .kernels import native
 
-        # auto stays on the reference ops until the native path answers SmolLM2 as the reference does (issue 16)
-        if kernels == "custom" and native.available():
+        if native.available():  # auto and custom: the native kernels, which answer as the reference ops do
             return "native"
         if kernels == "custom":
             raise MlxcError(f"kernels='custom': the CPU's custom kernels are mlxc's native extension, which is "

@@ -27,7 +27,8 @@ _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 # position helpers (templates/positions.py.j2, attention.py.j2)
 _RESERVED |= {"learned_positions", "sinusoidal_positions", "alibi_bias"}
 # the native-kernel helper's names (templates/native.py.j2)
-_RESERVED |= {"NATIVE", "qlinear", "qlinear_packed", "qembed", "qembed_packed", "pack_weight"}
+_RESERVED |= {"NATIVE", "qlinear", "qlinear_packed", "qembed", "qembed_packed", "pack_weight", "native_rms_norm",
+              "native_rope", "native_attention"}
 # the custom-kernel helper's names (templates/kernels.py.j2)
 _RESERVED |= {"kernel_attention", "kernel_selective_scan", "kernel_ssd", "_kernel_attention", "_kernel_scan",
               "_kernel_ssd"}

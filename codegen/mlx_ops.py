@@ -171,6 +171,26 @@ def _pack(a, k, t):
     return f"pack_weight({codes}, {scales}, {biases}, {kw})"
 
 
+# The native versions of the other ops of a decode step (MLX's CPU backend composes them from several ops): the
+# helper runs MLX's own op wherever the native one does not apply (other rope scalings, soft-capping, prefill
+# attention, a missing extension).
+
+
+@implements("rms_norm", helpers=("native",), kernel=Kernel.NATIVE)
+def _rms_norm_native(a, k, t):
+    return f"native_rms_norm({a[0]}, {a[1]}, {k['eps']!r})"
+
+
+@implements("rope", helpers=("rope", "native"), constant=lambda attrs: _rope_table(attrs), kernel=Kernel.NATIVE)
+def _rope_native(a, k, t):
+    return f"native_rope({a[0]}, {a[1]}, {a[2]})"
+
+
+@implements("attention", helpers=("attention", "native"), kernel=Kernel.NATIVE)
+def _attention_native(a, k, t):
+    return f"native_attention({_attention_args(a, k)})"
+
+
 # ---------------------------------------------------------------------------------------------- normalization
 
 

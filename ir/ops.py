@@ -58,8 +58,8 @@ def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None, *
 # ---------------------------------------------------------------- normalization
 
 
-@op("rms_norm", OpGroup.NORM, ("x", "weight"), (AttrDef("eps", float),))
-def _rms_norm(x: TensorType, weight: TensorType, eps: float):
+@op("rms_norm", OpGroup.NORM, ("x", "weight"), (AttrDef("eps", float), KERNEL))
+def _rms_norm(x: TensorType, weight: TensorType, eps: float, kernel: Kernel):
     """`x / sqrt(mean(x^2) + eps) * weight` over the last axis."""
     require(x.rank >= 1, f"input must have a feature axis, got {x}")
     require(weight.shape == (x.shape[-1],), f"weight {weight} does not match features {x.shape[-1]}")
@@ -282,9 +282,11 @@ def _pack(x: TensorType):
         AttrDef("base", float),
         AttrDef("scaling", RopeScaling, RopeScaling()),
         AttrDef("traditional", bool, False),
+        KERNEL,
     ),
 )
-def _rope(x: TensorType, offset: TensorType, dims: int, base: float, scaling: RopeScaling, traditional: bool):
+def _rope(x: TensorType, offset: TensorType, dims: int, base: float, scaling: RopeScaling, traditional: bool,
+          kernel: Kernel):
     """Rotary embedding of x [B, heads, T, head_dim] at positions offset, offset + 1, ..., on the first `dims`
     features. The offset (a scalar: where this call's tokens start) is an explicit input."""
     require(x.rank == 4, f"rope expects [B, heads, T, head_dim], got {x}")

@@ -285,7 +285,10 @@ class MergeLoRA(Pass):
         ba = derive("linear", b, a_t, name=f"{stem}.lora_BA")
         delta = derive("scale", ba, factor=factor, name=f"{stem}.lora_delta")
         merged = derive("add", base, delta, name=f"{stem}_merged.weight")
-        if w.type.quant and requantize:
+        # re-quantized only where that gives back the stored type: MLX's quantize writes scales in the weight's
+        # dtype, so a GGUF weight's float16 scales (q4g32_f16) would come back as another type, which its fused
+        # siblings cannot be concatenated with; such a merged weight stays float (exact)
+        if w.type.quant and requantize and w.type.quant.scales is None:
             q = w.type.quant
             merged = derive("quantize", merged, bits=q.bits, group_size=q.group_size, name=f"{stem}_merged_q.weight")
         return merged

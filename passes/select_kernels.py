@@ -72,6 +72,8 @@ class SelectKernels(Pass):
                 chosen = {id(o) for o, _ in native}
                 rest = [(o, w) for o, w in weight_uses(fn) if id(o) not in chosen]
                 report.changes["dequantized at load"] += self._dequantize(fn, rest)
+        if report.changes["native"]:
+            report.changes["native (norm, rope, attention)"] = _native_layers(program)
         return program, report
 
     def _families(self) -> tuple[Kernel, Kernel]:
@@ -130,6 +132,22 @@ class SelectKernels(Pass):
                 made[id(w)] = d.result
             o.operands = [made[id(w)] if v is w else v for v in o.operands]
         return len(made)
+
+
+# Ops of a decode step that the native kernels also run (MLX's CPU backend composes them from several ops), in a
+# program whose matmuls are native; their helpers fall back to MLX's op where the native one does not apply.
+NATIVE_LAYER_OPS = ("rms_norm", "rope", "attention")
+
+
+def _native_layers(program: Program) -> int:
+    count = 0
+    for fn in program.functions:
+        for o in fn.ops:
+            if o.op in NATIVE_LAYER_OPS and o.attrs.get("kernel", Kernel.REFERENCE) == Kernel.REFERENCE \
+                    and o.attrs.get("alibi") is None:  # the native attention has no ALiBi bias
+                o.attrs["kernel"] = Kernel.NATIVE
+                count += 1
+    return count
 
 
 def _set_weight(o: Operation, w: Value) -> None:

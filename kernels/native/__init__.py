@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -160,6 +161,25 @@ def qembed(ids: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *
     return _need().qembed(ids, codes, scales, biases, bits=bits, group_size=group_size, dtype=dtype, stream=stream)
 
 
+def rms_norm(x: mx.array, w: mx.array, eps: float, *, stream=None) -> mx.array:
+    """`mx.fast.rms_norm(x, w, eps)` as one primitive (float32 inside; the result in x's dtype)."""
+    return _need().rms_norm(x, w, eps, stream=stream)
+
+
+def rope(x: mx.array, dims: int, *, traditional: bool, freqs: mx.array, offset, stream=None) -> mx.array:
+    """`mx.fast.rope(x, dims, traditional=..., base=None, scale=1.0, offset=offset, freqs=freqs)` for x
+    [B, H, T, D] as one primitive; offset an int or a one-element integer array."""
+    return _need().rope(x, dims, traditional=traditional, freqs=freqs, offset=offset, stream=stream)
+
+
+def attention_decode(q: mx.array, k: mx.array, v: mx.array, *, scale: float, window: int = 0,
+                     stream=None) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)` for one query per head, q [B, Hq, 1, D] over
+    k, v [B, Hkv, S, D] (any strides: a KV cache's buffers in place; grouped-query heads by index), the last
+    `window` keys only when window > 0. Float32 accumulation, softmax probabilities rounded to the inputs' dtype."""
+    return _need().attention_decode(q, k, v, scale=scale, window=window, stream=stream)
+
+
 def isa() -> Optional[str]:
     """The instruction set whose kernels run ('avx512vnni', 'avx512', 'avx2' or 'scalar'); None if unavailable."""
     return _ext.isa() if _ext is not None else None
@@ -176,6 +196,15 @@ def set_isa(name: str) -> None:
         raise ValueError(f"this CPU cannot run the {name!r} kernels; it supports {supported_isas()}")
 
 
+def act_terms() -> int:
+    """How many 8-bit passes the generated code's matmuls quantize activations in (`act_terms` of `qmatmul`):
+    MLXC_NATIVE_ACT_TERMS, 1 (llama.cpp's rounding, fastest) or 2 (default: the float path's answers)."""
+    value = os.environ.get("MLXC_NATIVE_ACT_TERMS", "2").strip()
+    if value not in ("1", "2"):
+        raise ValueError(f"MLXC_NATIVE_ACT_TERMS must be 1 or 2, got {value!r}")
+    return int(value)
+
+
 def threads() -> int:
     """Threads one call uses, MLX's CPU stream thread included."""
     return _need().threads()
@@ -190,8 +219,12 @@ def describe() -> str:
     """One line for `mlxc --version` / `inspect`: what runs, or why nothing does."""
     if _ext is None:
         return f"native kernels: unavailable ({_reason})"
-    return f"native kernels: {_ext.isa()}, {_ext.threads()} threads"
+    try:
+        passes = f"activations in {act_terms()} 8-bit pass{'es' if act_terms() > 1 else ''}"
+    except ValueError as e:
+        passes = str(e)
+    return f"native kernels: active, kernels=auto runs them on the CPU ({_ext.isa()}, {_ext.threads()} threads, {passes})"
 
 
-__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "isa", "supported_isas", "set_isa", "threads", "set_threads",
-           "describe"]
+__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "rms_norm",
+           "rope", "attention_decode", "act_terms", "isa", "supported_isas", "set_isa", "threads", "set_threads", "describe"]

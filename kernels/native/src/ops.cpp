@@ -164,7 +164,8 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
   const QmmFn fn = packed ? ks.qmm_int8_packed : tiles ? ks.qmm_int8_tiles : int8 ? ks.qmm_int8 : ks.qmm_float;
   const int64_t align = tiles ? 16 : 4;  // chunks start on whole tiles
   const int threads = get_threads();
-  if (threads > 1 && static_cast<double>(M) * N * K >= tu.parallel_min_work) {
+  // the work of the original rows decides (a second activation pass costs integer products, not weight reads)
+  if (threads > 1 && static_cast<double>(M0) * N * K >= tu.parallel_min_work) {
     // about chunks_per_thread chunks per thread, whole multiples of 4 rows
     const int64_t target = static_cast<int64_t>(threads) * std::max(1, tu.chunks_per_thread);
     int64_t rows = (N + target - 1) / target;
