@@ -225,7 +225,9 @@ def read_source(source: Source, weights: bool = True) -> Frontend:
         if spec.tie_word_embeddings:  # some checkpoints save the tied head anyway; it is the embedding table
             tensors.pop("lm_head.weight", None)
         layout = families.family(family).checkpoint_layout(spec)
-        return Frontend(spec, tensors, tokenizer, f"{path} ({config.get('architectures', ['?'])[0]})",
+        declared = config.get("architectures")  # a label only: any value detect_family let through
+        label = declared[0] if isinstance(declared, list) and declared else "?"
+        return Frontend(spec, tensors, tokenizer, f"{path} ({label})",
                         stored_types=_count_types(raw.values()), layout=layout, detection=detection)
     raise MlxcError(f"cannot compile a {kind.value} source")
 
