@@ -136,6 +136,43 @@ def test_a_quantized_vector_in_a_gguf_dequantizes_as_gguf_does(tmp_path):
         np.testing.assert_allclose(got, dequantize(quantize(a, qtype), qtype), rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small transformers-format checkpoint (mlxc export of random weights)."""
+    from mlxc.tools.export import export
+
+    spec = mlxc.ModelSpec(name="small", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                          num_heads=4)
+    return export(spec, tmp_path_factory.mktemp("hf") / "ckpt", random_init=True, seed=0)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+FOUND = {  # config.json edits the fuzzers found crashing, and what each must give now (None: it loads)
+    "architectures false": ({"architectures": False}, None),
+    "architectures empty": ({"architectures": []}, None),
+    "architectures a number": ({"architectures": 0.5}, "architectures should be a list"),
+    "hidden_act an object": ({"hidden_act": {"type": "linear"}}, "unsupported hidden_act"),
+    "nested too deep": ({"transformers_version": DEEP}, "nested too deep"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOUND))
+def test_what_the_fuzzers_found(hf_dir, tmp_path, case):
+    edit, error = FOUND[case]
+    d = tmp_path / "ckpt"
+    shutil.copytree(hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    text = json.dumps({**config, **edit})
+    (d / "config.json").write_text(text.replace(json.dumps(DEEP), DEEP))
+    if config.get("model_type") is None and "architectures" in edit:
+        pytest.skip("the exported config names no model_type to detect the family by")
+    if error is None:
+        mlxc.load(str(d))
+    else:
+        with pytest.raises(MlxcError, match=error):
+            mlxc.load(str(d))
+
+
 # -------------------------------------------------------------------------------------------- tampered artifacts
 
 MARKER = "mlxc-tamper-marker"
