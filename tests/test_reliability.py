@@ -48,7 +48,7 @@ def _llama_parameters(vocab_size, hidden_size, intermediate_size, num_layers, nu
 
 def test_an_absurd_config_is_refused_before_allocation(tmp_path):
     """A spec file asking for ~1e12 parameters: one MlxcError giving the parameter count and the memory needed,
-    in a process whose address space is capped at 4 GiB and whose resident peak stays small (nothing allocated)."""
+    in a process whose address space is capped at 6 GiB and whose resident peak stays small (nothing allocated)."""
     n = _llama_parameters(**HUGE)
     assert 0.9e12 < n < 1.2e12
     spec = tmp_path / "huge.json"
