@@ -427,7 +427,7 @@ PROPERTIES: dict[str, Callable] = {}
 
 
 def _property(fn):
-    PROPERTIES[fn.__name__.lstrip("_")] = fn
+    PROPERTIES[fn.__name__.removeprefix("_property_")] = fn
     return fn
 
 
@@ -478,7 +478,7 @@ def _gguf_kv(draw, s: dict) -> bytes:
 
 
 @_property
-def _gguf_header(n: int, seed: int) -> None:
+def _property_gguf_header(n: int, seed: int) -> None:
     """A GGUF file drawn field by field: version, counts, metadata entries and tensor infos (dims, types, offsets),
     then a data region; read (weights evaluated) as `mlxc.load` would."""
     from hypothesis import given, settings, strategies as st
@@ -528,7 +528,7 @@ def _gguf_header(n: int, seed: int) -> None:
 
 
 @_property
-def _safetensors_header(n: int, seed: int) -> None:
+def _property_safetensors_header(n: int, seed: int) -> None:
     """A safetensors file whose header hypothesis writes: any dtypes, shapes (negative, huge, non-integer) and byte
     ranges (overlapping, reversed, past the end) over a data region of any length; checked, then read with mx.load."""
     from hypothesis import given, seed as hseed, settings, strategies as st
@@ -570,7 +570,7 @@ _IR_WORDS = ["func", "@main", "@x", "%x", "%0", "%1", "(", ")", "{", "}", "[", "
 
 
 @_property
-def _ir_text(n: int, seed: int) -> None:
+def _property_ir_text(n: int, seed: int) -> None:
     """IR text hypothesis writes from the language's own tokens (and around a valid program); parsed, verified and
     generated, as loading an artifact's program.mlxc does."""
     from hypothesis import given, seed as hseed, settings, strategies as st
@@ -592,7 +592,7 @@ def _ir_text(n: int, seed: int) -> None:
 
 
 @_property
-def _spec_mapping(n: int, seed: int) -> None:
+def _property_spec_mapping(n: int, seed: int) -> None:
     """Spec documents hypothesis writes (any JSON values under the spec's keys); validated, and the model built and
     run when it validates, refusing what would not fit in memory."""
     from hypothesis import given, seed as hseed, settings, strategies as st

@@ -7,7 +7,6 @@ The fuzzers (tests/test_fuzz_*.py) throw thousands of damaged inputs at the read
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
