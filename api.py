@@ -530,6 +530,9 @@ def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | P
     `trust=True` runs an artifact's model.py as it is; without it mlxc checks the files against the hashes its
     manifest recorded and runs only the module it generates itself from the artifact's program.
     """
+    if trust and resolve(src).kind != SourceKind.ARTIFACT:
+        raise MlxcError(f"trust=True (--trust) applies to compiled artifacts only, and {src} is not one (mlxc "
+                        "generates the code it runs for every other source)")
     if parallel is not None:
         from .parallel import load_parallel
 

@@ -94,9 +94,15 @@ def run(args) -> int:
         if args.src2 is None and options2:
             flags = ", ".join("--passes2/--no-opt2" if k == "passes" else f"--{k.replace('_', '-')}2" for k in options2)
             raise MlxcError(f"{flags}: the second model's flags need a second source (mlxc diff SRC SRC2)")
-        options.update(trust_option(args))  # --trust: both sides are models the user vouches for
-        if args.src2 is not None:
-            options2.update(trust_option(args))
+        if trust_option(args):  # --trust: for the side(s) that are compiled artifacts
+            from ..api import SourceKind, resolve
+
+            sides = [(options, args.src)] + ([(options2, args.src2)] if args.src2 is not None else [])
+            artifacts = [side for side, src in sides if resolve(src).kind == SourceKind.ARTIFACT]
+            if not artifacts:
+                raise MlxcError("--trust applies to compiled artifacts, and no model given here is one")
+            for side in artifacts:
+                side.update(trust_option(args))
         report = diff(args.src, args.src2, tokens=args.tokens, prompt=args.prompt, tol=args.tol, options=options,
                       options2=options2, progress=progress)
     except MlxcError as e:

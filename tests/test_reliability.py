@@ -288,6 +288,15 @@ def test_cli_trust_flag(artifact, tmp_path, capsys, command):
     assert marker.read_text() == "ran"
 
 
+@pytest.mark.parametrize("argv", [["run", "preset:tiny", "--random-init", "--tokens", "1", "--trust"],
+                                  ["diff", "preset:tiny", "preset:tiny", "--tokens", "1", "--trust"]])
+def test_trust_is_refused_where_it_cannot_apply(capsys, argv):
+    """--trust vouches for an artifact's own files; for any other source mlxc generates the code, so it is refused,
+    not silently ignored."""
+    code, out = _cli(capsys, *argv)
+    assert code not in (0, None) and "--trust" in out and "artifact" in out and "Traceback" not in out, out
+
+
 def test_cli_refuses_changed_weights_unless_trusted(artifact, tmp_path, capsys):
     d = _copy(artifact, tmp_path)
     with open(d / "weights.safetensors", "ab") as f:
