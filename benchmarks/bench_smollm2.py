@@ -3,7 +3,7 @@
 Rows, each in its own process, on the same token ids and the same file, 2 threads each (--threads):
   mlxc native            the default on the CPU: the Q4_1/Q8_0 blocks stay quantized and run mlxc's native kernels
                          (activations in two 8-bit passes), with native rms_norm, rope and decode attention
-  mlxc native, 1 pass    the same with activations in one 8-bit pass (MLXC_NATIVE_ACT_TERMS=1: llama.cpp's rounding)
+  mlxc native 1-pass     the same with activations in one 8-bit pass (MLXC_NATIVE_ACT_TERMS=1: llama.cpp's rounding)
   mlxc reference         kernels="reference": the blocks dequantized to float32 at load, MLX's ops and OpenBLAS
   llama.cpp              llama-cpp-python on the same GGUF file, when installed
   transformers bf16/fp32 torch from the same GGUF (dequantized by transformers' loader), when installed
@@ -126,7 +126,7 @@ def run_transformers(ids, gen, repeats, threads, dtype):
 # name -> (runner, environment for its process)
 IMPLS = {
     "mlxc native": (lambda ids, g, r, t: run_mlxc(ids, g, r, t, "auto"), {}),
-    "mlxc native, 1 pass": (lambda ids, g, r, t: run_mlxc(ids, g, r, t, "auto"), {"MLXC_NATIVE_ACT_TERMS": "1"}),
+    "mlxc native 1-pass": (lambda ids, g, r, t: run_mlxc(ids, g, r, t, "auto"), {"MLXC_NATIVE_ACT_TERMS": "1"}),
     "mlxc reference": (lambda ids, g, r, t: run_mlxc(ids, g, r, t, "reference"), {}),
     "llama.cpp": (run_llama_cpp, {}),
     "transformers bf16": (lambda ids, g, r, t: run_transformers(ids, g, r, t, "bfloat16"), {}),
