@@ -75,7 +75,8 @@ def _close(ours: np.ndarray, want: np.ndarray, rtol=1e-5, atol=1e-6) -> None:
 TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "linear", "rms_norm", "layer_norm",
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
           "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "rope", "clip",
-          "exp", "rms_norm_gated", "pack", "slice", "embed_range"}
+          "exp", "rms_norm_gated", "pack", "slice", "embed_range",
+          "learned_positions", "sinusoidal_positions"}
 
 
 def needs_op(name: str):
@@ -157,6 +158,27 @@ def test_embed_range():
         if 3 <= t < 6:
             want[i] = table[t - 3]
     np.testing.assert_array_equal(out["rows"], want)
+
+
+@needs_op("learned_positions")
+def test_learned_positions():
+    table = _rand(10, 4)
+    out = derive({"ids": ("i32[2, 3]", np.zeros((2, 3), np.int32)), "table": ("f32[10, 4]", table),
+                  "offset": ("i32[]", np.array(6, np.int32))},
+                 "%pos = learned_positions(%ids, %table, %offset) : f32[3, 4]")
+    np.testing.assert_array_equal(out["pos"], table[6:9])
+
+
+@needs_op("sinusoidal_positions")
+def test_sinusoidal_positions():
+    """Feature 2i is sin(p / 10000^(2i / d)), 2i + 1 its cos, for positions offset .. offset + T - 1."""
+    out = derive({"ids": ("i32[1, 4]", np.zeros((1, 4), np.int32)), "offset": ("i32[]", np.array(5, np.int32))},
+                 "%pos = sinusoidal_positions(%ids, %offset) {dims = 6, dtype = f32} : f32[4, 6]")
+    p = np.arange(5, 9, dtype=np.float64)[:, None]
+    i = np.arange(3, dtype=np.float64)[None]
+    want = np.zeros((4, 6))
+    want[:, 0::2], want[:, 1::2] = np.sin(p / 10000 ** (2 * i / 6)), np.cos(p / 10000 ** (2 * i / 6))
+    _close(out["pos"], want.astype(np.float32), rtol=1e-5, atol=1e-6)
 
 
 @needs_op("slice")
