@@ -34,6 +34,23 @@ def physical_memory() -> int | None:
         return None
 
 
+def memory_budget() -> tuple[int | None, str]:
+    """The memory this process may fill, and how to say where the bound comes from: the machine's physical memory,
+    or a smaller address-space limit (`ulimit -v`), past which an allocation fails with a MemoryError."""
+    have = physical_memory()
+    label = "this machine's {} of memory"
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, ValueError, OSError):
+        soft = resource = None
+    if resource is not None and soft not in (resource.RLIM_INFINITY, None) and soft > 0 and \
+            (have is None or soft < have):
+        have, label = soft, "the {} this process may address (ulimit -v)"
+    return have, label
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -44,10 +61,10 @@ def human(n: float) -> str:
 
 def check_weights_fit(program: Program, what: str, memory: int | None = None) -> None:
     """Refuse a program whose weights (as the checkpoint holds them, or as the model runs them, whichever is larger)
-    exceed the machine's memory (`memory`, default: physical memory), before anything is allocated."""
+    exceed the memory the process may use (`memory`, default: `memory_budget()`), before anything is allocated."""
     from .weights import stage_parameters
 
-    have = physical_memory() if memory is None else memory
+    have, label = memory_budget() if memory is None else (memory, "the {} of memory allowed")
     if not have:
         return
     checkpoint = stage_parameters(program, "checkpoint")
@@ -56,4 +73,4 @@ def check_weights_fit(program: Program, what: str, memory: int | None = None) ->
     if need > have:
         count = sum(math.prod(d for d in p.type.shape if isinstance(d, int)) for p in checkpoint.values())
         raise MlxcError(f"{what} has {count:,} parameters ({count:.3g}): its weights need {human(need)}, more than "
-                        f"this machine's {human(have)} of memory; nothing was allocated (check the config's sizes)")
+                        f"{label.format(human(have))}; nothing was allocated (check the config's sizes)")

@@ -72,6 +72,33 @@ def test_an_absurd_config_is_refused_before_allocation(tmp_path):
     assert peak < 1500, f"refusing the model took {peak} MiB resident"
 
 
+def test_a_model_past_the_address_space_limit_is_refused(tmp_path):
+    """Under `ulimit -v` (RLIMIT_AS 3 GiB) a model whose weights fit the machine but not the limit (4.1 GiB) is
+    refused by the same check, naming the limit, rather than failing in an allocation (found by hypothesis drawing
+    specs in the fuzz worker, which runs under such a limit)."""
+    from mlxc.runtime.budget import physical_memory
+
+    if (physical_memory() or 0) < 5 << 30:
+        pytest.skip("this machine has too little memory for the address-space limit to be the smaller bound")
+    spec = tmp_path / "big.json"
+    spec.write_text(json.dumps({"name": "big", "vocab_size": 262_144, "hidden_size": 2048, "intermediate_size": 64,
+                                "num_layers": 1, "num_heads": 16}))
+    out = _python("""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        import mlxc
+        try:
+            mlxc.load(sys.argv[1])
+        except mlxc.MlxcError as e:
+            print("refused:", e)
+    """, str(spec))
+    assert out.returncode == 0, out.stderr[-3000:]
+    n = _llama_parameters(262_144, 2048, 64, 1, 16, 16)
+    want = f"{n:,} parameters ({n:.3g}): its weights need {n * 4 / 2**30:.1f} GiB, more than the 3.0 GiB this " \
+           "process may address (ulimit -v); nothing was allocated"
+    assert want in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 def test_an_absurd_layer_count_is_refused(tmp_path):
     spec = tmp_path / "deep.yaml"
     spec.write_text("name: deep\nvocab_size: 64\nhidden_size: 32\nintermediate_size: 64\nnum_layers: 1000000\n"
