@@ -578,6 +578,12 @@ def save_adapter(model: CompiledModel, path: str | Path) -> Path:
     return save_peft_adapter(path, model.lora_config, tensors, base_model=model.source, family=family)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def load_artifact(path: Path, progress: Progress = None, dtype: str | None = None,
                   kernels: str = "auto", trust: bool = False) -> CompiledModel:
     """An artifact as compiled; `dtype` converts its program and weights (e.g. a float32 artifact run in float16).
@@ -603,7 +609,12 @@ def load_artifact(path: Path, progress: Progress = None, dtype: str | None = Non
     try:
         spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None
         lora = LoRAConfig.from_dict(manifest.lora) if manifest.lora else None
-    except (ValidationError, TypeError, ValueError, KeyError, AttributeError) as e:
+    except ValidationError as e:  # one line: each bad field by its dotted name
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"]
+                             for x in e.errors())
+        raise MlxcError(f"{path / art.MANIFEST_FILE}: the stored model spec does not validate under mlxc "
+                        f"{_version()} ({problems}); recompile the artifact from its source") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise MlxcError(f"{path / art.MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from None
     return CompiledModel(module, net, program, spec=spec, tokenizer=_load_tokenizer(path), source=str(path),
                          module_path=str(module_path), lora_config=lora)

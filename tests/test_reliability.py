@@ -259,6 +259,20 @@ def test_a_rehashed_tampered_module_never_runs_untrusted(artifact, tmp_path):
     np.testing.assert_array_equal(np.array(model(ids).logits), np.array(mlxc.load(str(artifact))(ids).logits))
 
 
+def test_a_manifest_spec_that_does_not_validate_is_one_line(artifact, tmp_path):
+    """An artifact from another mlxc version (or an edited one) whose stored spec this version rejects: one line
+    naming each bad field, and what to do."""
+    d = _copy(artifact, tmp_path)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["spec"]["hidden_size"], manifest["spec"]["num_layers"] = -4, "two"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MlxcError) as e:
+        mlxc.load(str(d))
+    message = str(e.value)
+    assert "\n" not in message and "hidden_size:" in message and "num_layers:" in message
+    assert "recompile" in message
+
+
 @pytest.mark.parametrize("change", ["append", "truncate"])
 def test_a_tampered_weights_file_is_refused_unless_trusted(artifact, tmp_path, change):
     d = _copy(artifact, tmp_path)
