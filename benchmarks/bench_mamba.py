@@ -1,11 +1,14 @@
-"""Mamba prefill and decode on the CPU: mlxc's chunked scan, mlxc's sequential reference scan and mlx-lm's Mamba
+"""Mamba prefill and decode on the CPU: mlxc's native, chunked and sequential reference scans and mlx-lm's Mamba
 (which steps its scan in Python, one token at a time), side by side in one run, on one Mamba-130M-shaped checkpoint.
 
 The checkpoint is random but shaped and parametrized like state-spaces/mamba-130m-hf (24 layers, hidden 768, state
 16, A = -(1..16) with noise, dt from 1e-3 to 1e-1): written once as a Hugging Face directory, mlxc loads it as
 it loads any checkpoint and mlx-lm gets the same tensors, so the three compute the same logits (checked first).
 
-  chunked      mlxc's default: the selective scan in blocks of chunks (codegen/templates/selective_scan.py.j2)
+  native       mlxc's default on a CPU with its extension: the native scan kernel (kernels/native/src/scan.cpp) for
+               prefill and decode (SELECTIVE_SCAN = "auto"); absent without the extension
+  chunked      the same model with SELECTIVE_SCAN = "chunked": the selective scan in blocks of chunks of MLX ops
+               (codegen/templates/selective_scan.py.j2), the default without the extension
   sequential   the same compiled model with SELECTIVE_SCAN = "sequential": the reference recurrence, a step per token
   mlx-lm       mlx_lm.models.mamba.Model (pip install mlx-lm==0.32.2)
 
@@ -151,7 +154,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or Path(tmp) / "mamba-130m-random"
         tensors = write_checkpoint(path)
-        variants = {"chunked": MlxcVariant(path, "chunked"), "sequential": MlxcVariant(path, "sequential")}
+        variants = {"native": MlxcVariant(path, "auto"), "chunked": MlxcVariant(path, "chunked"),
+                    "sequential": MlxcVariant(path, "sequential")}
+        if not variants["native"].module.NATIVE_SCAN:
+            print("the native scan is unavailable (mlxc's extension is not built): its column is skipped")
+            del variants["native"]
         try:
             variants["mlx-lm"] = MlxLmVariant(tensors)
         except ImportError:
@@ -189,12 +196,13 @@ def main() -> int:
                     best[n] = min(best[n], s)
         rows["decode"] = {n: args.gen_len / s for n, s in best.items()}
 
-        print("\n| tokens/s | " + " | ".join(variants) + (" | chunked / mlx-lm |" if "mlx-lm" in variants else " |"))
-        print("|---" * (len(variants) + 1 + ("mlx-lm" in variants)) + "|")
+        ours = [n for n in ("native", "chunked") if n in variants] if "mlx-lm" in variants else []
+        print("\n| tokens/s | " + " | ".join(list(variants) + [f"{n} / mlx-lm" for n in ours]) + " |")
+        print("|---" * (len(variants) + 1 + len(ours)) + "|")
         for row, values in rows.items():
             cells = [f"{values[n]:.1f}" if n in values else "-" for n in variants]
-            ratio = f" | {values['chunked'] / values['mlx-lm']:.2f}x" if "mlx-lm" in values else ""
-            print(f"| {row} | " + " | ".join(cells) + ratio + " |")
+            cells += [f"{values[n] / values['mlx-lm']:.2f}x" for n in ours]
+            print(f"| {row} | " + " | ".join(cells) + " |")
 
         marks = sorted({m for m in (16, 64, args.memory_steps) if m <= args.memory_steps})
         print(f"\ndecode memory after n generated tokens (MLX active / peak since the prefill / the cache's states):")

@@ -34,7 +34,8 @@ _RESERVED |= {"kernel_attention", "kernel_selective_scan", "kernel_ssd", "_kerne
               "_kernel_ssd"}
 # the selective scan helper's names (templates/selective_scan.py.j2)
 _RESERVED |= {"causal_conv1d", "selective_scan", "selective_scan_chunked", "selective_scan_step",
-              "selective_scan_reference", "scan_exp", "scan_softplus", "scan_silu", "softplus", "silu", "SELECTIVE_SCAN", "SCAN_BLOCK", "SCAN_CHUNK"}
+              "selective_scan_reference", "scan_exp", "scan_softplus", "scan_silu", "softplus", "silu", "SELECTIVE_SCAN", "SCAN_BLOCK", "SCAN_CHUNK",
+              "NATIVE_SCAN", "native_selective_scan", "_native_scan", "_native_scan_vjp", "_NATIVE_SCANS"}
 
 
 class CodegenError(MlxcError):

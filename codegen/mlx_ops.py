@@ -387,6 +387,11 @@ def _selective_scan(a, k, t):
     return f"selective_scan({_selective_scan_args(a)})"
 
 
+@implements("selective_scan", helpers=("selective_scan",), kernel=Kernel.NATIVE)
+def _selective_scan_native(a, k, t):  # the helper runs the native kernel (kernels/native), or the MLX scan without it
+    return f"selective_scan({_selective_scan_args(a)}, native=True)"
+
+
 # mlxc's custom kernels (kernels/metal) for attention and the scans: the Metal kernel, its CUDA twin, or the Metal
 # source in the kernel emulator, by the op's `kernel`; the helper (templates/kernels.py.j2) falls back to the
 # reference helper when the module runs without mlxc, so that one comes too.

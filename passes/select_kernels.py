@@ -56,6 +56,8 @@ class SelectKernels(Pass):
         report = PassReport(self.name, {"native": 0, "packed": 0, "dequantized at load": 0})
         if custom != Kernel.REFERENCE:
             report.changes[custom.value] = 0
+        if kernel == Kernel.NATIVE and custom not in CUSTOM["selective_scan"]:
+            report.changes["native scan"] = _native_scans(program)
         for fn in program.functions:
             for o in fn.ops:
                 # the attention kernels have no ALiBi: such an op keeps the reference ops
@@ -145,6 +147,19 @@ def _native_layers(program: Program) -> int:
         for o in fn.ops:
             if o.op in NATIVE_LAYER_OPS and o.attrs.get("kernel", Kernel.REFERENCE) == Kernel.REFERENCE \
                     and o.attrs.get("alibi") is None:  # the native attention has no ALiBi bias
+                o.attrs["kernel"] = Kernel.NATIVE
+                count += 1
+    return count
+
+
+def _native_scans(program: Program) -> int:
+    """Mamba's selective scans run the native kernel (kernels/native/src/scan.cpp: the recurrence in float32, 16
+    channels per vector; MLX's CPU backend runs the chunked scan's exps one element at a time), whatever the weights'
+    format; its helper runs the MLX scan where the extension lacks it."""
+    count = 0
+    for fn in program.functions:
+        for o in fn.ops:
+            if o.op == "selective_scan" and o.attrs.get("kernel", Kernel.REFERENCE) == Kernel.REFERENCE:
                 o.attrs["kernel"] = Kernel.NATIVE
                 count += 1
     return count

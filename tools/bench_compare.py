@@ -111,7 +111,9 @@ def _scan_mode(mode: str) -> Callable[[Any], str]:
             raise MlxcError("--compare scan times the sequential against the chunked selective scan of Mamba (v1) "
                             "layers, and this model has none"
                             + (f" (its {other} layers are other scans)" if other else ""))
-        if any(o.attrs.get("kernel", Kernel.REFERENCE) != Kernel.REFERENCE for o in scans):
+        # SELECTIVE_SCAN set to a mode overrides the native CPU kernel (its helper runs it only on "auto"), not the
+        # GPU kernels, which run their own helper
+        if any(o.attrs.get("kernel", Kernel.REFERENCE) not in (Kernel.REFERENCE, Kernel.NATIVE) for o in scans):
             raise MlxcError("--compare scan times the reference ops' two scans, but this model's selective scan runs "
                             f"the {scans[0].attrs['kernel'].value} kernel: add --kernels reference")
         model.module.SELECTIVE_SCAN = mode

@@ -180,6 +180,24 @@ def attention_decode(q: mx.array, k: mx.array, v: mx.array, *, scale: float, win
     return _need().attention_decode(q, k, v, scale=scale, window=window, stream=stream)
 
 
+def scan_available() -> bool:
+    """Whether `selective_scan` can run here (the extension is built and has it)."""
+    return _ext is not None and hasattr(_ext, "selective_scan")
+
+
+def selective_scan(u: mx.array, delta: mx.array, A: mx.array, B: mx.array, C: mx.array, D: mx.array,
+                   dt_bias: mx.array, z: Optional[mx.array] = None, h: Optional[mx.array] = None, *,
+                   stream=None) -> tuple[mx.array, mx.array]:
+    """Mamba's selective scan as one primitive, every intermediate in float32 (the `selective_scan` op of
+    mlxc.ir.ops): dt_t = softplus(delta_t + dt_bias), h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,
+    y_t = h_t . C_t + D u_t, times silu(z_t) when z is given. u, delta, z [B, T, Dm]; A [Dm, N] (N <= 256); B, C
+    [B, T, N]; D, dt_bias [Dm]; h [B, Dm, N] the state before (zeros when None); float32, float16 or bfloat16, any
+    strides. Returns (y [B, T, Dm], final state [B, Dm, N]), both float32. Sequential in time per channel, 16
+    channels per vector (exp by a polynomial, ~2e-7 relative), channel groups over `threads()` threads. No gradient
+    of its own: the generated code wraps it with the chunked MLX scan's."""
+    return tuple(_need().selective_scan(u, delta, A, B, C, D, dt_bias, z=z, h0=h, stream=stream))
+
+
 def isa() -> Optional[str]:
     """The instruction set whose kernels run ('avx512vnni', 'avx512', 'avx2' or 'scalar'); None if unavailable."""
     return _ext.isa() if _ext is not None else None

@@ -11,6 +11,7 @@
 #include "mlx/version.h"
 #include "ops.h"
 #include "parallel.h"
+#include "scan.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -51,6 +52,9 @@ NB_MODULE(_mlxc_native, m) {
   m.def("attention_decode", &mlxc_native::attention_decode, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a,
         "window"_a = 0, "stream"_a = nb::none(),
         "softmax(scale * q @ k.T) @ v for one query per head over (the last `window` of) S keys; GQA by index.");
+  m.def("selective_scan", &mlxc_native::selective_scan, "u"_a, "delta"_a, "A"_a, "B"_a, "C"_a, "D"_a, "dt_bias"_a,
+        "z"_a = nb::none(), "h0"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
+        "Mamba's selective scan in float32: (y [B, T, Dm], final state [B, Dm, N]).");
   m.def("isa", [] { return std::string(mlxc_native::active_kernels().name); },
         "The instruction set whose kernels run.");
   m.def("supported_isas", &mlxc_native::supported_isas, "Instruction sets this CPU can run, best first.");
