@@ -180,36 +180,18 @@ void qmm_scalar(const QWeight& w, const QActs& a, float* y, int64_t ldy, int64_t
 // Packed weights (see kernels_x86.inc): row n is lane n % 16 of tile n / 16.
 void scalar_int8_packed(const QWeight& w, const QActs& a, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int K = w.K, nb = K / 32, G = K / w.group_size;
-  const size_t block_bytes = w.bits == 4 ? 256 : 512, tile_bytes = nb * block_bytes;
-  const size_t item = w.scale_type == FloatType::f32 ? 4 : 2;
-  std::vector<float> s(G), b(G);
+  PackedRowReader row(w);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t t = n / 16, r = n % 16;
-    for (int g = 0; g < G; ++g) {
-      const size_t off = (static_cast<size_t>(t) * G * 16 + g * 16 + r) * item;
-      to_float(static_cast<const char*>(w.scales) + off, w.scale_type, 1, &s[g]);
-      to_float(static_cast<const char*>(w.biases) + off, w.scale_type, 1, &b[g]);
-    }
-    const uint8_t* c = w.codes + t * tile_bytes + 4 * r;
+    row.load(n);
     for (int64_t m = 0; m < a.M; ++m) {
       const int8_t* xq = a.q + m * K;  // natural order
       float acc = 0.f;
       for (int blk = 0; blk < nb; ++blk) {
         int32_t isum = 0;
-        for (int k = 0; k < 32; ++k) {
-          const int j = k / 4, byte = k % 4;
-          int code;
-          if (w.bits == 4) {
-            const uint8_t v = c[blk * block_bytes + (j % 4) * 64 + byte];
-            code = j < 4 ? v & 0x0F : v >> 4;
-          } else {
-            code = c[blk * block_bytes + j * 64 + byte];
-          }
-          isum += code * xq[blk * 32 + k];
-        }
-        acc += s[blk * 32 / w.group_size] * a.d[m * nb + blk] * static_cast<float>(isum);
+        for (int k = 0; k < 32; ++k) isum += row.code(blk * 32 + k) * xq[blk * 32 + k];
+        acc += row.scale[blk * 32 / w.group_size] * a.d[m * nb + blk] * static_cast<float>(isum);
       }
-      for (int g = 0; g < G; ++g) acc += b[g] * a.gsum[m * G + g];
+      for (int g = 0; g < G; ++g) acc += row.bias[g] * a.gsum[m * G + g];
       y[m * ldy + n] = acc;
     }
   }
@@ -228,6 +210,25 @@ void scalar_float(const QWeight& w, const QActs& a, float* y, int64_t ldy, int64
 const KernelSet* kernels_scalar() {
   static const KernelSet k{"scalar", scalar_int8, scalar_float, nullptr, scalar_int8_packed};
   return &k;
+}
+
+PackedRowReader::PackedRowReader(const QWeight& w)
+    : scale(w.K / w.group_size),
+      bias(w.K / w.group_size),
+      w_(w),
+      block_bytes_(w.bits == 4 ? 256 : 512),
+      tile_bytes_(static_cast<size_t>(w.K / 32) * block_bytes_),
+      item_(w.scale_type == FloatType::f32 ? 4 : 2) {}
+
+void PackedRowReader::load(int64_t n) {
+  const int64_t t = n / 16, r = n % 16;
+  const int G = static_cast<int>(scale.size());
+  for (int g = 0; g < G; ++g) {  // group g's scale and bias sit at [t, g * 16 + r]
+    const size_t off = (static_cast<size_t>(t) * G * 16 + g * 16 + r) * item_;
+    to_float(static_cast<const char*>(w_.scales) + off, w_.scale_type, 1, &scale[g]);
+    to_float(static_cast<const char*>(w_.biases) + off, w_.scale_type, 1, &bias[g]);
+  }
+  row_ = w_.codes + t * tile_bytes_ + 4 * r;
 }
 
 }  // namespace mlxc_native

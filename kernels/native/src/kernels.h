@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace mlxc_native {
 
@@ -64,6 +65,29 @@ const KernelSet* kernels_avx512();
 const KernelSet* kernels_avx512vnni();
 
 // Shared helpers (common.cpp, baseline flags).
+// One row at a time of a packed weight (kernels_x86.inc's layout: row n is lane n % 16 of tile n / 16), for the
+// scalar paths that need a row's values (the SIMD kernels read whole tiles): `load(n)` reads row n's scales and
+// biases as float, `code(k)` its code k. The buffers are reused from row to row.
+class PackedRowReader {
+ public:
+  explicit PackedRowReader(const QWeight& w);
+  void load(int64_t n);
+  int code(int k) const {
+    const int blk = k / 32, j = (k % 32) / 4, byte = k % 4;
+    if (w_.bits == 4) {
+      const uint8_t v = row_[blk * block_bytes_ + (j % 4) * 64 + byte];
+      return j < 4 ? v & 0x0F : v >> 4;
+    }
+    return row_[blk * block_bytes_ + j * 64 + byte];
+  }
+  std::vector<float> scale, bias;  // row n's, per group
+
+ private:
+  const QWeight& w_;
+  size_t block_bytes_, tile_bytes_, item_;
+  const uint8_t* row_ = nullptr;
+};
+
 float f16_to_float(uint16_t h);
 float bf16_to_float(uint16_t h);
 void to_float(const void* src, FloatType t, int64_t n, float* dst);

@@ -216,32 +216,17 @@ void embed_rows(const I* ids, size_t count, const QWeight& w, T* out) {
 // The same from packed weights (see kernels_x86.inc): row n is lane n % 16 of tile n / 16.
 template <typename I, typename T>
 void embed_rows_packed(const I* ids, size_t count, const QWeight& w, T* out) {
-  const int K = w.K, nb = K / 32, G = K / w.group_size;
-  const size_t block_bytes = w.bits == 4 ? 256 : 512, tile_bytes = nb * block_bytes;
-  std::vector<float> s(G), b(G);
-  const size_t item = w.scale_type == FloatType::f32 ? 4 : 2;
+  const int K = w.K;
+  PackedRowReader row(w);
   for (size_t i = 0; i < count; ++i) {
     int64_t n = static_cast<int64_t>(ids[i]);
     if (n < 0) n += w.N;
     n = std::min<int64_t>(std::max<int64_t>(n, 0), w.N - 1);
-    const int64_t t = n / 16, r = n % 16;
-    for (int g = 0; g < G; ++g) {  // scales and biases of group g sit at [t, g * 16 + r]
-      const size_t off = (static_cast<size_t>(t) * G * 16 + g * 16 + r) * item;
-      to_float(static_cast<const char*>(w.scales) + off, w.scale_type, 1, &s[g]);
-      to_float(static_cast<const char*>(w.biases) + off, w.scale_type, 1, &b[g]);
-    }
-    const uint8_t* c = w.codes + t * tile_bytes + 4 * r;
+    row.load(n);
     T* o = out + i * K;
     for (int k = 0; k < K; ++k) {
-      const int blk = k / 32, j = (k % 32) / 4, byte = k % 4;
-      int code;
-      if (w.bits == 4) {
-        const uint8_t v = c[blk * block_bytes + (j % 4) * 64 + byte];
-        code = j < 4 ? v & 0x0F : v >> 4;
-      } else {
-        code = c[blk * block_bytes + j * 64 + byte];
-      }
-      o[k] = static_cast<T>(s[k / w.group_size] * static_cast<float>(code) + b[k / w.group_size]);
+      const int g = k / w.group_size;
+      o[k] = static_cast<T>(row.scale[g] * static_cast<float>(row.code(k)) + row.bias[g]);
     }
   }
 }
