@@ -27,6 +27,7 @@ from mlxc.frontends.hf import detect_family, hf_config_from_spec, hf_to_ir_name,
 from mlxc.frontends.presets import PRESETS as ALL_PRESETS, match_hub_id  # noqa: E402
 from mlxc.frontends.spec import BlockKind, FFNType  # noqa: E402
 from mlxc.ir.errors import MlxcError  # noqa: E402
+from mamba_ref import mamba_dynamics, numpy_scan  # noqa: E402
 from parity import (check_artifact, check_fusion, check_greedy, check_logits, check_lora, check_quantize,  # noqa: E402
                     check_stepwise, hf_logits, ids, max_diff, randomize)
 
@@ -58,22 +59,6 @@ CASES = {
 _built: dict[str, tuple] = {}
 
 
-def _dynamics(model, seed: int) -> None:
-    """Mamba's own parametrization on top of `randomize`: A = -(1..N) with noise, dt over three decades."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                n = p.shape[-1]
-                p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p)
-                        + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("dt_proj.bias"):
-                dt = torch.exp(torch.empty(p.shape).uniform_(np.log(1e-3), np.log(2.0), generator=g))
-                p.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-            elif name.endswith(".D"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-
-
 def _case(name: str, tmp_path_factory):
     """One case's (transformers model, checkpoint path), built once per module."""
     if name not in _built:
@@ -82,7 +67,7 @@ def _case(name: str, tmp_path_factory):
         torch.manual_seed(len(name))
         model = cls(config_cls(**fields)).eval()
         randomize(model, len(name))
-        _dynamics(model, len(name))
+        mamba_dynamics(model, len(name), dt_max=2.0, d_noise=0.2)  # dt up to 2, D around 1
         model.save_pretrained(path, safe_serialization=True)
         _built[name] = model, path
     return _built[name]
@@ -198,22 +183,6 @@ def test_bfloat16_matches_transformers_in_bfloat16(name, tmp_path_factory):
 # ------------------------------------------------------------------------------------------ the selective scan
 
 
-def _numpy_scan(u, delta, A, B, C, D, dt_bias, z=None, h=None):
-    """The recurrence, one step at a time in float64 numpy (softplus as torch: linear above 20)."""
-    d = delta.astype(np.float64) + dt_bias
-    d = np.where(d > 20, d, np.log1p(np.exp(np.minimum(d, 20))))
-    b, T, dm = u.shape
-    h = np.zeros((b, dm, A.shape[1])) if h is None else h.astype(np.float64)
-    ys = []
-    for t in range(T):
-        h = np.exp(d[:, t, :, None] * A) * h + (d[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
-    y = np.stack(ys, axis=1)
-    if z is not None:
-        y = y * z / (1 + np.exp(-z))
-    return y, h
-
-
 def _scan_inputs(seed, b=2, T=45, dm=12, n=5, fast=False):
     """Random scan inputs; `fast`: dt up to ~40 and |A| up to ~50, cumulative decays far below float32's range
     within one chunk (what a cumulative-product form would overflow on; the recurrence does not care)."""
@@ -233,7 +202,7 @@ def test_chunked_scan_equals_the_sequential_scan(block, chunk, fast):
     u, delta, A, B, C, D, bias, z = args = _scan_inputs(block + chunk, fast=fast)
     h0 = np.random.default_rng(1).normal(size=(2, 12, 5)).astype(np.float32)
     for start in (None, h0):
-        want, want_h = _numpy_scan(u, delta, A, B, C, D, bias, z, start)
+        want, want_h = numpy_scan(u, delta, A, B, C, D, bias, z, start)
         m = [mx.array(v) for v in args]
         h = None if start is None else mx.array(start)
         y, s = ns["selective_scan_chunked"](*m[:7], m[7], h, block=block, chunk=chunk)
@@ -248,7 +217,7 @@ def test_scan_op_keeps_its_state_across_calls():
     and the state is the recurrence's final one; without a state nothing is kept."""
     ns = helper_namespace(["selective_scan", "state"])
     u, delta, A, B, C, D, bias, z = (mx.array(v) for v in _scan_inputs(7, T=30))
-    want, want_h = _numpy_scan(*(np.array(v) for v in (u, delta, A, B, C, D, bias, z)))
+    want, want_h = numpy_scan(*(np.array(v) for v in (u, delta, A, B, C, D, bias, z)))
     state = ns["ArrayState"]("ssm")
     part = lambda a, b: ns["selective_scan"](u[:, a:b], delta[:, a:b], A, B[:, a:b], C[:, a:b], D, bias,  # noqa
                                              z[:, a:b], state)

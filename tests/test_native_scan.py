@@ -10,30 +10,13 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
+from mamba_ref import numpy_scan
 
 from mlxc.codegen.module import helper_namespace
 from mlxc.kernels import native
 
 pytestmark = pytest.mark.skipif(not native.scan_available(),
                                 reason=f"the native selective scan is unavailable: {native.reason()}")
-
-
-def _numpy_scan(u, delta, A, B, C, D, dt_bias, z=None, h=None):
-    """The recurrence one step at a time in float64 (softplus as torch's, linear above 20)."""
-    u, delta, A, B, C, D, dt_bias = (np.asarray(v, np.float64) for v in (u, delta, A, B, C, D, dt_bias))
-    d = delta + dt_bias
-    d = np.where(d > 20, d, np.log1p(np.exp(np.minimum(d, 20))))
-    b, T, dm = u.shape
-    h = np.zeros((b, dm, A.shape[1])) if h is None else np.asarray(h, np.float64)
-    ys = []
-    for t in range(T):
-        h = np.exp(d[:, t, :, None] * A) * h + (d[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
-    y = np.stack(ys, axis=1)
-    if z is not None:
-        z = np.asarray(z, np.float64)
-        y = y * z / (1 + np.exp(-z))
-    return y, h
 
 
 def _inputs(seed, b, T, dm, n, fast=False):
@@ -72,7 +55,7 @@ def test_native_scan_equals_the_float64_recurrence(isa, b, T, dm, n, with_z, wit
     y, h = native.selective_scan(*(mx.array(v) for v in (u, delta, A, B, C, D, bias)),
                                  z=None if z is None else mx.array(z), h=None if h0 is None else mx.array(h0))
     assert y.dtype == mx.float32 and y.shape == (b, T, dm) and h.shape == (b, dm, n)
-    want_y, want_h = _numpy_scan(u, delta, A, B, C, D, bias, z, h0)
+    want_y, want_h = numpy_scan(u, delta, A, B, C, D, bias, z, h0)
     assert _rel(y, want_y) <= 1e-5 and _rel(h, want_h) <= 1e-5
 
 
@@ -81,7 +64,7 @@ def test_half_inputs_run_in_float32(dtype):
     """Half-precision inputs, float32 inside: the float64 recurrence on the same (rounded) inputs."""
     u, delta, A, B, C, D, bias, z, h0 = (mx.array(v).astype(dtype) for v in _inputs(5, 2, 29, 21, 16))
     y, h = native.selective_scan(u, delta, A, B, C, D, bias, z=z, h=h0)
-    want_y, want_h = _numpy_scan(*(np.array(v.astype(mx.float32)) for v in (u, delta, A, B, C, D, bias, z, h0)))
+    want_y, want_h = numpy_scan(*(np.array(v.astype(mx.float32)) for v in (u, delta, A, B, C, D, bias, z, h0)))
     assert _rel(y, want_y) <= 1e-5 and _rel(h, want_h) <= 1e-5
 
 
@@ -91,7 +74,7 @@ def test_strided_inputs():
     bc = mx.array(np.concatenate([B, C], axis=-1))
     y, h = native.selective_scan(mx.array(u), mx.array(delta).transpose(0, 1, 2), mx.array(A), bc[..., :8],
                                  bc[..., 8:], mx.array(D), mx.array(bias), z=mx.array(z))
-    want_y, want_h = _numpy_scan(u, delta, A, B, C, D, bias, z)
+    want_y, want_h = numpy_scan(u, delta, A, B, C, D, bias, z)
     assert _rel(y, want_y) <= 1e-5 and _rel(h, want_h) <= 1e-5
 
 
