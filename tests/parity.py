@@ -160,3 +160,44 @@ def check_artifact(path, tmp_path: Path, vocab: int) -> None:
     out = mlxc.compile(str(path), tmp_path / "artifact")
     loaded = mlxc.load(out)
     assert max_diff(np.array(loaded(tokens).logits), np.array(direct(tokens).logits)) <= 1e-6
+
+
+def meta_models(specs, config_for=None) -> dict[str, tuple[str, dict[str, tuple[int, ...]]]]:
+    """Each spec's transformers causal LM built on the meta device (no memory) from the config mlxc writes for it
+    (or `config_for(spec)`, a transformers config): {name: (class name, {parameter: shape})}, a tied head once.
+    A rope warning from transformers while building the config fails (it validates the rope block against the
+    context length, e.g. an original length beyond it)."""
+    import logging
+
+    import torch
+    import transformers
+
+    from mlxc.frontends.hf import hf_config_from_spec
+
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    log = logging.getLogger("transformers")
+    handler, level = Collect(logging.WARNING), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    models = {}
+    try:
+        for name, spec in specs.items():
+            warnings.clear()
+            if config_for is None:
+                data = hf_config_from_spec(spec)
+                config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+            else:
+                config = config_for(spec)
+            assert not [w for w in warnings if "rope" in w.lower()], (name, warnings)
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            models[name] = (type(model).__name__, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return models

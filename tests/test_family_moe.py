@@ -9,7 +9,6 @@ parameter counts of the presets' configs on the meta device.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 from math import prod
@@ -29,6 +28,7 @@ from mlxc.frontends.spec import FFNType  # noqa: E402
 from mlxc.ir.errors import MlxcError  # noqa: E402
 from mlxc.passes.quantize import Quantize  # noqa: E402
 from mlxc.passes.select_kernels import SelectKernels  # noqa: E402
+from parity import meta_models as build_meta_models  # noqa: E402
 from parity import (check_artifact, check_fusion, check_greedy, check_logits, check_lora, check_stepwise,  # noqa: E402
                     hf_logits, ids, max_diff, save_checkpoint)
 
@@ -532,29 +532,8 @@ def test_every_preset_has_a_published_size():
 
 @pytest.fixture(scope="module")
 def meta_models():
-    """Each preset's transformers model for the config mlxc writes, on the meta device: {name: {param: shape}}."""
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            warnings.append(record.getMessage())
-
-    log = logging.getLogger("transformers")
-    handler = Collect(logging.WARNING)
-    log.addHandler(handler)
-    models = {}
-    try:
-        for name, spec in PRESETS.items():
-            warnings.clear()
-            data = hf_config_from_spec(spec)
-            config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
-            assert not [w for w in warnings if "rope" in w.lower()], (name, warnings)
-            with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            models[name] = (type(model).__name__, {n: tuple(p.shape) for n, p in model.named_parameters()})
-    finally:
-        log.removeHandler(handler)
-    return models
+    """Each preset's transformers model for the config mlxc writes, on the meta device: {name: (class, shapes)}."""
+    return build_meta_models(PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -12,7 +12,6 @@ presets' configs counted on the meta device.
 from __future__ import annotations
 
 import json
-import logging
 from math import prod
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from mlxc.ir import parse_program, print_program  # noqa: E402
 from mlxc.ir.attrs import RopeKind  # noqa: E402
 from mlxc.ir.errors import MlxcError  # noqa: E402
 from mlxc.passes.checkpoint_layout import CheckpointLayout  # noqa: E402
+from parity import meta_models as build_meta_models  # noqa: E402
 from parity import (check_artifact, check_fusion, check_greedy, check_logits, check_lora, check_quantize,  # noqa: E402
                     check_stepwise, hf_logits, ids, max_diff, save_checkpoint)
 
@@ -555,29 +555,10 @@ def test_every_preset_has_a_published_size():
 @pytest.fixture(scope="module")
 def meta_models():
     """Each preset's transformers model for the config mlxc writes, on the meta device: {name: {param: shape}}."""
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            warnings.append(record.getMessage())
-
-    log = logging.getLogger("transformers")
-    handler = Collect(logging.WARNING)
-    log.addHandler(handler)
-    models = {}
-    try:
-        for name, spec in PRESETS.items():
-            warnings.clear()
-            data = hf_config_from_spec(spec)
-            config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
-            assert not [w for w in warnings if "rope" in w.lower()], (name, warnings)
-            with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            assert type(model).__name__ == data["architectures"][0]
-            models[name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    finally:
-        log.removeHandler(handler)
-    return models
+    models = build_meta_models(PRESETS)
+    for name, (cls, _) in models.items():
+        assert cls == hf_config_from_spec(PRESETS[name])["architectures"][0]
+    return {name: shapes for name, (_, shapes) in models.items()}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

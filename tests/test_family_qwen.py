@@ -9,7 +9,6 @@ by transformers, and parameter counts of the presets' configs on the meta device
 from __future__ import annotations
 
 import json
-import logging
 import re
 from math import prod
 from pathlib import Path
@@ -26,6 +25,7 @@ import mlxc  # noqa: E402
 from mlxc.frontends.hf import detect_architecture, hf_config_from_spec, hf_to_ir_name, spec_from_hf_config  # noqa: E402
 from mlxc.frontends.presets import PRESETS as ALL_PRESETS, preset_for_hub_id  # noqa: E402
 from mlxc.ir.errors import MlxcError  # noqa: E402
+from parity import meta_models as build_meta_models  # noqa: E402
 from parity import (check_artifact, check_fusion, check_greedy, check_logits, check_lora,  # noqa: E402
                     check_quantize, check_stepwise, hf_logits, ids, max_diff, save_checkpoint)
 
@@ -393,29 +393,10 @@ def test_every_preset_has_a_published_size():
 @pytest.fixture(scope="module")
 def meta_models():
     """Each preset's transformers model for the config mlxc writes, on the meta device: {name: {param: shape}}."""
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            warnings.append(record.getMessage())
-
-    log = logging.getLogger("transformers")
-    handler = Collect(logging.WARNING)
-    log.addHandler(handler)
-    models = {}
-    try:
-        for name, spec in PRESETS.items():
-            warnings.clear()
-            data = hf_config_from_spec(spec)
-            config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
-            assert not [w for w in warnings if "rope" in w.lower()], (name, warnings)
-            with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            assert type(model).__name__ == data["architectures"][0]
-            models[name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    finally:
-        log.removeHandler(handler)
-    return models
+    models = build_meta_models(PRESETS)
+    for name, (cls, _) in models.items():
+        assert cls == hf_config_from_spec(PRESETS[name])["architectures"][0]
+    return {name: shapes for name, (_, shapes) in models.items()}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -7,7 +7,6 @@ lowering of the preset declares. The published checkpoints' parameter counts are
 
 from __future__ import annotations
 
-import logging
 from math import prod
 
 import pytest
@@ -18,6 +17,7 @@ from mlxc.frontends.presets import PRESETS as ALL_PRESETS, get_preset
 from mlxc.frontends.spec import AttentionType, ModelSpec
 from mlxc.ir.attrs import RopeKind
 from mlxc.ir.errors import MlxcError
+from parity import meta_models as build_meta_models
 
 # The Llama-family presets (Llama, Mistral, SmolLM2, ...); other families test their presets in their own files.
 PRESETS = {name: spec for name, spec in ALL_PRESETS.items() if spec.family in ("llama", "mistral")}
@@ -75,32 +75,9 @@ def _hf_config(spec: ModelSpec):
 @pytest.fixture(scope="module")
 def transformers_models():
     """Each preset's transformers model, on the meta device: {name: {parameter name: shape}}."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            warnings.append(record.getMessage())
-
-    log = logging.getLogger("transformers")
-    handler, level = Collect(logging.WARNING), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING)
-    models = {}
-    try:
-        for name, spec in PRESETS.items():
-            warnings.clear()
-            config = _hf_config(spec)
-            # transformers validates the rope block against the context length (e.g. an original length beyond it)
-            assert not [w for w in warnings if "rope" in w.lower()], (name, warnings)
-            with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            models[name] = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head appears once
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-    return models
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return {name: shapes for name, (_, shapes) in build_meta_models(PRESETS, _hf_config).items()}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
