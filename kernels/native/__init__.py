@@ -180,6 +180,20 @@ def attention_decode(q: mx.array, k: mx.array, v: mx.array, *, scale: float, win
     return _need().attention_decode(q, k, v, scale=scale, window=window, stream=stream)
 
 
+def attention_qkv_decode(qkv: mx.array, k_cache: mx.array, v_cache: mx.array, freqs: mx.array, *, offset: int,
+                         q_heads: int, kv_heads: int, head_dim: int, rope_dims: int, traditional: bool, scale: float,
+                         window: int = 0, stream=None) -> tuple[mx.array, mx.array, mx.array]:
+    """A decode step's rope, KV-cache writes and attention as one op instead of ~13 (per-op overhead dominates)."""
+    return _need().attention_qkv_decode(
+        qkv, k_cache, v_cache, freqs, offset=offset, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+        rope_dims=rope_dims, traditional=traditional, scale=scale, window=window, stream=stream)
+
+
+def glu(x: mx.array, *, activation: str, stream=None) -> mx.array:
+    """`act(x[..., :n]) * x[..., n:]` (silu, gelu_tanh) as one op: not split, activation, multiply (fewer ops)."""
+    return _need().glu(x, activation=activation, stream=stream)
+
+
 def scan_available() -> bool:
     """Whether `selective_scan` can run here (the extension is built and has it)."""
     return _ext is not None and hasattr(_ext, "selective_scan")
@@ -245,4 +259,5 @@ def describe() -> str:
 
 
 __all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "rms_norm",
-           "rope", "attention_decode", "act_terms", "isa", "supported_isas", "set_isa", "threads", "set_threads", "describe"]
+           "rope", "attention_decode", "attention_qkv_decode", "glu", "act_terms", "isa", "supported_isas", "set_isa",
+           "threads", "set_threads", "describe"]

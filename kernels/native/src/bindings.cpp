@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -52,6 +53,13 @@ NB_MODULE(_mlxc_native, m) {
   m.def("attention_decode", &mlxc_native::attention_decode, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a,
         "window"_a = 0, "stream"_a = nb::none(),
         "softmax(scale * q @ k.T) @ v for one query per head over (the last `window` of) S keys; GQA by index.");
+  m.def("attention_qkv_decode", &mlxc_native::attention_qkv_decode, "qkv"_a, "k_cache"_a, "v_cache"_a, "freqs"_a,
+        nb::kw_only(), "offset"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "rope_dims"_a, "traditional"_a, "scale"_a,
+        "window"_a = 0, "stream"_a = nb::none(),
+        "One decode step from a fused QKV row: rope q and k, write k and v into the caches at offset, attend; "
+        "returns (out, k_cache, v_cache).");
+  m.def("glu", &mlxc_native::glu, "x"_a, nb::kw_only(), "activation"_a, "stream"_a = nb::none(),
+        "act(x[..., :n]) * x[..., n:] in float32 for activation 'silu' or 'gelu_tanh'; result in x's dtype.");
   m.def("selective_scan", &mlxc_native::selective_scan, "u"_a, "delta"_a, "A"_a, "B"_a, "C"_a, "D"_a, "dt_bias"_a,
         "z"_a = nb::none(), "h0"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
         "Mamba's selective scan in float32: (y [B, T, Dm], final state [B, Dm, N]).");

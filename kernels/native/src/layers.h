@@ -4,6 +4,8 @@
 #pragma once
 
 #include <optional>
+#include <string>
+#include <tuple>
 
 #include "mlx/array.h"
 #include "mlx/primitives.h"
@@ -28,6 +30,23 @@ mx::array rope(const mx::array& x, int dims, bool traditional, const mx::array& 
 // cache's views), Hq a multiple of Hkv (grouped-query heads by index); only the last `window` keys when window > 0.
 mx::array attention_decode(const mx::array& q, const mx::array& k, const mx::array& v, float scale, int window,
                            mx::StreamOrDevice s = {});
+
+// One decode step of attention from a fused QKV projection's output, in one primitive (it replaces the split,
+// reshapes, transposes, two ropes, two cache writes and the attention of the composed path): qkv [B, 1, (Hq + 2 Hkv)
+// D] holds the new token's query, key and value heads in that order; k_cache and v_cache [B, Hkv, C, D] hold
+// positions 0 .. offset - 1. Rotates q and k at position `offset` (as `rope` above, on the first rope_dims
+// features), writes k and v into the caches at `offset` and attends over positions start .. offset, start =
+// max(0, offset + 1 - window) when window > 0, else 0 (grouped-query heads by index). Returns (out [B, 1, Hq D],
+// k_cache', v_cache'); the caches are updated in place when MLX may donate their buffers, else copied first.
+// Decode only: no gradient.
+std::tuple<mx::array, mx::array, mx::array> attention_qkv_decode(
+    const mx::array& qkv, const mx::array& k_cache, const mx::array& v_cache, const mx::array& freqs, int offset,
+    int q_heads, int kv_heads, int head_dim, int rope_dims, bool traditional, float scale, int window = 0,
+    mx::StreamOrDevice s = {});
+
+// act(x[..., :n]) * x[..., n:] for x [..., 2n], in float32 with the result in x's dtype; activation "silu"
+// (nn.silu) or "gelu_tanh" (nn.gelu_approx). Its gradient is that of MLX's composition.
+mx::array glu(const mx::array& x, const std::string& activation, mx::StreamOrDevice s = {});
 
 class RMSNormPrim : public mx::UnaryPrimitive {
  public:
@@ -78,6 +97,43 @@ class AttentionDecodePrim : public mx::UnaryPrimitive {
  private:
   float scale_;
   int window_;
+};
+
+class AttentionQkvDecodePrim : public mx::Primitive {
+ public:
+  AttentionQkvDecodePrim(mx::Stream stream, int offset, int q_heads, int kv_heads, int head_dim, int rope_dims,
+                         bool traditional, float scale, int window)
+      : mx::Primitive(stream), offset_(offset), q_heads_(q_heads), kv_heads_(kv_heads), head_dim_(head_dim),
+        rope_dims_(rope_dims), traditional_(traditional), scale_(scale), window_(window) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "MlxcAttentionQkvDecode"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int offset_, q_heads_, kv_heads_, head_dim_, rope_dims_;
+  bool traditional_;
+  float scale_;
+  int window_;
+};
+
+class GluPrim : public mx::UnaryPrimitive {
+ public:
+  enum Activation { kSilu = 0, kGeluTanh = 1 };
+  GluPrim(mx::Stream stream, Activation act) : mx::UnaryPrimitive(stream), act_(act) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "MlxcGlu"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  Activation act_;
 };
 
 }  // namespace mlxc_native
