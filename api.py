@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from pydantic import ValidationError
 
 from .codegen import generate_module, import_module, write_module
@@ -362,13 +363,15 @@ def _load_tokenizer(directory: Path):
     return Tokenizer.from_dir(directory)
 
 
-def _instantiate(module, weights: list[tuple[str, mx.array]]):
+def _instantiate(module, weights: list[tuple[str, mx.array]], program: Program):
     net = module.Model()
     try:
         net.load_weights(weights, strict=True)
     except ValueError as e:
         raise MlxcError(f"generated module rejected the weights: {e}") from None
     mx.eval(net.parameters())
+    if any(o.op == "pack" for fn in program.functions for o in fn.derived):  # weights the native kernels stream
+        net.load_weights(W.in_huge_pages(tree_flatten(net.parameters())))
     net.eval()
     return net
 
@@ -551,7 +554,7 @@ def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | P
     path = write_module(b.code)
     module = import_module(path)
     t = time.perf_counter()
-    net = _instantiate(module, b.arrays("runtime"))
+    net = _instantiate(module, b.arrays("runtime"), b.program)
     _stage(progress, "weights bound", t)
     return CompiledModel(module, net, b.program, spec=b.front.spec, tokenizer=b.front.tokenizer,
                          source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path),
@@ -565,7 +568,6 @@ async def load_async(src, dtype: str | None = None, adapter=None, **kwargs) -> C
 
 def save_adapter(model: CompiledModel, path: str | Path) -> Path:
     """The model's LoRA adapters (unmerged) as a PEFT folder that transformers + peft load."""
-    from mlx.utils import tree_flatten
 
     from .frontends.peft import save_peft_adapter
 
@@ -604,7 +606,7 @@ def load_artifact(path: Path, progress: Progress = None, dtype: str | None = Non
         module_path = write_module(generate_module(program, title=f"{path}: converted to {_float_dtype(dtype).value}."))
     module = import_module(module_path)
     params = W.stage_parameters(program, "stored")
-    net = _instantiate(module, W.bind(program, W.from_storage(params, stored), "stored", "runtime"))
+    net = _instantiate(module, W.bind(program, W.from_storage(params, stored), "stored", "runtime"), program)
     _stage(progress, f"loaded artifact {path}", t)
     try:
         spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None

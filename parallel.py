@@ -86,7 +86,7 @@ def load_parallel(src, parallel: str, dtype: str | None = None, *, passes=None, 
         loading, title=f"{front.spec.name}: rank {state.rank} of {state.size} ({parallel} parallel), compiled by "
                        f"mlxc from {front.description}."), os.environ.get(distributed.JOB_DIR))
     module = api.import_module(module_path)
-    net = api._instantiate(module, W.bind(loading, tensors))
+    net = api._instantiate(module, W.bind(loading, tensors), loading)
     api._stage(progress, f"rank {state.rank}: weights bound", t)
     return distributed.DistributedModel(module, net, loading, spec=front.spec, tokenizer=front.tokenizer,
                                         source=str(src if not isinstance(src, ModelSpec) else src.name),

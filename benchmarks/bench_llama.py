@@ -1,4 +1,5 @@
-"""Prefill and decode tokens/s for a 1024-hidden, 8-layer Llama: mlxc with the fast BLAS on and off, and mlx-lm.
+"""Prefill and decode tokens/s for a 1024-hidden, 8-layer Llama: mlxc with the fast BLAS on and off, mlx-lm, and
+transformers in fp32 (torch's CPU kernels), when installed.
 
 Every configuration runs in its own process (the BLAS is chosen before MLX loads), on the same random-weight
 Hugging Face checkpoint, with the same measurement: best of N rounds after a warm-up, greedy decode with a KV cache.
@@ -74,7 +75,36 @@ def time_rounds(forward, make_cache, vocab: int, prompt_len: int, gen_len: int, 
     return prompt_len / best_p, gen_len / best_d
 
 
+def time_torch_rounds(model, vocab: int, prompt_len: int, gen_len: int, repeats: int):
+    """time_rounds' loop for a transformers model (same ids), its own KV cache."""
+    import numpy as np
+    import torch
+
+    ids = torch.tensor(np.random.default_rng(1).integers(0, vocab, size=(1, prompt_len)))
+    best_p = best_d = float("inf")
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            tok, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+            t1 = time.perf_counter()
+            for _ in range(gen_len):
+                out = model(tok, past_key_values=past, use_cache=True)
+                tok, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+            t2 = time.perf_counter()
+            if r:
+                best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+    return prompt_len / best_p, gen_len / best_d
+
+
 def worker(impl: str, ckpt: str, prompt_len: int, gen_len: int, repeats: int) -> dict:
+    if impl == "transformers fp32":
+        import torch
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        prefill, decode = time_torch_rounds(model, CONFIG["vocab_size"], prompt_len, gen_len, repeats)
+        return {"impl": impl, "blas": f"torch {torch.__version__}", "prefill": prefill, "decode": decode}
     if impl == "mlxc":
         import mlxc
         from mlxc.blas import active_blas
@@ -106,18 +136,16 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args.prompt_len, args.gen_len, args.repeats)))
         return
 
-    try:
-        import mlx_lm  # noqa: F401
+    import importlib.util
 
-        impls = ["mlxc", "mlx-lm"]
-    except ImportError:
-        impls = ["mlxc"]
+    impls = ["mlxc"] + ["mlx-lm"] * bool(importlib.util.find_spec("mlx_lm"))
+    torch_too = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "llama-1024x8"
         make_checkpoint(ckpt)
         for blas in ("auto", "off"):
-            for impl in impls:
+            for impl in impls + ["transformers fp32"] * (torch_too and blas == "auto"):
                 print(f"· {impl} with MLXC_BLAS={blas} ...", file=sys.stderr, flush=True)
                 env = {**os.environ, "MLXC_BLAS": blas}
                 out = subprocess.run(

@@ -33,9 +33,13 @@ def add_parser(p) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object (--compare)")
     p.add_argument("--html", metavar="FILE", help="write the comparison's bar charts as one self-contained page")
     p.add_argument("--plot", metavar="FILE", help="write the bar charts as a .png or .svg figure")
+    p.add_argument("--profile", nargs="?", const="decode", choices=("decode", "prefill"),
+                   help="break one decode step (or the prompt's step) into its ops by kind, with their times")
 
 
 def run(args) -> int:
+    if args.compare is not None and args.profile:
+        raise MlxcError("--profile breaks one model's step into ops; --compare times variants: choose one")
     if args.compare is not None:
         return _compare(args)
     wants = [flag for flag, v in (("--json", args.json), ("--html", args.html), ("--plot", args.plot)) if v]
@@ -49,7 +53,12 @@ def run(args) -> int:
         from ..tools.bench_compare import EMULATED_REFUSED
 
         raise MlxcError(EMULATED_REFUSED)
+    if args.profile and (args.batch != 1 or args.repeats is not None or getattr(args, "ranks", None)):
+        raise MlxcError("--profile times one sequence's steps in this process: it takes no --batch, --repeats or "
+                        "--ranks")
     model = load(args.src, **build_options(args), **trust_option(args), progress=progress)
+    if args.profile:
+        return _profile(model, args)
     result = bench_model(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                          repeats=args.repeats or 3, progress=progress)
     split = f", {model.ranks} ranks, {model.parallel} parallel" if getattr(model, "ranks", 1) > 1 else ""
@@ -61,6 +70,23 @@ def run(args) -> int:
         t.add_row(phase, str(tokens), f"{tps:,.1f}", f"{1e3 / tps:.2f}")
     consoles.out.print(t)
     _ranks(model)
+    return 0
+
+
+def _profile(model, args) -> int:
+    from ..runtime.profile import profile_decode
+
+    prefill = args.profile == "prefill"
+    p = profile_decode(model, prompt_len=args.prompt_len, steps=args.gen_len, prefill=prefill)
+    what = f"the {p.prompt_tokens}-token prompt's step" if prefill else f"one decode step after {p.prompt_tokens} tokens"
+    t = Table(title=f"{args.src}: {what}, by op kind (mean of {p.steps} steps)")
+    for c in ("op kind", "calls", "ms", "ms without checkpoints", "share"):
+        t.add_column(c, justify="left" if c == "op kind" else "right")
+    for kind, calls, ms in p.rows:
+        t.add_row(kind, str(calls), f"{ms:.3f}", f"{p.net_ms(calls, ms):.3f}", f"{ms / p.profiled_ms:.0%}")
+    consoles.out.print(t)
+    note(f"a plain step takes {p.step_ms:.2f} ms; profiled, with an evaluation after every op "
+         f"({p.checkpoint_us:.1f} us each by itself), {p.profiled_ms:.2f} ms: compare the shares, not the sums")
     return 0
 
 

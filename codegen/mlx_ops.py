@@ -191,6 +191,17 @@ def _attention_native(a, k, t):
     return f"native_attention({_attention_args(a, k)})"
 
 
+@implements("glu", helpers=("native",), kernel=Kernel.NATIVE)
+def _glu_native(a, k, t):
+    return f"native_glu({a[0]}, {k['activation']!r}, {_ACTIVATIONS[k['activation']]})"
+
+
+@implements("qkv_attention", helpers=("rope", "attention", "native"), constant=lambda attrs: _rope_table(attrs),
+            kernel=Kernel.NATIVE)
+def _qkv_attention_native(a, k, t):
+    return f"native_qkv_attention({_qkv_attention_args(a, k)})"
+
+
 # ---------------------------------------------------------------------------------------------- normalization
 
 
@@ -322,6 +333,23 @@ def _attention_args(a, k) -> str:
 def _attention(a, k, t):
     alibi = "" if k.get("alibi") is None else f", alibi={tuple(k['alibi'])!r}"  # custom kernels take no alibi
     return f"attention({_attention_args(a, k)}{alibi})"
+
+
+def _qkv_attention_args(a, k) -> str:
+    heads = f"heads={k['heads']}, kv_heads={k['kv_heads']}, head_dim={k['head_dim']}"
+    return f"{_list(a)}, {heads}, scale={k['scale']!r}" + "".join(
+        f", {name}={k[name]!r}" for name in ("window", "softcap") if k[name] is not None)
+
+
+@implements("qkv_attention", helpers=("rope", "attention"), constant=_rope_table)
+def _qkv_attention(a, k, t):
+    return f"qkv_attention({_qkv_attention_args(a, k)})"
+
+
+@implements("glu")
+def _glu(a, k, t):
+    n = t[0].shape[-1] // 2
+    return f"{_ACTIVATIONS[k['activation']]}({a[0]}[..., :{n}]) * {a[0]}[..., {n}:]"
 
 
 @implements("learned_positions", helpers=("positions",))

@@ -26,6 +26,7 @@ class OpGroup(str, enum.Enum):
     SHAPE = "shape"  # reshape/transpose/split/concat: no arithmetic
     POSITION = "position"  # rotary embeddings at explicit positions
     ATTENTION = "attention"  # reads and extends the call's KV cache
+    FUSED = "fused"  # one kernel for what several ops of the other groups spell out (made by fusion passes)
     SCAN = "scan"  # recurrences over time that carry a state between calls (RNN cells, selective scans)
     CALL = "call"
     COLLECTIVE = "collective"  # communication between ranks (`mx.distributed`): a tensor- or pipeline-parallel share

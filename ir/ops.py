@@ -357,6 +357,51 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, scale: float, window
     return q.with_shape(q.shape[:3] + (v.shape[3],))
 
 
+# ---------------------------------------------------------------- fused ops (made by passes/fuse.py)
+# Each equals a short sequence of the ops above, written once as its reference fragment in codegen/mlx_ops.py; they
+# exist so that a target with a kernel for the whole sequence (the native CPU kernels) runs one op instead of many.
+
+
+@op("glu", OpGroup.FUSED, ("x",), (AttrDef("activation", str), KERNEL))
+def _glu(x: TensorType, activation: str, kernel: Kernel):
+    """A gated linear unit over the last axis: act(x[..., :n]) * x[..., n:] for x [..., 2n], the gated MLP after
+    fuse-gate-up (SwiGLU with silu, GeGLU with gelu_tanh)."""
+    require(activation in ACTIVATIONS, f"glu activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    require(x.rank >= 1 and isinstance(x.shape[-1], int) and x.shape[-1] % 2 == 0,
+            f"glu needs an even, static last axis, got {x}")
+    return x.with_shape(x.shape[:-1] + (x.shape[-1] // 2,))
+
+
+@op(
+    "qkv_attention",
+    OpGroup.FUSED,
+    ("qkv", "offset"),
+    (AttrDef("heads", int), AttrDef("kv_heads", int), AttrDef("head_dim", int), AttrDef("scale", float),
+     AttrDef("window", int, None, optional=True), AttrDef("softcap", float, None, optional=True),
+     AttrDef("dims", int), AttrDef("base", float), AttrDef("scaling", RopeScaling, RopeScaling()),
+     AttrDef("traditional", bool, False), KERNEL),
+    state=lambda attrs, *types: (State(StateKind.KV, attrs["window"]),),
+)
+def _qkv_attention(qkv: TensorType, offset: TensorType, heads: int, kv_heads: int, head_dim: int, scale: float,
+                   window: int | None, softcap: float | None, dims: int, base: float, scaling: RopeScaling,
+                   traditional: bool, kernel: Kernel):
+    """Self-attention from a fused QKV projection's output qkv [B, T, (heads + 2 kv_heads) head_dim]: the query,
+    key and value heads split off (in that order), queries and keys rotated as `rope` with these attributes does at
+    `offset`, `attention` with `scale`, `window` and `softcap` over the KV state, and the heads merged back into
+    [B, T, heads head_dim]. One op for the dozen a decode step otherwise runs between two projections."""
+    require(qkv.rank == 3, f"qkv_attention expects [B, T, features], got {qkv}")
+    require(offset.rank == 0 and not offset.dtype.is_float, f"qkv_attention offset must be an integer scalar, got {offset}")
+    require(heads > 0 and kv_heads > 0 and heads % kv_heads == 0,
+            f"{heads} query heads are not a positive multiple of {kv_heads} kv heads")
+    require(qkv.shape[2] == (heads + 2 * kv_heads) * head_dim,
+            f"qkv {qkv} does not hold {heads} query and 2 x {kv_heads} key/value heads of {head_dim}")
+    require(0 < dims <= head_dim and dims % 2 == 0, f"rope dims {dims} invalid for head_dim {head_dim}")
+    require(scaling.kind not in (RopeKind.LONGROPE,), "qkv_attention does not take LongRoPE (its rope op does)")
+    require(window is None or window > 0, f"window must be positive, got {window}")
+    require(softcap is None or softcap > 0, f"softcap must be positive, got {softcap}")
+    return qkv.with_shape(qkv.shape[:2] + (heads * head_dim,))
+
+
 # ---------------------------------------------------------------- state-space and recurrent building blocks
 
 

@@ -21,7 +21,7 @@ from .checkpoint_layout import CheckpointLayout
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold_shapes import FoldShapes
-from .fuse import FuseGateUp, FuseQKV
+from .fuse import FuseAttention, FuseGateUp, FuseGLU, FuseQKV
 from .lift import LiftParams
 from .lora import LoRA, LoRAConfig, MergeLoRA
 from .quantize import Quantize, StorageTypes
@@ -29,7 +29,7 @@ from .select_kernels import SelectKernels
 
 PASSES: dict[str, type[Pass]] = {
     p.name: p
-    for p in (DeadCodeElimination, FuseQKV, FuseGateUp, LiftParams, CommonSubexpressionElimination, FoldShapes,
+    for p in (DeadCodeElimination, FuseQKV, FuseGateUp, FuseGLU, FuseAttention, LiftParams, CommonSubexpressionElimination, FoldShapes,
               SelectKernels, Quantize, StorageTypes, LoRA, MergeLoRA)
 }
 

@@ -61,7 +61,9 @@ class Rewriter:
         self.fn.outputs = [new if v is old else v for v in self.fn.outputs]
 
     def erase(self, op: Operation) -> None:
+        """Remove `op` (its results must have no readers left); their names become free again."""
         (self.fn.derived if op in self.fn.derived else self.fn.ops).remove(op)
+        self.names.difference_update(r.name for r in op.results)
 
     def users(self, v: Value) -> list[Operation]:
         return [o for o in self.fn.all_ops() if any(x is v for x in o.operands)]

@@ -6,7 +6,8 @@ target offers (`kernels`: what `mlxc.load(kernels=...)` resolved to, after check
 applies it op by op, with the weight layout each kernel needs:
 
 - `native` (the CPU with mlxc's C++ extension): matmuls and lookups on 4- and 8-bit weights keep them quantized
-  and run the native kernels. Each quantized weight a matmul reads is repacked once at load (`pack`: 16 rows side by
+  and run the native kernels, and so do rms_norm, rope, attention and the fused ops that replace a gated MLP's
+  glue and an attention block's head split, rotation and merge (passes/fuse.py: `glu`, `qkv_attention`). Each quantized weight a matmul reads is repacked once at load (`pack`: 16 rows side by
   side, ~2x fewer instructions per weight for one activation row); a tied embedding's lookups read the same packed
   copy. Anything the kernels do not take (other widths, the experts of a `moe`) is handled as on the reference path.
 - `metal` / `cuda` (an Apple GPU / MLX's CUDA back-end) and `emulated` (any machine, for tests): `attention`,
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from ..ir import Function, Kernel, Operation, Program, Value
 from ..ir.errors import MlxcError
 from .base import Pass, PassReport
+from .fuse import AttentionFromQKV, GatedUnit
 from .quantize import derived_name, weight_uses
+from .rewrite import apply_patterns
 
 # The ops whose implementation select-kernels chooses, and the operand position of their weight.
 CHOOSABLE = {"linear": 1, "embed": 1}
@@ -76,6 +79,9 @@ class SelectKernels(Pass):
                 report.changes["dequantized at load"] += self._dequantize(fn, rest)
         if report.changes["native"]:
             report.changes["native (norm, rope, attention)"] = _native_layers(program)
+            # the kernels also take the glue between projections whole: a third of the ops per decode step
+            fusions = [GatedUnit(Kernel.NATIVE), AttentionFromQKV()]
+            report.changes["fused (glu, qkv_attention)"] = apply_patterns(program, fusions)
         return program, report
 
     def _families(self) -> tuple[Kernel, Kernel]:

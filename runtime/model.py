@@ -202,7 +202,7 @@ class CompiledModel:
         table = any(o.op == "learned_positions" for fn in self.program.functions for o in fn.ops)
         bounded = getattr(cache, "max_kv_size", None) is not None and not table
         if ctx is None or bounded or isinstance(max_new_tokens, bool) \
-                or not isinstance(max_new_tokens, int) or not any(o.op in ("rope", "attention") for fn in
+                or not isinstance(max_new_tokens, int) or not any(o.op in ("rope", "attention", "qkv_attention") for fn in
                                                                   self.program.functions for o in fn.ops):
             return max_new_tokens
         held = int(getattr(cache, "offset", 0))

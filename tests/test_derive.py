@@ -76,7 +76,7 @@ TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
           "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "rope", "clip",
           "exp", "rms_norm_gated", "pack", "slice", "embed_range",
-          "learned_positions", "sinusoidal_positions"}
+          "learned_positions", "sinusoidal_positions", "glu"}
 
 
 def needs_op(name: str):
@@ -321,6 +321,16 @@ def test_activations():
     np.testing.assert_array_equal(out["r"], np.maximum(x, 0))
     # exact and tanh GELU really differ here, so each is checked against its own formula
     assert np.abs(out["g"] - out["gt"]).max() > 1e-4
+
+
+def test_glu():
+    x = _rand(3, 10, scale=3)
+    out = derive({"x": ("f32[3, 10]", x)}, '%s = glu(%x) {activation = "silu"} : f32[3, 5]',
+                 '%g = glu(%x) {activation = "gelu_tanh"} : f32[3, 5]', '%r = glu(%x) {activation = "relu"} : f32[3, 5]')
+    a, b = x[:, :5].astype(np.float64), x[:, 5:].astype(np.float64)
+    _close(out["s"], a / (1 + np.exp(-a)) * b)
+    _close(out["g"], 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3))) * b, rtol=1e-5, atol=1e-5)
+    _close(out["r"], np.maximum(a, 0) * b)
 
 
 def test_scale_add_mul_with_broadcasting():
