@@ -365,13 +365,13 @@ def _load_tokenizer(directory: Path):
 
 def _instantiate(module, weights: list[tuple[str, mx.array]], program: Program):
     net = module.Model()
+    if any(o.op == "pack" for fn in program.functions for o in fn.derived):  # weights the native kernels stream
+        weights = W.in_huge_pages(weights)
     try:
         net.load_weights(weights, strict=True)
     except ValueError as e:
         raise MlxcError(f"generated module rejected the weights: {e}") from None
     mx.eval(net.parameters())
-    if any(o.op == "pack" for fn in program.functions for o in fn.derived):  # weights the native kernels stream
-        net.load_weights(W.in_huge_pages(tree_flatten(net.parameters())))
     net.eval()
     return net
 

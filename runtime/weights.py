@@ -243,8 +243,9 @@ _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux's madvise advice values
 
 
 def in_huge_pages(arrays: list[tuple[str, mx.array]]) -> list[tuple[str, mx.array]]:
-    """The arrays copied into one buffer that Linux backs with 2 MiB pages (transparent huge pages), returned as
-    views of it; elsewhere, or where the kernel declines, the arrays as they are.
+    """The arrays (evaluated here, one at a time) copied into one buffer that Linux backs with 2 MiB pages
+    (transparent huge pages) and returned as views of it; elsewhere, or where the kernel declines, as they are.
+    The given list is emptied as it is copied, so that each original can go as soon as its copy is made.
 
     A decode step streams every weight once per token. Spread over 4 KiB pages, SmolLM2-135M's 98 MB are ~24k TLB
     misses per token, and the hardware prefetcher stops at every page boundary; one huge-page buffer avoids both
@@ -254,27 +255,31 @@ def in_huge_pages(arrays: list[tuple[str, mx.array]]) -> list[tuple[str, mx.arra
 
     if sys.platform != "linux" or not arrays:
         return arrays
-    pieces, offsets, at = [], [], 0
-    for _, a in arrays:
-        flat = a.reshape(-1).view(mx.uint8)
-        pad = -flat.size % 64  # every view starts on a cache line
-        pieces += [flat] + ([mx.zeros((pad,), mx.uint8)] if pad else [])
-        offsets.append(at)
-        at += flat.size + pad
-    arena = mx.concatenate(pieces)
+    offsets, copies, first, at = [], [], {}, 0  # an array bound under two names (tied weights) is copied once
+    for i, (_, a) in enumerate(arrays):
+        j = first.setdefault(id(a), i)
+        copies.append(j == i)
+        offsets.append(at if j == i else offsets[j])
+        at += -(-a.nbytes // 64) * 64 if j == i else 0  # every view starts on a cache line
+    arena = mx.zeros((at,), mx.uint8)
     mx.eval(arena)
-    start = np.frombuffer(memoryview(arena), dtype=np.uint8).ctypes.data
-    lo, hi = -(-start // _HUGE_PAGE) * _HUGE_PAGE, (start + arena.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if hi <= lo:
-        return arrays
+    dst = np.frombuffer(memoryview(arena), dtype=np.uint8)  # writable: MLX's buffer, before any reader sees it
+    start = dst.ctypes.data
+    lo, hi = -(-start // _HUGE_PAGE) * _HUGE_PAGE, (start + at) // _HUGE_PAGE * _HUGE_PAGE
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        size = ctypes.c_size_t(hi - lo)
-        if libc.madvise(ctypes.c_void_p(lo), size, _MADV_HUGEPAGE) != 0:
-            return arrays  # no transparent huge pages here
+        size = ctypes.c_size_t(max(hi - lo, 0))
+        if hi <= lo or libc.madvise(ctypes.c_void_p(lo), size, _MADV_HUGEPAGE) != 0:
+            return arrays  # too small, or no transparent huge pages here
         libc.madvise(ctypes.c_void_p(lo), size, _MADV_COLLAPSE)  # now (Linux >= 6.1), else khugepaged does it later
     except (OSError, AttributeError):
         return arrays
-    views = [(name, arena[o : o + a.nbytes].view(a.dtype).reshape(a.shape)) for (name, a), o in zip(arrays, offsets)]
+    views = []
+    for o, copy in zip(offsets, copies):
+        name, a = arrays.pop(0)
+        if copy and a.nbytes:
+            dst[o : o + a.nbytes] = np.frombuffer(memoryview(a.reshape(-1).view(mx.uint8)), dtype=np.uint8)
+        views.append((name, arena[o : o + a.nbytes].view(a.dtype).reshape(a.shape)))
+        del a
     mx.eval([v for _, v in views])
     return views

@@ -342,3 +342,25 @@ def test_smollm2_native_decodes_what_the_reference_decodes(smol_native, smol_ref
     ours, want = _greedy(smol_native, ids, 32), _greedy(ref, ids, 32)
     assert ours == want, (tok.decode(ours), tok.decode(want))
     assert "Paris" in tok.decode(ours)
+
+
+def test_weights_in_huge_pages_keep_their_values_and_ties():
+    """The load-time copy of streamed weights into one huge-page buffer (runtime.weights.in_huge_pages): every
+    array's values, dtype and shape survive, a tied array is stored once, and the list handed in is consumed."""
+    from mlxc.runtime.weights import in_huge_pages
+
+    rng = np.random.default_rng(0)
+    tied = mx.array(rng.integers(0, 255, size=(3000, 700)), dtype=mx.uint8)
+    given = [("a", mx.array(rng.standard_normal((3, 5)), dtype=mx.float32)), ("tied", tied),
+             ("b", mx.array(rng.standard_normal((7,)), dtype=mx.bfloat16)), ("empty", mx.zeros((0, 4))),
+             ("c", mx.array(rng.integers(0, 2**31, size=(2, 9)), dtype=mx.uint32)), ("tied_again", tied),
+             ("d", mx.array(rng.standard_normal((4, 4)), dtype=mx.float16).T)]
+    want = [(n, np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a), a.dtype) for n, a in given]
+    out = in_huge_pages(list(given))
+    assert [n for n, _ in out] == [n for n, _, _ in want]
+    for (n, a), (_, ref, dtype) in zip(out, want):
+        assert a.dtype == dtype and a.shape == ref.shape, n
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32) if dtype == mx.bfloat16 else a), ref)
+    consumed = list(given)
+    in_huge_pages(consumed)
+    assert consumed in ([], given)  # emptied when copied, untouched where huge pages are unavailable

@@ -89,7 +89,7 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
         int8_t* qb = q + m * K + b * 32;
         int32_t qsum = 0;
         for (int j = 0; j < 32; ++j) {
-          qb[j] = static_cast<int8_t>(std::nearbyint(blk[j] * id));
+          qb[j] = static_cast<int8_t>(round_even(blk[j] * id));
           qsum += qb[j];
         }
         gs[b * 32 / group_size] += dd * static_cast<float>(qsum);

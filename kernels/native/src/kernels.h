@@ -102,6 +102,10 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
 // nothing inline from a header but intrinsics, so the linker cannot pick an AVX-512 copy of shared code.
 void row_scales(const QWeight& w, int64_t n, float* sbuf, float* bbuf, const float** s, const float** b);
 
+// Round to nearest, ties to even (std::nearbyint in the default rounding mode) for |v| < 2^22, as two float adds: on
+// the baseline ISA nearbyint is a libm call per element, this vectorizes. Internal linkage: each unit its own copy.
+static inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
 // Tuning knobs, read at each call (set from Python for experiments: _mlxc_native.set_tuning).
 struct Tuning {
   int parallel_min_work = 1 << 20;  // multiply-adds below which a call stays on one thread (MLXC_NATIVE_PAR_MIN)

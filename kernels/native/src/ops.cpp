@@ -103,7 +103,7 @@ void residual_rows(const float* x, int64_t M, int K, float* out) {
       const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
       for (int j = 0; j < 32; ++j) {
         const float v = xr[b * 32 + j];
-        r[b * 32 + j] = v - dd * std::nearbyint(v * id);
+        r[b * 32 + j] = v - dd * round_even(v * id);
       }
     }
   }
