@@ -23,7 +23,7 @@ from .codegen import generate_module, import_module, write_module
 from .frontends.hf import Detection
 from .frontends.lower import lower
 from .frontends.spec import ModelSpec
-from .ir import DType, Program, Quant
+from .ir import DType, Kernel, Program, Quant
 from .ir.errors import MlxcError
 from .ir.layout import LayoutRule
 from .passes import LoRAConfig, build_pipeline, describe, run_pipeline
@@ -365,8 +365,8 @@ def _load_tokenizer(directory: Path):
 
 def _instantiate(module, weights: list[tuple[str, mx.array]], program: Program):
     net = module.Model()
-    if any(o.op == "pack" for fn in program.functions for o in fn.derived):  # weights the native kernels stream
-        weights = W.in_huge_pages(weights)
+    if any(o.op == "linear" and o.attrs["kernel"] == Kernel.NATIVE for fn in program.functions for o in fn.ops):
+        weights = W.in_huge_pages(weights)  # weights the native kernels stream, once per decoded token
     try:
         net.load_weights(weights, strict=True)
     except ValueError as e:

@@ -157,7 +157,7 @@ def _embed_native(a, k, t):
 def _linear_native(a, k, t):
     q = t[1].quant
     if q is None:
-        return _linear(a, k, t)
+        return f"native_linear({_list(a)})"
     bias = f" + {a[2]}" if len(a) > 2 else ""
     codes, scales, biases, kw = _qargs(a[1], q)
     packed = f"_packed({a[0]}, {codes}, {scales}, {biases}, n={t[1].shape[0]}," if q.packed else \

@@ -185,10 +185,13 @@ class AttentionFromQKV:
         if len(merged) != 1 or merged[0].op != "reshape" or not _sole_use(rw, merge_t.result, merged[0]) \
                 or merged[0].result.type.shape != split.operands[0].type.shape[:2] + (hq * dq,):
             return False
-        at, merged = rw.fn.ops.index(split), merged[0]
+        at, merged, offset = rw.fn.ops.index(split), merged[0], rq.operands[1]
+        source = _producer(rw, offset)
+        if source is not None and rw.fn.ops.index(source) > at:
+            return False  # the offset is computed after the split: the fused op cannot take the split's place
         for o in [merged, merge_t, op, rq, rk, *chain, split]:
             rw.erase(o)
-        out = rw.insert_at(at, "qkv_attention", split.operands[0], rq.operands[1], heads=hq, kv_heads=hk,
+        out = rw.insert_at(at, "qkv_attention", split.operands[0], offset, heads=hq, kv_heads=hk,
                            head_dim=dq, scale=op.attrs["scale"], window=op.attrs["window"],
                            softcap=op.attrs["softcap"], kernel=op.attrs["kernel"], name=op.result.name,
                            **{a: rq.attrs[a] for a in rope_attrs})

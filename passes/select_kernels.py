@@ -6,10 +6,12 @@ target offers (`kernels`: what `mlxc.load(kernels=...)` resolved to, after check
 applies it op by op, with the weight layout each kernel needs:
 
 - `native` (the CPU with mlxc's C++ extension): matmuls and lookups on 4- and 8-bit weights keep them quantized
-  and run the native kernels, and so do rms_norm, rope, attention and the fused ops that replace a gated MLP's
-  glue and an attention block's head split, rotation and merge (passes/fuse.py: `glu`, `qkv_attention`). Each quantized weight a matmul reads is repacked once at load (`pack`: 16 rows side by
-  side, ~2x fewer instructions per weight for one activation row); a tied embedding's lookups read the same packed
-  copy. Anything the kernels do not take (other widths, the experts of a `moe`) is handled as on the reference path.
+  and run the native kernels; matmuls on float weights run the native matrix-vector kernel for a few rows (decode)
+  and BLAS for more; and rms_norm, rope, attention and the fused ops that replace a gated MLP's glue and an
+  attention block's head split, rotation and merge (passes/fuse.py: `glu`, `qkv_attention`) run natively too.
+  Each quantized weight a matmul reads is repacked once at load (`pack`: 16 rows side by side, ~2x fewer
+  instructions per weight for one activation row); a tied embedding's lookups read the same packed copy. Anything
+  the kernels do not take (other widths, the experts of a `moe`) is handled as on the reference path.
 - `metal` / `cuda` (an Apple GPU / MLX's CUDA back-end) and `emulated` (any machine, for tests): `attention`,
   `selective_scan` and `ssd` run mlxc's custom kernels (kernels/metal: the Metal kernel, its CUDA twin, or the Metal
   source in the kernel emulator); matmuls keep their own choice ("native+emulated" on a CPU with the extension).
@@ -77,7 +79,7 @@ class SelectKernels(Pass):
                 chosen = {id(o) for o, _ in native}
                 rest = [(o, w) for o, w in weight_uses(fn) if id(o) not in chosen]
                 report.changes["dequantized at load"] += self._dequantize(fn, rest)
-        if report.changes["native"]:
+        if kernel == Kernel.NATIVE:  # whatever the weights: MLX's CPU backend composes these from many small ops
             report.changes["native (norm, rope, attention)"] = _native_layers(program)
             # the kernels also take the glue between projections whole: a third of the ops per decode step
             fusions = [GatedUnit(Kernel.NATIVE), AttentionFromQKV()]
@@ -107,7 +109,9 @@ class SelectKernels(Pass):
     @staticmethod
     def _native_fits(o: Operation, w: Value) -> bool:
         q = w.type.quant
-        return (o.op in CHOOSABLE and q is not None and q.bits in NATIVE_BITS and q.group_size in NATIVE_GROUPS
+        if q is None:  # float weights: matmuls only (a lookup reads one row; MLX's indexing is all it needs)
+            return o.op == "linear" and w.type.rank == 2
+        return (o.op in CHOOSABLE and q.bits in NATIVE_BITS and q.group_size in NATIVE_GROUPS
                 and w.type.rank == 2 and isinstance(w.type.shape[1], int) and w.type.shape[1] <= NATIVE_MAX_K)
 
     @staticmethod
@@ -117,7 +121,7 @@ class SelectKernels(Pass):
         packed = 0
         for w in dict.fromkeys(w for o, w in native if o.op == "linear"):
             q = w.type.quant
-            if q.packed or q.scale_dtype(w.type.dtype).value not in ("f32", "f16"):
+            if q is None or q.packed or q.scale_dtype(w.type.dtype).value not in ("f32", "f16"):
                 continue
             p = Operation("pack", [w], {}, [Value(derived_name(fn, w.name, "p"), w.type.with_quant(
                 q.with_layout(packed=True)))])

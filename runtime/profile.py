@@ -21,6 +21,7 @@ import numpy as np
 KINDS: tuple[tuple[str, str], ...] = (
     (r"^qlinear_packed\(", "linear: native, packed"),
     (r"^qlinear\(", "linear: native"),
+    (r"^native_linear\(", "linear: native (decode) / BLAS (prefill)"),
     (r"^qembed(_packed)?\(", "embed: native"),
     (r"^native_rms_norm\(", "rms_norm: native"),
     (r"^native_rope\(", "rope: native"),
