@@ -161,6 +161,11 @@ def qembed(ids: mx.array, codes: mx.array, scales: mx.array, biases: mx.array, *
     return _need().qembed(ids, codes, scales, biases, bits=bits, group_size=group_size, dtype=dtype, stream=stream)
 
 
+def linear(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, *, stream=None) -> mx.array:
+    """`x @ w.T (+ bias)`, w [N, K] float: a decode step reads each weight once; MLX's CPU matmul uses sgemm."""
+    return _need().linear(x, w, bias, stream=stream)
+
+
 def rms_norm(x: mx.array, w: mx.array, eps: float, *, stream=None) -> mx.array:
     """`mx.fast.rms_norm(x, w, eps)` as one primitive (float32 inside; the result in x's dtype)."""
     return _need().rms_norm(x, w, eps, stream=stream)
@@ -258,6 +263,6 @@ def describe() -> str:
     return f"native kernels: active, kernels=auto runs them on the CPU ({_ext.isa()}, {_ext.threads()} threads, {passes})"
 
 
-__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "rms_norm",
-           "rope", "attention_decode", "attention_qkv_decode", "glu", "act_terms", "isa", "supported_isas", "set_isa",
-           "threads", "set_threads", "describe"]
+__all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "linear",
+           "rms_norm", "rope", "attention_decode", "attention_qkv_decode", "glu", "act_terms", "isa", "supported_isas",
+           "set_isa", "threads", "set_threads", "describe"]

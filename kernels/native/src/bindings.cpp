@@ -7,6 +7,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "dispatch.h"
+#include "gemv.h"
 #include "kernels.h"
 #include "layers.h"
 #include "mlx/version.h"
@@ -38,6 +39,8 @@ NB_MODULE(_mlxc_native, m) {
   m.def("qembed_packed", &mlxc_native::qembed_packed, "ids"_a, "pcodes"_a, "pscales"_a, "pbiases"_a, nb::kw_only(),
         "bits"_a, "group_size"_a, "n"_a, "dtype"_a = nb::none(), "stream"_a = nb::none(),
         "Rows ids of a packed W, dequantized.");
+  m.def("linear", &mlxc_native::linear, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
+        "x @ w.T (+ bias) for float w [N, K], streaming each weight row once (few rows of x: a decode step).");
   m.def("rms_norm", &mlxc_native::rms_norm, "x"_a, "w"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x^2) + eps) * w over the last axis, in float32 (mx.fast.rms_norm).");
   m.def(
