@@ -185,6 +185,13 @@ def attention_decode(q: mx.array, k: mx.array, v: mx.array, *, scale: float, win
     return _need().attention_decode(q, k, v, scale=scale, window=window, stream=stream)
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, window: int = 0, stream=None) -> mx.array:
+    """Causal `mx.fast.scaled_dot_product_attention` for q [B, Hq, T, D] at the last T of the S positions of k, v
+    [B, Hkv, S, D] (any strides; grouped-query heads by index), each query over its last `window` keys when
+    window > 0; T == 1 runs `attention_decode`'s kernel. Float32 softmax; differentiable (MLX's composition)."""
+    return _need().attention(q, k, v, scale=scale, window=window, stream=stream)
+
+
 def attention_qkv_decode(qkv: mx.array, k_cache: mx.array, v_cache: mx.array, freqs: mx.array, *, offset: int,
                          q_heads: int, kv_heads: int, head_dim: int, rope_dims: int, traditional: bool, scale: float,
                          window: int = 0, stream=None) -> tuple[mx.array, mx.array, mx.array]:
@@ -264,5 +271,5 @@ def describe() -> str:
 
 
 __all__ = ["available", "reason", "qmatmul", "qembed", "pack", "unpack", "qmatmul_packed", "qembed_packed", "linear",
-           "rms_norm", "rope", "attention_decode", "attention_qkv_decode", "glu", "act_terms", "isa", "supported_isas",
-           "set_isa", "threads", "set_threads", "describe"]
+           "rms_norm", "rope", "attention", "attention_decode", "attention_qkv_decode", "glu", "act_terms", "isa",
+           "supported_isas", "set_isa", "threads", "set_threads", "describe"]

@@ -56,6 +56,9 @@ NB_MODULE(_mlxc_native, m) {
   m.def("attention_decode", &mlxc_native::attention_decode, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a,
         "window"_a = 0, "stream"_a = nb::none(),
         "softmax(scale * q @ k.T) @ v for one query per head over (the last `window` of) S keys; GQA by index.");
+  m.def("attention", &mlxc_native::attention, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "window"_a = 0,
+        "stream"_a = nb::none(),
+        "Causal softmax(scale * q @ k.T) @ v for T queries at the last T of S key positions; GQA by index.");
   m.def("attention_qkv_decode", &mlxc_native::attention_qkv_decode, "qkv"_a, "k_cache"_a, "v_cache"_a, "freqs"_a,
         nb::kw_only(), "offset"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "rope_dims"_a, "traditional"_a, "scale"_a,
         "window"_a = 0, "stream"_a = nb::none(),

@@ -549,6 +549,102 @@ void attention_run(const mx::array& q, const mx::array& k, const mx::array& v, f
     for (int64_t i = 0; i < heads; ++i) head(i);
 }
 
+// Causal attention for T > 1 queries (a prompt). Work items are (batch, kv head, block of qb queries): the item's
+// rep * qb query rows (every query head that shares the kv head) go through the vectorized helpers together, so the
+// block's keys and values are read once for all of them. Every row is scored against the block's key range (that of
+// its last query, from its first query's window start); each row's softmax covers its own keys only and the rest of
+// its row is zeroed, which wastes at most qb - 1 keys per row on the diagonal (and at the window's start).
+template <typename T>
+void prefill_run(const mx::array& q, const mx::array& k, const mx::array& v, float scale, int window,
+                 mx::array& out) {
+  const int B = q.shape(0), Hq = q.shape(1), Tq = q.shape(2), D = q.shape(3), Hkv = k.shape(1), S = k.shape(2),
+            Dv = v.shape(3);
+  if (B == 0 || Tq == 0 || Hq == 0) return;
+  const int rep = Hq / Hkv, past = S - Tq;
+  const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
+  const T *qp = q.data<T>(), *kp = k.data<T>(), *vp = v.data<T>();
+  T* op = out.data<T>();
+  const VecOps& vo = vec_ops();
+
+  // ~32 rows per item: enough rows to amortize each key row's loads, few enough that the queries and a block of
+  // keys stay in L1 and the diagonal's waste stays small.
+  int qb = std::max(1, std::min(Tq, (32 + rep - 1) / rep));
+  const int64_t avg_keys = window > 0 ? std::min<int64_t>(window, past + (Tq + 1) / 2) : past + (Tq + 1) / 2;
+  const int threads = get_threads();
+  const bool parallel =
+      threads > 1 && static_cast<int64_t>(B) * Hq * Tq * avg_keys * (D + Dv) >= tuning().parallel_min_work;
+  if (parallel)  // enough items that the threads finish together (3 kv heads of 128 queries: 36 items)
+    while (qb > 4 && static_cast<int64_t>(B) * Hkv * ((Tq + qb - 1) / qb) < 8 * threads) qb = (qb + 1) / 2;
+  const int nb = (Tq + qb - 1) / qb;
+  const int64_t items = static_cast<int64_t>(B) * Hkv * nb;
+  const bool k_direct = std::is_same_v<T, float> && ks[3] == 1, v_direct = std::is_same_v<T, float> && vs[3] == 1;
+
+  auto item = [&](int64_t it) {
+    const int blk = nb - 1 - static_cast<int>(it % nb);  // the longest blocks (latest queries) first
+    const int g = static_cast<int>(it / nb), b = g / Hkv, kh = g % Hkv;
+    const int t0 = blk * qb, nt = std::min(qb, Tq - t0), rows = rep * nt;
+    const int hi = past + t0 + nt, lo = window > 0 ? std::max(0, past + t0 + 1 - window) : 0, L = hi - lo;
+    thread_local std::vector<float> qf, kbuf, vbuf, sc, ob, nrm;
+    qf.resize(static_cast<size_t>(rows) * D);
+    for (int r = 0; r < rep; ++r)
+      for (int t = 0; t < nt; ++t) {  // row r * nt + t: head kh * rep + r, query t0 + t
+        const T* src = qp + b * qs[0] + (kh * rep + r) * qs[1] + (t0 + t) * qs[2];
+        float* dst = qf.data() + static_cast<int64_t>(r * nt + t) * D;
+        for (int d = 0; d < D; ++d) dst[d] = to_f(static_cast<T>(to_f(src[d * qs[3]]) * scale));  // q * scale, as MLX
+      }
+    const T* kb = kp + b * ks[0] + kh * ks[1] + lo * ks[2];
+    const T* vb = vp + b * vs[0] + kh * vs[1] + lo * vs[2];
+    const float *kf, *vf;
+    int64_t kst, vst;
+    if (k_direct) {
+      kf = reinterpret_cast<const float*>(kb), kst = ks[2];
+    } else {
+      kbuf.resize(static_cast<size_t>(L) * D);
+      for (int j = 0; j < L; ++j)
+        for (int d = 0; d < D; ++d) kbuf[static_cast<int64_t>(j) * D + d] = to_f(kb[j * ks[2] + d * ks[3]]);
+      kf = kbuf.data(), kst = D;
+    }
+    if (v_direct) {
+      vf = reinterpret_cast<const float*>(vb), vst = vs[2];
+    } else {
+      vbuf.resize(static_cast<size_t>(L) * Dv);
+      for (int j = 0; j < L; ++j)
+        for (int d = 0; d < Dv; ++d) vbuf[static_cast<int64_t>(j) * Dv + d] = to_f(vb[j * vs[2] + d * vs[3]]);
+      vf = vbuf.data(), vst = Dv;
+    }
+    sc.resize(static_cast<size_t>(rows) * L);
+    vo.qk_scores(qf.data(), rows, D, kf, kst, L, sc.data(), L);
+    nrm.resize(rows);
+    for (int r = 0; r < rep; ++r)
+      for (int t = 0; t < nt; ++t) {
+        const int row = r * nt + t, pos = past + t0 + t;
+        const int a = (window > 0 ? std::max(0, pos + 1 - window) : 0) - lo, e = pos + 1 - lo;  // its keys [a, e)
+        float* s = sc.data() + static_cast<int64_t>(row) * L;
+        float m;
+        nrm[row] = 1.0f / vo.softmax_numerators(s + a, e - a, &m);
+        std::fill(s, s + a, 0.f);
+        std::fill(s + e, s + L, 0.f);
+        if constexpr (!std::is_same_v<T, float>) {  // probabilities in the dtype, as attention_run's
+          for (int j = a; j < e; ++j) s[j] = to_f(static_cast<T>(s[j] * nrm[row]));
+          nrm[row] = 1.f;
+        }  // float32 scales the sums instead (the same up to rounding, L times fewer products)
+      }
+    ob.resize(static_cast<size_t>(rows) * Dv);
+    vo.pv_accumulate(sc.data(), L, rows, L, vf, vst, Dv, ob.data());
+    for (int r = 0; r < rep; ++r)
+      for (int t = 0; t < nt; ++t) {
+        const int row = r * nt + t;
+        const float* o = ob.data() + static_cast<int64_t>(row) * Dv;
+        T* dst = op + ((static_cast<int64_t>(b) * Hq + kh * rep + r) * Tq + t0 + t) * Dv;
+        for (int d = 0; d < Dv; ++d) dst[d] = static_cast<T>(o[d] * nrm[row]);
+      }
+  };
+  if (parallel && items > 1)
+    parallel_for(items, threads, item);
+  else
+    for (int64_t i = 0; i < items; ++i) item(i);
+}
+
 // ------------------------------------------------------------------------------------------------ fused decode step
 
 struct QkvDecodeArgs {
@@ -974,6 +1070,82 @@ std::vector<mx::array> AttentionDecodePrim::vjp(const std::vector<mx::array>& pr
 
 bool AttentionDecodePrim::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const AttentionDecodePrim&>(other);
+  return scale_ == o.scale_ && window_ == o.window_;
+}
+
+// --------------------------------------------------------------------------------------------------- attention, T >= 1
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, int window,
+                    mx::StreamOrDevice s) {
+  const char* op = "mlxc.attention";
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
+    fail(op, "q must be [B, Hq, T, D] and k, v [B, Hkv, S, D] arrays");
+  if (!is_float(q.dtype()) || k.dtype() != q.dtype() || v.dtype() != q.dtype())
+    fail(op, "q, k and v must share one dtype: float32, float16 or bfloat16");
+  if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) || k.shape(1) != v.shape(1) || k.shape(2) != v.shape(2))
+    fail(op, "k and v must be [B, Hkv, S, D] like each other and q's batch");
+  if (k.shape(3) != q.shape(3)) fail(op, "q and k head dims differ");
+  if (k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0) fail(op, "query heads must be a multiple of key heads");
+  if (k.shape(2) < q.shape(2) || k.shape(2) == 0)
+    fail(op, "S = " + std::to_string(k.shape(2)) + " keys, fewer than T = " + std::to_string(q.shape(2)) +
+                 " queries (the keys must include the queries' own positions, last)");
+  if (window < 0) fail(op, "window must be 0 (all positions) or positive");
+  mx::Shape shape = q.shape();
+  shape[3] = v.shape(3);
+  return mx::array(std::move(shape), q.dtype(), std::make_shared<AttentionPrim>(cpu_stream(s), scale, window),
+                   {q, k, v});
+}
+
+void AttentionPrim::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  prepare_output(out, inputs, stream());
+  mx::cpu::get_command_encoder(stream()).dispatch(
+      [q = mx::array::unsafe_weak_copy(inputs[0]), k = mx::array::unsafe_weak_copy(inputs[1]),
+       v = mx::array::unsafe_weak_copy(inputs[2]), out = mx::array::unsafe_weak_copy(out), scale = scale_,
+       window = window_]() mutable {
+        auto run = [&](auto tag) {
+          using T = decltype(tag);
+          if (q.shape(2) == 1) attention_run<T>(q, k, v, scale, window, out);  // decode: attention_decode's kernel
+          else prefill_run<T>(q, k, v, scale, window, out);
+        };
+        if (q.dtype() == mx::float32) run(float{});
+        else if (q.dtype() == mx::float16) run(mx::float16_t{});
+        else run(mx::bfloat16_t{});
+      });
+}
+
+void AttentionPrim::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[MlxcAttention] has no GPU implementation");
+}
+
+std::vector<mx::Shape> AttentionPrim::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape shape = inputs[0].shape();
+  shape[3] = inputs[2].shape(3);
+  return {shape};
+}
+
+std::vector<mx::array> AttentionPrim::vjp(const std::vector<mx::array>& primals,
+                                          const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
+                                          const std::vector<mx::array>&) {
+  const float scale = scale_;
+  const int window = window_;
+  const mx::Stream st = stream();
+  return reference_vjp([=](const std::vector<mx::array>& in) {
+    const int T = in[0].shape(2), S = in[1].shape(2);
+    if (window > 0 && window < S) {  // a window shorter than the keys: MLX's boolean mask 0 <= pos - j < window
+      const mx::array d = mx::subtract(mx::expand_dims(mx::arange(S - T, S, mx::int32, st), 1, st),
+                                       mx::expand_dims(mx::arange(0, S, mx::int32, st), 0, st), st);
+      const mx::array mask = mx::logical_and(mx::greater_equal(d, mx::array(0), st),
+                                             mx::less(d, mx::array(window), st), st);
+      return std::vector<mx::array>{
+          mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "array", mask, {}, false, st)};
+    }
+    return std::vector<mx::array>{
+        mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "causal", {}, {}, false, st)};
+  }, primals, cotangents, argnums);
+}
+
+bool AttentionPrim::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const AttentionPrim&>(other);
   return scale_ == o.scale_ && window_ == o.window_;
 }
 

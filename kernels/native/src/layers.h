@@ -31,6 +31,14 @@ mx::array rope(const mx::array& x, int dims, bool traditional, const mx::array& 
 mx::array attention_decode(const mx::array& q, const mx::array& k, const mx::array& v, float scale, int window,
                            mx::StreamOrDevice s = {});
 
+// Causal softmax(scale * q @ k.T) @ v for T >= 1 queries per head (a prompt, or a decode step): q [B, Hq, T, D], k and
+// v [B, Hkv, S, D] with S >= T (any strides: a KV cache's views), the queries at positions S - T .. S - 1; query t
+// sees keys j <= S - T + t, and only those with S - T + t - j < window when window > 0. Grouped-query heads by index.
+// T == 1 runs attention_decode's kernel. Its gradient is that of mx.fast.scaled_dot_product_attention's with the
+// same mask.
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, int window = 0,
+                    mx::StreamOrDevice s = {});
+
 // One decode step of attention from a fused QKV projection's output, in one primitive (it replaces the split,
 // reshapes, transposes, two ropes, two cache writes and the attention of the composed path): qkv [B, 1, (Hq + 2 Hkv)
 // D] holds the new token's query, key and value heads in that order; k_cache and v_cache [B, Hkv, C, D] hold
@@ -92,6 +100,23 @@ class AttentionDecodePrim : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   const char* name() const override { return "MlxcAttentionDecode"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
+  int window_;
+};
+
+class AttentionPrim : public mx::UnaryPrimitive {
+ public:
+  AttentionPrim(mx::Stream stream, float scale, int window)
+      : mx::UnaryPrimitive(stream), scale_(scale), window_(window) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "MlxcAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
