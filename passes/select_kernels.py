@@ -6,9 +6,10 @@ target offers (`kernels`: what `mlxc.load(kernels=...)` resolved to, after check
 applies it op by op, with the weight layout each kernel needs:
 
 - `native` (the CPU with mlxc's C++ extension): matmuls and lookups on 4- and 8-bit weights keep them quantized
-  and run the native kernels; matmuls on float weights run the native matrix-vector kernel for a few rows (decode)
-  and BLAS for more; and rms_norm, rope, attention and the fused ops that replace a gated MLP's glue and an
-  attention block's head split, rotation and merge (passes/fuse.py: `glu`, `qkv_attention`) run natively too.
+  and run the native kernels; matmuls on float32 weights run the native matrix-vector kernel for a few rows
+  (decode) and BLAS for more (half-precision float models keep MLX's ops). With either, rms_norm, rope,
+  attention and the fused ops that replace a gated MLP's glue and an attention block's head split, rotation and
+  merge (passes/fuse.py: `glu`, `qkv_attention`) run natively too.
   Each quantized weight a matmul reads is repacked once at load (`pack`: 16 rows side by side, ~2x fewer
   instructions per weight for one activation row); a tied embedding's lookups read the same packed copy. Anything
   the kernels do not take (other widths, the experts of a `moe`) is handled as on the reference path.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import Function, Kernel, Operation, Program, Value
+from ..ir import DType, Function, Kernel, Operation, Program, Value
 from ..ir.errors import MlxcError
 from .base import Pass, PassReport
 from .fuse import AttentionFromQKV, GatedUnit
@@ -79,7 +80,7 @@ class SelectKernels(Pass):
                 chosen = {id(o) for o, _ in native}
                 rest = [(o, w) for o, w in weight_uses(fn) if id(o) not in chosen]
                 report.changes["dequantized at load"] += self._dequantize(fn, rest)
-        if kernel == Kernel.NATIVE:  # whatever the weights: MLX's CPU backend composes these from many small ops
+        if report.changes["native"]:  # MLX's CPU backend composes these from many small ops
             report.changes["native (norm, rope, attention)"] = _native_layers(program)
             # the kernels also take the glue between projections whole: a third of the ops per decode step
             fusions = [GatedUnit(Kernel.NATIVE), AttentionFromQKV()]
@@ -109,8 +110,9 @@ class SelectKernels(Pass):
     @staticmethod
     def _native_fits(o: Operation, w: Value) -> bool:
         q = w.type.quant
-        if q is None:  # float weights: matmuls only (a lookup reads one row; MLX's indexing is all it needs)
-            return o.op == "linear" and w.type.rank == 2
+        if q is None:  # float32 weights: matmuls only (a lookup reads one row; MLX's indexing is all it needs);
+            # half-precision models keep MLX's ops, whose roundings are transformers'
+            return o.op == "linear" and w.type.rank == 2 and w.type.dtype == DType.F32
         return (o.op in CHOOSABLE and q.bits in NATIVE_BITS and q.group_size in NATIVE_GROUPS
                 and w.type.rank == 2 and isinstance(w.type.shape[1], int) and w.type.shape[1] <= NATIVE_MAX_K)
 

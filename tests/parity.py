@@ -104,7 +104,7 @@ def check_stepwise(model, vocab: int, seq: int = SEQ, chunks=(5, 4)) -> None:
 
 
 def check_fusion(path, vocab: int, fused_names=("qkv_proj",)) -> None:
-    fused = mlxc.load(str(path))
+    fused = mlxc.load(str(path), kernels="reference")  # the rewrites alone: `dce` below chooses no kernels either
     unfused = mlxc.load(str(path), passes=["dce"])
     for name in fused_names:
         assert name in str(fused.program), f"the default pipeline did not fuse {name}"
