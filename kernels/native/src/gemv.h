@@ -27,9 +27,9 @@ struct GemvArgs {
   int64_t M, N, K;
 };
 
-// Rows [n0, n1) of y for all M rows of x; n0 a multiple of kGemvRowAlign (or the range's start).
+// Columns [n0, n1) of y (rows n0 .. n1 - 1 of W) for all M rows of x.
 using GemvFn = void (*)(const GemvArgs& a, int64_t n0, int64_t n1);
-constexpr int64_t kGemvRowAlign = 8;  // chunks of the parallel split start on whole row groups
+constexpr int64_t kGemvRowAlign = 8;  // the parallel split's chunks are whole multiples of 8 rows of W
 
 namespace scalar { void gemv_rows(const GemvArgs& a, int64_t n0, int64_t n1); }
 #if MLXC_HAVE_X86
