@@ -250,17 +250,36 @@ def in_huge_pages(arrays: list[tuple[str, mx.array]]) -> list[tuple[str, mx.arra
     A decode step streams every weight once per token. Spread over 4 KiB pages, SmolLM2-135M's 98 MB are ~24k TLB
     misses per token, and the hardware prefetcher stops at every page boundary; one huge-page buffer avoids both
     (its tied 28 MB LM head alone went from 1.7 to 1.1 ms per token here)."""
-    import ctypes
     import sys
 
     if sys.platform != "linux" or not arrays:
         return arrays
+    out, group, size = [], [], 0
+    while arrays:  # buffers of at most _ARENA_BYTES each: MLX's dimensions are 32-bit
+        nbytes = arrays[0][1].nbytes
+        if group and size + nbytes > _ARENA_BYTES:
+            out += _huge_page_buffer(group)
+            group, size = [], 0
+        group.append(arrays.pop(0))
+        size += nbytes
+    return out + _huge_page_buffer(group)
+
+
+_ARENA_BYTES = 1 << 30
+
+
+def _huge_page_buffer(arrays: list[tuple[str, mx.array]]) -> list[tuple[str, mx.array]]:
+    """in_huge_pages for arrays that fit one buffer (at most _ARENA_BYTES, or one larger array)."""
+    import ctypes
+
     offsets, copies, first, at = [], [], {}, 0  # an array bound under two names (tied weights) is copied once
     for i, (_, a) in enumerate(arrays):
         j = first.setdefault(id(a), i)
         copies.append(j == i)
         offsets.append(at if j == i else offsets[j])
         at += -(-a.nbytes // 64) * 64 if j == i else 0  # every view starts on a cache line
+    if at >= 1 << 31:  # one array past MLX's 32-bit dimensions stays where it is
+        return arrays
     arena = mx.zeros((at,), mx.uint8)
     mx.eval(arena)
     dst = np.frombuffer(memoryview(arena), dtype=np.uint8)  # writable: MLX's buffer, before any reader sees it

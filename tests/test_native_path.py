@@ -350,11 +350,14 @@ def test_smollm2_native_decodes_what_the_reference_decodes(smol_native, smol_ref
     assert "Paris" in tok.decode(ours)
 
 
-def test_weights_in_huge_pages_keep_their_values_and_ties():
+@pytest.mark.parametrize("buffer_bytes", [1 << 30, 4096])  # one buffer; a buffer per few arrays
+def test_weights_in_huge_pages_keep_their_values_and_ties(monkeypatch, buffer_bytes):
     """The load-time copy of streamed weights into one huge-page buffer (runtime.weights.in_huge_pages): every
     array's values, dtype and shape survive, a tied array is stored once, and the list handed in is consumed."""
+    from mlxc.runtime import weights
     from mlxc.runtime.weights import in_huge_pages
 
+    monkeypatch.setattr(weights, "_ARENA_BYTES", buffer_bytes)
     rng = np.random.default_rng(0)
     tied = mx.array(rng.integers(0, 255, size=(3000, 700)), dtype=mx.uint8)
     given = [("a", mx.array(rng.standard_normal((3, 5)), dtype=mx.float32)), ("tied", tied),
