@@ -172,7 +172,7 @@ def main() -> None:
             t.add_column(h, justify="left" if h in ("implementation", "BLAS") else "right")
         for row in table:
             t.add_row(*row)
-        Console().print(t)
+        Console(width=200).print(t)
     except ImportError:
         print(title)
         for row in (header, *table):
