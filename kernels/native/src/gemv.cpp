@@ -15,6 +15,7 @@
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
 #include "parallel.h"
+#include "prim.h"
 
 // The portable kernel: the same source with the compiler's default flags.
 #define MLXC_GEMV_NS scalar
@@ -26,24 +27,8 @@ namespace {
 
 constexpr const char* kOp = "mlxc.linear";
 
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(std::string("[") + kOp + "] " + what); }
-
-bool is_float(mx::Dtype t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
-}
-
 std::string dtype_str(mx::Dtype t) {
   return t == mx::float32 ? "float32" : t == mx::float16 ? "float16" : t == mx::bfloat16 ? "bfloat16" : "non-float";
-}
-
-FloatType float_type(mx::Dtype t) {
-  return t == mx::float32 ? FloatType::f32 : t == mx::float16 ? FloatType::f16 : FloatType::bf16;
 }
 
 // The kernel of the instruction set the other kernels run (set_isa / MLXC_NATIVE_ISA choose it for tests too).
@@ -152,22 +137,21 @@ std::vector<mx::array> reference(const std::vector<mx::array>& in, mx::Stream st
 }  // namespace
 
 mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias, mx::StreamOrDevice s) {
-  if (w.ndim() != 2) fail("w must be a 2-D [N, K] array, got shape " + shape_str(w.shape()));
-  if (!is_float(w.dtype())) fail("w must be float32, float16 or bfloat16, got " + dtype_str(w.dtype()));
+  if (w.ndim() != 2) fail(kOp, "w must be a 2-D [N, K] array, got shape " + shape_str(w.shape()));
+  if (!is_float(w.dtype())) fail(kOp, "w must be float32, float16 or bfloat16, got " + dtype_str(w.dtype()));
   const int N = w.shape(0), K = w.shape(1);
   if (x.ndim() < 1 || x.shape(-1) != K)
-    fail("x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K) + " to multiply w of shape " +
+    fail(kOp, "x " + shape_str(x.shape()) + " must end in K = " + std::to_string(K) + " to multiply w of shape " +
          shape_str(w.shape()));
   if (x.dtype() != w.dtype())
-    fail("x (" + dtype_str(x.dtype()) + ") and w (" + dtype_str(w.dtype()) + ") must have the same dtype");
+    fail(kOp, "x (" + dtype_str(x.dtype()) + ") and w (" + dtype_str(w.dtype()) + ") must have the same dtype");
   if (bias) {
     if (bias->ndim() != 1 || bias->shape(0) != N)
-      fail("bias must have shape (" + std::to_string(N) + ",) (w's rows), got " + shape_str(bias->shape()));
+      fail(kOp, "bias must have shape (" + std::to_string(N) + ",) (w's rows), got " + shape_str(bias->shape()));
     if (bias->dtype() != w.dtype())
-      fail("bias (" + dtype_str(bias->dtype()) + ") must have w's dtype (" + dtype_str(w.dtype()) + ")");
+      fail(kOp, "bias (" + dtype_str(bias->dtype()) + ") must have w's dtype (" + dtype_str(w.dtype()) + ")");
   }
-  const mx::Stream st = mx::to_stream(s, mx::Device::cpu);
-  if (st.device != mx::Device::cpu) throw std::invalid_argument("mlxc native kernels run on the CPU only");
+  const mx::Stream st = cpu_stream(s);
   mx::Shape shape = x.shape();
   shape.back() = N;
   std::vector<mx::array> inputs{x, w};
@@ -176,13 +160,10 @@ mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx:
 }
 
 void LinearPrim::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  for (const auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
+  prepare_output(out, inputs, stream());
   std::vector<mx::array> in;
   for (const auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
-  enc.dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out)]() mutable {
+  mx::cpu::get_command_encoder(stream()).dispatch([in = std::move(in), out = mx::array::unsafe_weak_copy(out)]() mutable {
     run_linear(in[0], in[1], in.size() > 2 ? &in[2] : nullptr, out);
   });
 }
@@ -200,10 +181,8 @@ std::vector<mx::Shape> LinearPrim::output_shapes(const std::vector<mx::array>& i
 std::vector<mx::array> LinearPrim::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                        const std::vector<int>& argnums, const std::vector<mx::array>&) {
   const mx::Stream st = stream();
-  auto [_, grads] = mx::vjp([st](const std::vector<mx::array>& in) { return reference(in, st); }, primals, cotangents);
-  std::vector<mx::array> out;
-  for (int a : argnums) out.push_back(grads[a]);
-  return out;
+  return reference_vjp([st](const std::vector<mx::array>& in) { return reference(in, st); }, primals, cotangents,
+                       argnums);
 }
 
 }  // namespace mlxc_native

@@ -18,21 +18,10 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "parallel.h"
+#include "prim.h"
 
 namespace mlxc_native {
 namespace {
-
-[[noreturn]] void fail(const char* op, const std::string& what) {
-  throw std::invalid_argument(std::string("[") + op + "] " + what);
-}
-
-bool is_float(mx::Dtype t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream st = mx::to_stream(s, mx::Device::cpu);
-  if (st.device != mx::Device::cpu) throw std::invalid_argument("mlxc native kernels run on the CPU only");
-  return st;
-}
 
 // Calls f with a pointer of the array's element type (float32, float16 or bfloat16).
 template <typename F>
@@ -47,23 +36,6 @@ void with_float_type(const mx::array& a, F&& f) {
 
 template <typename T>
 float to_f(T v) { return static_cast<float>(v); }
-
-// The primitives' gradients: MLX's own ops on the same inputs (the reference), differentiated by MLX.
-std::vector<mx::array> reference_vjp(const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& f,
-                                     const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-                                     const std::vector<int>& argnums) {
-  auto [_, grads] = mx::vjp(f, primals, cotangents);
-  std::vector<mx::array> out;
-  for (int a : argnums) out.push_back(grads[a]);
-  return out;
-}
-
-void prepare_output(mx::array& out, const std::vector<mx::array>& inputs, mx::Stream stream) {
-  auto& enc = mx::cpu::get_command_encoder(stream);
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  for (const auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
-}
 
 // ------------------------------------------------------------------------------------------------ float32 vectors
 // layers.cpp is compiled for baseline x86-64, so its hot float32 loops are compiled three times here, for AVX-512,

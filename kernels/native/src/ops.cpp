@@ -14,29 +14,10 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "parallel.h"
+#include "prim.h"
 
 namespace mlxc_native {
 namespace {
-
-FloatType float_type(mx::Dtype t) {
-  if (t == mx::float32) return FloatType::f32;
-  if (t == mx::float16) return FloatType::f16;
-  return FloatType::bf16;
-}
-
-bool is_float(mx::Dtype t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
-
-[[noreturn]] void fail(const char* op, const std::string& what) {
-  throw std::invalid_argument(std::string("[") + op + "] " + what);
-}
-
-std::string shape_str(const mx::Shape& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
-}
 
 // Validates MLX's affine layout; returns K (the unpacked row length).
 int check_layout(const char* op, const mx::array& codes, const mx::array& scales, const mx::array& biases, int bits,
@@ -277,12 +258,6 @@ void run_qembed(const mx::array& ids, const mx::array& codes, const mx::array& s
     default:
       return embed_dispatch_out(reinterpret_cast<const uint8_t*>(idp), ids.size(), w, packed, out);
   }
-}
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream st = mx::to_stream(s, mx::Device::cpu);
-  if (st.device != mx::Device::cpu) throw std::invalid_argument("mlxc native kernels run on the CPU only");
-  return st;
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "parallel.h"
+#include "prim.h"
 
 // The portable kernel: the same source with the compiler's default flags.
 #define MLXC_SCAN_NS scalar
@@ -18,9 +19,7 @@
 namespace mlxc_native {
 namespace {
 
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("[mlxc.selective_scan] " + what); }
-
-bool is_float(mx::Dtype t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
+constexpr const char* kOp = "mlxc.selective_scan";
 
 using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t);
 
@@ -40,22 +39,21 @@ std::vector<mx::array> selective_scan(const mx::array& u, const mx::array& delta
                                       const mx::array& B, const mx::array& C, const mx::array& D,
                                       const mx::array& dt_bias, const std::optional<mx::array>& z,
                                       const std::optional<mx::array>& h0, mx::StreamOrDevice s) {
-  const mx::Stream st = mx::to_stream(s, mx::Device::cpu);
-  if (st.device != mx::Device::cpu) throw std::invalid_argument("mlxc native kernels run on the CPU only");
-  if (u.ndim() != 3 || A.ndim() != 2) fail("expects u [B, T, Dm] and A [Dm, N]");
+  const mx::Stream st = cpu_stream(s);
+  if (u.ndim() != 3 || A.ndim() != 2) fail(kOp, "expects u [B, T, Dm] and A [Dm, N]");
   const int b = u.shape(0), T = u.shape(1), dm = u.shape(2), n = A.shape(1);
-  if (A.shape(0) != dm) fail("A must be [Dm, N] with Dm = u.shape[2]");
-  if (n < 1 || n > kScanMaxStates) fail("N (A.shape[1]) must be between 1 and " + std::to_string(kScanMaxStates));
-  if (delta.shape() != u.shape() || (z && z->shape() != u.shape())) fail("delta and z must have u's shape");
+  if (A.shape(0) != dm) fail(kOp, "A must be [Dm, N] with Dm = u.shape[2]");
+  if (n < 1 || n > kScanMaxStates) fail(kOp, "N (A.shape[1]) must be between 1 and " + std::to_string(kScanMaxStates));
+  if (delta.shape() != u.shape() || (z && z->shape() != u.shape())) fail(kOp, "delta and z must have u's shape");
   const mx::Shape bc{b, T, n};
-  if (B.shape() != bc || C.shape() != bc) fail("B and C must be [B, T, N]");
-  if (D.shape() != mx::Shape{dm} || dt_bias.shape() != mx::Shape{dm}) fail("D and dt_bias must be [Dm]");
+  if (B.shape() != bc || C.shape() != bc) fail(kOp, "B and C must be [B, T, N]");
+  if (D.shape() != mx::Shape{dm} || dt_bias.shape() != mx::Shape{dm}) fail(kOp, "D and dt_bias must be [Dm]");
   const mx::Shape hs{b, dm, n};
-  if (h0 && h0->shape() != hs) fail("h0 must be [B, Dm, N]");
+  if (h0 && h0->shape() != hs) fail(kOp, "h0 must be [B, Dm, N]");
   for (const mx::array* a : {&u, &delta, &A, &B, &C, &D, &dt_bias})
-    if (!is_float(a->dtype())) fail("inputs must be float32, float16 or bfloat16");
+    if (!is_float(a->dtype())) fail(kOp, "inputs must be float32, float16 or bfloat16");
   if ((z && !is_float(z->dtype())) || (h0 && !is_float(h0->dtype())))
-    fail("inputs must be float32, float16 or bfloat16");
+    fail(kOp, "inputs must be float32, float16 or bfloat16");
   auto f32 = [&](const mx::array& a) { return mx::contiguous(mx::astype(a, mx::float32, st), false, st); };
   std::vector<mx::array> in{f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(dt_bias),
                             h0 ? f32(*h0) : mx::zeros(hs, mx::float32, st)};
