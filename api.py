@@ -253,14 +253,15 @@ def _read_hub(source: Source, weights: bool) -> Frontend:
 
 
 def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
-    """GGUF: Q4_0/Q4_1/Q8_0 blocks stay quantized (MLX reads them into its affine layout), the rest as float."""
+    """GGUF: Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks stay quantized (in MLX's affine layout; Q6_K in groups of 16), the rest
+    as float."""
     from .frontends import gguf
 
     from .runtime.tokenizer import Tokenizer
 
     ckpt = gguf.read_gguf(path)
     tokenizer = Tokenizer.from_parts(gguf.gguf_tokenizer(ckpt))
-    native = {n: W.GGUF_NATIVE[i.ggml_type] for n, i in ckpt.tensor_infos.items() if i.ggml_type in W.GGUF_NATIVE}
+    native = W.gguf_native_types(ckpt)
     names = {n: gguf.stored_name(ckpt, ir) for n in ckpt.tensor_infos if (ir := ckpt.ir_name(n)) is not None}
     storage = {names[n]: q for n, q in native.items() if n in names}
     description = f"{path} (gguf {ckpt.architecture})"
@@ -269,7 +270,7 @@ def read_gguf_source(path: Path, weights: bool = True) -> Frontend:
     detection = Detection(ckpt.spec.family, "GGUF general.architecture", (ckpt.architecture,))
     if not weights:
         return Frontend(ckpt.spec, None, tokenizer, description, storage, stored, layout, detection)
-    tensors: dict[str, W.Tensor] = {names[n]: block for n, block in W.read_gguf_blocks(path, native).items()
+    tensors: dict[str, W.Tensor] = {names[n]: block for n, block in W.read_gguf_blocks(path, native, ckpt).items()
                                     if n in names}
     tensors.update(gguf.gguf_tensors(ckpt, skip=set(native), as_stored=True))
     return Frontend(ckpt.spec, tensors, tokenizer, description, storage, stored, layout, detection)

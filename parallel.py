@@ -126,15 +126,15 @@ def _gguf(source: api.Source) -> S.GGUFSlices:
     from .frontends import gguf
 
     ckpt = gguf.read_gguf(source.location)
-    tensors, native = {}, {}
+    tensors, native, kept = {}, {}, W.gguf_native_types(ckpt)
     for n, info in ckpt.tensor_infos.items():
         ir = ckpt.ir_name(n)
         if ir is None:
             continue
         name = gguf.stored_name(ckpt, ir)
         tensors[name] = (info.ggml_type, tuple(info.shape), info.offset)
-        if info.ggml_type in W.GGUF_NATIVE:
-            native[name] = W.GGUF_NATIVE[info.ggml_type]
+        if n in kept:
+            native[name] = kept[n]
     return S.GGUFSlices(Path(source.location), tensors, native)
 
 

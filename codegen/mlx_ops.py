@@ -109,6 +109,16 @@ def _scales_as(scales: str, biases: str, w: TensorType, dtype: DType) -> tuple[s
 # ---------------------------------------------------------------------------------------------- data and matmul
 
 
+def _dequantized(codes: str, scales: str, biases: str, quant: Quant, kw: str) -> str:
+    """Dequantization: MLX's `dequantize`, or for layouts it lacks (group 16: GGUF Q6_K's 8-bit codes) the same
+    affine map in plain MLX ops, each group's bytes times its scale plus its bias."""
+    if quant.mlx_native:
+        return f"mx.dequantize({codes}, {scales}, {biases}, {kw})"
+    g = quant.group_size
+    return (f"({codes}.view(mx.uint8).reshape(*{codes}.shape[:-1], -1, {g}).astype({scales}.dtype) * "
+            f"{scales}[..., None] + {biases}[..., None]).reshape(*{codes}.shape[:-1], -1)")
+
+
 @implements("embed")
 def _embed(a, k, t):
     q = t[1].quant
@@ -117,7 +127,7 @@ def _embed(a, k, t):
     codes, scales, biases, kw = _qargs(a[1], q)
     ids = a[0]
     scales, biases = _scales_as(f"{scales}[{ids}]", f"{biases}[{ids}]", t[1], t[1].dtype)
-    return f"mx.dequantize({codes}[{ids}], {scales}, {biases}, {kw})"
+    return _dequantized(f"{codes}[{ids}]", scales, biases, q, kw)
 
 
 @implements("linear")
@@ -128,6 +138,8 @@ def _linear(a, k, t):
         return f"{a[0]} @ {a[1]}.T{bias}"
     codes, scales, biases, kw = _qargs(a[1], q)
     scales, biases = _scales_as(scales, biases, t[1], t[0].dtype)
+    if not q.mlx_native:  # no MLX kernel for this layout: the weight dequantized on the fly
+        return f"{a[0]} @ {_dequantized(codes, scales, biases, q, kw)}.T{bias}"
     return f"mx.quantized_matmul({a[0]}, {codes}, {scales}, {biases}, transpose=True, {kw}){bias}"
 
 
@@ -135,7 +147,7 @@ def _linear(a, k, t):
 def _dequantize(a, k, t):
     codes, scales, biases, kw = _qargs(a[0], t[0].quant)
     scales, biases = _scales_as(scales, biases, t[0], t[0].dtype)
-    return f"mx.dequantize({codes}, {scales}, {biases}, {kw})"
+    return _dequantized(codes, scales, biases, t[0].quant, kw)
 
 
 # The native CPU kernels (kernels/native, through the `native` helper, which falls back to MLX's ops when the

@@ -36,9 +36,9 @@ def _check_groups(w: TensorType, kernel: Kernel | None = None) -> None:
         require(not q.packed or kernel == Kernel.NATIVE,
                 f"{w}: the packed layout is read only by the native kernels (kernel = native)")
         require(q.bits in Quant.BITS, f"{q.bits}-bit quantization is not supported")
-        require(q.group_size in Quant.GROUP_SIZES,
+        require(q.group_size in Quant.GROUP_SIZES or (q.group_size, q.bits) == (16, 8),
                 f"group size {q.group_size} is not supported (MLX quantizes in groups of "
-                f"{', '.join(map(str, Quant.GROUP_SIZES))})")
+                f"{', '.join(map(str, Quant.GROUP_SIZES))}; 16 only with 8-bit codes, GGUF Q6_K's layout)")
         require(w.shape[-1] % q.group_size == 0, f"{w}: last dim is not a multiple of the group size {q.group_size}")
 
 

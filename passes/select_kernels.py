@@ -6,7 +6,8 @@ target offers (`kernels`: what `mlxc.load(kernels=...)` resolved to, after check
 applies it op by op, with the weight layout each kernel needs:
 
 - `native` (the CPU with mlxc's C++ extension): matmuls and lookups on 4- and 8-bit weights keep them quantized
-  and run the native kernels; matmuls on float32 weights run the native matrix-vector kernel for a few rows
+  and run the native kernels (GGUF Q6_K's groups of 16: lookups, and matmuls when packed; unpacked, such a matmul
+  weight is dequantized at load); matmuls on float32 weights run the native matrix-vector kernel for a few rows
   (decode) and BLAS for more (half-precision float models keep MLX's ops). With either, rms_norm, rope,
   attention and the fused ops that replace a gated MLP's glue and an attention block's head split, rotation and
   merge (passes/fuse.py: `glu`, `qkv_attention`) run natively too.
@@ -70,7 +71,8 @@ class SelectKernels(Pass):
                 if custom in CUSTOM.get(o.op, ()) and o.attrs.get("alibi") is None:
                     o.attrs["kernel"] = custom
                     report.changes[custom.value] += 1
-            native = [(o, w) for o, w in weight_uses(fn) if kernel == Kernel.NATIVE and self._native_fits(o, w)]
+            native = [(o, w) for o, w in weight_uses(fn)
+                      if kernel == Kernel.NATIVE and self._native_fits(o, w, self.pack)]
             for o, _ in native:
                 o.attrs["kernel"] = Kernel.NATIVE
                 report.changes["native"] += 1
@@ -108,11 +110,14 @@ class SelectKernels(Pass):
         return kernel, op_kernel
 
     @staticmethod
-    def _native_fits(o: Operation, w: Value) -> bool:
+    def _native_fits(o: Operation, w: Value, pack: bool = True) -> bool:
         q = w.type.quant
         if q is None:  # float32 weights: matmuls only (a lookup reads one row; MLX's indexing is all it needs);
             # half-precision models keep MLX's ops, whose roundings are transformers'
             return o.op == "linear" and w.type.rank == 2 and w.type.dtype == DType.F32
+        if q.group_size == 16:  # GGUF Q6_K (8-bit codes): the lookups, and matmuls on the packed layout only
+            return q.bits == 8 and (o.op == "embed" or pack or q.packed) and w.type.rank == 2 \
+                and isinstance(w.type.shape[1], int) and w.type.shape[1] <= NATIVE_MAX_K
         return (o.op in CHOOSABLE and q.bits in NATIVE_BITS and q.group_size in NATIVE_GROUPS
                 and w.type.rank == 2 and isinstance(w.type.shape[1], int) and w.type.shape[1] <= NATIVE_MAX_K)
 

@@ -112,8 +112,8 @@ def _pread(path: Path, offset: int, length: int) -> np.ndarray:
 
 class GGUFSlices:
     """Tensors of a GGUF file by name, read whole or by slice from the file: rows of a block-quantized matrix are
-    byte ranges, columns whole blocks of each row. Q4_0, Q4_1 and Q8_0 come as MLX's affine codes, scales and
-    biases (what MLX's own GGUF reader makes of them), other quantized types dequantized to float32, F16 and BF16
+    byte ranges, columns whole blocks of each row. Q4_0, Q4_1, Q8_0, Q4_K and Q6_K (those in `native`) come as
+    affine codes, scales and biases (`_affine_blocks`), other quantized types dequantized to float32, F16 and BF16
     as stored: the tensors `api.read_gguf_source` gives, one slice at a time.
 
     `tensors`: name -> (GGML type name, shape in numpy order, absolute byte offset); `native`: name -> the Quant of
@@ -167,9 +167,12 @@ _GGUF_FLOAT = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": n
 
 
 def _affine_blocks(raw: np.ndarray, kind: str, quant) -> QuantizedTensor:
-    """Q4_0 / Q4_1 / Q8_0 blocks (uint8 of shape (..., blocks, bytes per block)) as MLX's affine quantization:
-    a block's scale d, bias -8d (Q4_0), its stored minimum m (Q4_1) or -128d (Q8_0), and codes packed into
-    uint32 words low bits first. Q4 blocks hold values j and j + 16 in the low and high nibbles of byte j."""
+    """Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks (uint8 of shape (..., blocks, bytes per block)) as MLX's affine
+    quantization: a block's scale d, bias -8d (Q4_0), its stored minimum m (Q4_1) or -128d (Q8_0), and codes packed
+    into uint32 words low bits first. Q4 blocks hold values j and j + 16 in the low and high nibbles of byte j.
+    K-quants: see `_k_blocks`."""
+    if kind in ("Q4_K", "Q6_K"):
+        return _k_blocks(raw, kind, quant)
     lead = raw.shape[:-2]
     d = raw[..., 0:2].copy().view(np.float16)[..., 0]
     if kind == "Q8_0":
@@ -183,6 +186,41 @@ def _affine_blocks(raw: np.ndarray, kind: str, quant) -> QuantizedTensor:
     words = np.ascontiguousarray(codes).reshape(lead + (-1,)).view(np.uint32)
     return QuantizedTensor(mx.array(words), mx.array(np.ascontiguousarray(d)), mx.array(np.ascontiguousarray(bias)),
                            quant)
+
+
+def _k_blocks(raw: np.ndarray, kind: str, quant) -> QuantizedTensor:
+    """GGUF K-quant super-blocks of 256 weights as affine groups, with float32 scales and biases (exact: an f16 d
+    times a 6- or 8-bit integer fits float32's significand).
+
+    Q4_K (144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of nibbles): 8 groups of
+    32, w = d*sc * q - dmin*m, q 4-bit; in each 64-weight chunk the low nibbles of 32 bytes are weights 0..31, the
+    high nibbles 32..63. Q6_K (210 bytes: 128 bytes of low nibbles ql, 64 bytes of high 2-bit pairs qh, 16 int8
+    scales, f16 d): 16 groups of 16, w = d*sc * (q - 32), q 6-bit, kept as 8-bit codes with bias -32 * scale; in each
+    128-weight half, weight 32i + l (i < 4, l < 32) takes nibble i // 2 of ql byte 32 (i % 2) + l and bits 2i, 2i + 1
+    of qh byte l."""
+    lead, nb = raw.shape[:-2], raw.shape[-2]
+    if kind == "Q4_K":
+        d, dmin = (raw[..., i:i + 2].copy().view(np.float16)[..., 0].astype(np.float32) for i in (0, 2))
+        q = raw[..., 4:16]
+        sc = np.concatenate([q[..., 0:4] & 63, (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)], axis=-1)
+        mn = np.concatenate([q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=-1)
+        scales = d[..., None] * sc.astype(np.float32)
+        biases = -(dmin[..., None] * mn.astype(np.float32))
+        qs = raw[..., 16:144].reshape(lead + (nb, 4, 1, 32))
+        values = np.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(lead + (nb * 256,))
+        codes = values[..., 0::2] | (values[..., 1::2] << 4)
+    else:
+        ql = raw[..., 0:128].reshape(lead + (nb, 2, 1, 2, 32))  # half, nibble, ql byte 32j + l
+        qh = raw[..., 128:192].reshape(lead + (nb, 2, 1, 32))
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=-3).reshape(lead + (nb, 2, 4, 32))
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+        codes = (low | (high << 4)).reshape(lead + (nb * 256,))
+        d = raw[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
+        scales = d[..., None] * raw[..., 192:208].view(np.int8).astype(np.float32)
+        biases = np.float32(-32) * scales
+    words = np.ascontiguousarray(codes.astype(np.uint8)).view(np.uint32)
+    flat = lambda a: mx.array(np.ascontiguousarray(a.reshape(lead + (-1,)), np.float32))  # noqa: E731
+    return QuantizedTensor(mx.array(words), flat(scales), flat(biases), quant)
 
 
 def take(arr: Tensor, axis: int | None, start: int, stop: int) -> Tensor:

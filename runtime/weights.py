@@ -99,6 +99,9 @@ class QuantizedTensor:
             raise WeightError("packed weights are made at load time and never dequantized")
         q = self.quant
         codes, scales, biases = self.codes, self.scales.astype(mx.float32), self.biases.astype(mx.float32)
+        if not q.mlx_native:  # group 16 (GGUF Q6_K, 8-bit codes): MLX's dequantize lacks it; the same map by hand
+            groups = codes.view(mx.uint8).reshape(*codes.shape[:-1], -1, q.group_size).astype(mx.float32)
+            return (groups * scales[..., None] + biases[..., None]).reshape(*codes.shape[:-1], -1)
         if codes.ndim == 1:  # a vector in blocks (GGUF lets any tensor be quantized); mx.dequantize wants rows
             return mx.dequantize(codes[None], scales[None], biases[None], group_size=q.group_size, bits=q.bits)[0]
         return mx.dequantize(codes, scales, biases, group_size=q.group_size, bits=q.bits)
@@ -114,11 +117,52 @@ Tensor = Union[mx.array, QuantizedTensor]
 
 # GGUF block types that are MLX's affine layout exactly (d * q + m per block of 32), so `mx.load` keeps them quantized,
 # with their float16 scales.
-GGUF_NATIVE = {t: Quant(bits, 32, DType.F16) for t, bits in (("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8))}
+GGUF_MLX = {t: Quant(bits, 32, DType.F16) for t, bits in (("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8))}
+# K-quants, affine too with float32 scales (an f16 super-block scale times a 6- or 8-bit sub-block scale, exact):
+# Q4_K per 32 weights, Q6_K per 16 (8-bit codes 0..63, bias -32 scale). `slices._k_blocks` reads them.
+GGUF_K = {"Q4_K": Quant(4, 32, DType.F32), "Q6_K": Quant(8, 16, DType.F32)}
+GGUF_NATIVE = {**GGUF_MLX, **GGUF_K}
+# bytes of each K-quant super-block's float16 scales that must be finite for it to stay quantized (d, and Q4_K's dmin)
+_K_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (208, 210)}
 
 
-def read_gguf_blocks(path: Path, types: Mapping[str, Quant]) -> dict[str, QuantizedTensor]:
-    """The named tensors (GGUF names, all of MLX-native block types) as quantized codes, scales and biases."""
+def gguf_native_types(ckpt) -> dict[str, Quant]:
+    """GGUF tensor name -> the Quant it is kept as (`GGUF_NATIVE`). A K-quant tensor with a non-finite super-block
+    scale is left out, so it is dequantized to float as before (NaN or inf in the float weights, where the file puts
+    them), not carried as scales the kernels would spread over other rows."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    out = {}
+    for name, info in ckpt.tensor_infos.items():
+        q = GGUF_NATIVE.get(info.ggml_type)
+        if q is None:
+            continue
+        if info.ggml_type in _K_SCALE_BYTES:
+            lo, hi = _K_SCALE_BYTES[info.ggml_type]
+            size = GGML_QUANT_SIZES[GGMLQuantizationType[info.ggml_type]][1]
+            raw = np.asarray(ckpt.raw(name)).reshape(-1, size)
+            if not np.isfinite(raw[:, lo:hi].copy().view(np.float16)).all():
+                continue
+        out[name] = q
+    return out
+
+
+def read_gguf_blocks(path: Path, types: Mapping[str, Quant], ckpt=None) -> dict[str, QuantizedTensor]:
+    """The named tensors (GGUF names, all of `GGUF_NATIVE` types) as quantized codes, scales and biases. MLX's reader
+    takes a file of Q4_0/Q4_1/Q8_0 blocks; a file with K-quants (which MLX would dequantize to float16, all of
+    them) is read block by block (`slices._affine_blocks`) from `ckpt` (`frontends.gguf.read_gguf`)."""
+    if ckpt is not None and any(i.ggml_type in GGUF_K for i in ckpt.tensor_infos.values()):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        from .slices import _affine_blocks
+
+        out = {}
+        for name, quant in types.items():
+            info = ckpt.tensor_infos[name]
+            size = GGML_QUANT_SIZES[GGMLQuantizationType[info.ggml_type]][1]
+            raw = np.asarray(ckpt.raw(name))
+            out[name] = _affine_blocks(raw.reshape(raw.shape[:-1] + (-1, size)), info.ggml_type, quant)
+        return out
     try:
         arrays = mx.load(str(path))
     except Exception as e:

@@ -99,8 +99,9 @@ def pack(codes: mx.array, scales: mx.array, biases: mx.array, *, bits: int, grou
               8-bit: 8 vectors, byte 4r + i = code 4j + i of row r;
       pscales, pbiases  [T, K/group_size * 16], the rows' scales (biases) per group, 16 rows side by side;
     rows past N are zero. Memory: the same as the MLX layout (4-bit) plus padding to 16 rows."""
-    if bits not in (4, 8) or group_size not in (32, 64, 128):
-        raise ValueError(f"pack: bits must be 4 or 8 and group_size 32, 64 or 128, got {bits}, {group_size}")
+    if bits not in (4, 8) or group_size not in (32, 64, 128) and (bits, group_size) != (8, 16):
+        raise ValueError(f"pack: bits must be 4 or 8 and group_size 32, 64 or 128 (or 16 with 8 bits: GGUF Q6_K), "
+                         f"got {bits}, {group_size}")
     n, k = codes.shape[0], codes.shape[1] * 32 // bits
     nb, groups, tiles = k // 32, k // group_size, -(-n // 16)
     b8 = codes.view(mx.uint8)  # little-endian: the codes' bytes in order
@@ -121,8 +122,9 @@ def unpack(pcodes: mx.array, pscales: mx.array, pbiases: mx.array, *, n: int, bi
            ) -> tuple[mx.array, mx.array, mx.array]:
     """The inverse of `pack` (plain MLX ops, exact): W's codes, scales and biases in MLX's layout, n rows. For the
     fallback where packed weights meet a machine without the extension."""
-    if bits not in (4, 8) or group_size not in (32, 64, 128):
-        raise ValueError(f"unpack: bits must be 4 or 8 and group_size 32, 64 or 128, got {bits}, {group_size}")
+    if bits not in (4, 8) or group_size not in (32, 64, 128) and (bits, group_size) != (8, 16):
+        raise ValueError(f"unpack: bits must be 4 or 8 and group_size 32, 64 or 128 (or 16 with 8 bits: GGUF Q6_K), "
+                         f"got {bits}, {group_size}")
     tiles = pcodes.shape[0]
     nb = pcodes.shape[1] // (256 if bits == 4 else 512)
     k, groups = nb * 32, nb * 32 // group_size

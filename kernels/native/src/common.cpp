@@ -87,12 +87,17 @@ void prepare_acts(const float* x, int64_t M, int K, int bits, int group_size, bo
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         d[m * nb + b] = dd;
         int8_t* qb = q + m * K + b * 32;
-        int32_t qsum = 0;
+        int32_t qsum[2] = {0, 0};  // per half block: group 16 (GGUF Q6_K) splits a block in two
         for (int j = 0; j < 32; ++j) {
           qb[j] = static_cast<int8_t>(round_even(blk[j] * id));
-          qsum += qb[j];
+          qsum[j / 16] += qb[j];
         }
-        gs[b * 32 / group_size] += dd * static_cast<float>(qsum);
+        if (group_size == 16) {  // natural order only (the packed kernels'), so halves are groups
+          gs[2 * b] += dd * static_cast<float>(qsum[0]);
+          gs[2 * b + 1] += dd * static_cast<float>(qsum[1]);
+        } else {
+          gs[b * 32 / group_size] += dd * static_cast<float>(qsum[0] + qsum[1]);
+        }
       }
     }
   }
@@ -187,6 +192,13 @@ void scalar_int8_packed(const QWeight& w, const QActs& a, float* y, int64_t ldy,
       const int8_t* xq = a.q + m * K;  // natural order
       float acc = 0.f;
       for (int blk = 0; blk < nb; ++blk) {
+        if (w.group_size == 16) {  // two groups per block
+          int32_t isum[2] = {0, 0};
+          for (int k = 0; k < 32; ++k) isum[k / 16] += row.code(blk * 32 + k) * xq[blk * 32 + k];
+          acc += (row.scale[2 * blk] * static_cast<float>(isum[0]) + row.scale[2 * blk + 1] * static_cast<float>(isum[1])) *
+                 a.d[m * nb + blk];
+          continue;
+        }
         int32_t isum = 0;
         for (int k = 0; k < 32; ++k) isum += row.code(blk * 32 + k) * xq[blk * 32 + k];
         acc += row.scale[blk * 32 / w.group_size] * a.d[m * nb + blk] * static_cast<float>(isum);

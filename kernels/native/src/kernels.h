@@ -4,7 +4,10 @@
 //
 // Layout (MLX affine, bits in {4, 8}, group_size in {32, 64, 128}): W is N x K; row n is K*bits/8 bytes of codes,
 // element k in byte k*bits/8, 4-bit codes low nibble first; w[n, k] = scales[n, g] * code + biases[n, g] with
-// g = k / group_size. GGUF Q4_0 / Q4_1 / Q8_0 load into exactly this form with group_size 32.
+// g = k / group_size. GGUF Q4_0 / Q4_1 / Q8_0 load into exactly this form with group_size 32, Q4_K with group_size 32
+// and float32 scales (d * sc, -dmin * m: exact). Group size 16 with 8-bit codes is GGUF Q6_K's layout (codes 0..63,
+// scale d * sc, bias -32 * scale): only the packed kernels (qmm_int8_packed, two groups per 32-block) and the lookups
+// take it; the unpacked matmul kernels assume one scale per 32-block.
 //
 // Activations are prepared once per call (prepare_acts): per 32-element block an int8 code q and a scale d with
 // x ~= d * q (|q| <= 127, d = max|x| / 127, round to nearest), or x in float for the float path, and the sum of x

@@ -19,12 +19,15 @@
 namespace mlxc_native {
 namespace {
 
-// Validates MLX's affine layout; returns K (the unpacked row length).
+// Validates MLX's affine layout; returns K (the unpacked row length). group16: also accept 8-bit codes in groups of
+// 16 (GGUF Q6_K's layout), which the lookups take and the unpacked matmul kernels (a scale per 32-block) do not.
 int check_layout(const char* op, const mx::array& codes, const mx::array& scales, const mx::array& biases, int bits,
-                 int group_size) {
+                 int group_size, bool group16 = false) {
   if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (group16 && group_size == 16 && bits != 8) fail(op, "group_size 16 needs 8-bit codes");
+  if (group_size != 32 && group_size != 64 && group_size != 128 && !(group16 && group_size == 16))
+    fail(op, std::string("group_size must be ") + (group16 ? "16 (8-bit), " : "") + "32, 64 or 128, got " +
+                 std::to_string(group_size));
   if (codes.dtype() != mx::uint32 || codes.ndim() != 2) fail(op, "codes must be a 2-D uint32 array");
   if (scales.ndim() != 2 || scales.shape() != biases.shape())
     fail(op, "scales and biases must be 2-D arrays of one shape, got " + shape_str(scales.shape()) + " and " +
@@ -177,19 +180,19 @@ void run_qmatmul(const mx::array& x, const mx::array& codes, const mx::array& sc
 template <typename I, typename T>
 void embed_rows(const I* ids, size_t count, const QWeight& w, T* out) {
   const int K = w.K, G = K / w.group_size;
-  std::vector<float> sbuf(K / 32), bbuf(G);
-  const float *s, *b;
-  const size_t row_bytes = static_cast<size_t>(K) * w.bits / 8;
+  std::vector<float> s(G), b(G);
+  const size_t row_bytes = static_cast<size_t>(K) * w.bits / 8, item = w.scale_type == FloatType::f32 ? 4 : 2;
   for (size_t i = 0; i < count; ++i) {
     int64_t n = static_cast<int64_t>(ids[i]);
     if (n < 0) n += w.N;                      // negative ids count from the end, as in Python
     n = std::min<int64_t>(std::max<int64_t>(n, 0), w.N - 1);  // out of range: clamped
-    row_scales(w, n, sbuf.data(), bbuf.data(), &s, &b);
+    to_float(static_cast<const char*>(w.scales) + n * G * item, w.scale_type, G, s.data());
+    to_float(static_cast<const char*>(w.biases) + n * G * item, w.scale_type, G, b.data());
     const uint8_t* c = w.codes + n * row_bytes;
     T* o = out + i * K;
     for (int k = 0; k < K; ++k) {
       const int code = w.bits == 4 ? (c[k >> 1] >> ((k & 1) * 4)) & 0x0F : c[k];
-      o[k] = static_cast<T>(s[k / 32] * static_cast<float>(code) + b[k / w.group_size]);
+      o[k] = static_cast<T>(s[k / w.group_size] * static_cast<float>(code) + b[k / w.group_size]);
     }
   }
 }
@@ -357,8 +360,9 @@ mx::array qmatmul_packed(const mx::array& x, const mx::array& pcodes, const mx::
 int check_packed(const char* op, const mx::array& pcodes, const mx::array& pscales, const mx::array& pbiases,
                  int bits, int group_size, int n) {
   if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (group_size == 16 && bits != 8) fail(op, "group_size 16 (GGUF Q6_K's layout) needs 8-bit codes");
+  if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128)
+    fail(op, "group_size must be 16 (8-bit), 32, 64 or 128, got " + std::to_string(group_size));
   if (n <= 0) fail(op, "n (the weight's row count) must be positive");
   const int64_t tiles = (static_cast<int64_t>(n) + 15) / 16, block_bytes = bits == 4 ? 256 : 512;
   if (pcodes.dtype() != mx::uint8 || pcodes.ndim() != 2 || pcodes.shape(0) != tiles ||
@@ -381,7 +385,7 @@ int check_packed(const char* op, const mx::array& pcodes, const mx::array& pscal
 mx::array qembed(const mx::array& ids, const mx::array& codes, const mx::array& scales, const mx::array& biases,
                  int bits, int group_size, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
   const char* op = "mlxc.qembed";
-  const int K = check_layout(op, codes, scales, biases, bits, group_size);
+  const int K = check_layout(op, codes, scales, biases, bits, group_size, /*group16=*/true);
   if (!mx::issubdtype(ids.dtype(), mx::integer)) fail(op, "ids must be integers");
   const mx::Dtype out_type = dtype.value_or(scales.dtype());
   if (!is_float(out_type)) fail(op, "dtype must be float32, float16 or bfloat16");
