@@ -14,6 +14,7 @@ import pytest
 import mlx.core as mx
 
 import mlxc
+from mlxc.ir.errors import MlxcError
 from mlxc.kernels import native
 from mlxc.runtime.slices import _affine_blocks
 from mlxc.runtime.weights import GGUF_K
@@ -287,6 +288,20 @@ def test_native_path_keeps_k_quants_and_agrees_with_transformers(kfile, hf_logit
     assert not floats, floats
 
 
+@needs_native
+def test_without_the_extension_the_module_falls_back_to_mlx(kfile):
+    """The generated helpers' fallback (no extension where the module runs): packed weights unpacked, groups of 16
+    dequantized with plain MLX ops; the reference path's numbers up to float rounding."""
+    model = mlxc.load(kfile)
+    ref = np.array(mlxc.load(kfile, kernels="reference")(mx.array([IDS])).logits)
+    model.module.NATIVE = False
+    try:
+        got = np.array(model(mx.array([IDS])).logits)
+    finally:
+        model.module.NATIVE = True
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_ir_text_round_trips(kfile):
     from mlxc.ir.parser import parse_program
 
@@ -361,3 +376,27 @@ def test_group_16_choices_and_types():
     _check_groups(w.type)
     with pytest.raises(TypeRuleError, match="group size 16"):
         _check_groups(TensorType(DType.F32, (64, 256), Quant(4, 16)))
+
+
+def test_slices_read_k_blocks_by_rows_and_whole_super_blocks(kfile):
+    """Tensor-parallel loading (runtime/slices.py): a rank's rows, or its columns in whole 256-weight super-blocks,
+    of a K-quant tensor, kept quantized; a column range that splits a super-block is refused."""
+    from mlxc.frontends.gguf import read_gguf
+    from mlxc.runtime.slices import GGUFSlices
+    from mlxc.runtime.weights import QuantizedTensor, gguf_native_types
+
+    ckpt = read_gguf(kfile)
+    kept = gguf_native_types(ckpt)
+    infos = ckpt.tensor_infos
+    slices = GGUFSlices(kfile, {n: (i.ggml_type, tuple(i.shape), i.offset) for n, i in infos.items()}, kept)
+    for name in ("blk.0.ffn_down.weight", "blk.0.ffn_gate.weight"):
+        kind = infos[name].ggml_type
+        full = dequantize(np.asarray(ckpt.raw(name)), Q[kind])
+        rows = slices.read(name, 0, 16, 48)
+        k = full.shape[1]
+        cols = slices.read(name, 1, k - 256, k)
+        assert isinstance(rows, QuantizedTensor) and rows.quant == kept[name]
+        np.testing.assert_array_equal(np.array(rows.dequantize()), full[16:48])
+        np.testing.assert_array_equal(np.array(cols.dequantize()), full[:, k - 256:])
+        with pytest.raises(MlxcError, match="split a block"):
+            slices.read(name, 1, 0, 128)
