@@ -32,7 +32,7 @@ from .passes.pipeline import PassLike
 from .plugins import check_required, required_plugins
 from .runtime import artifact as art
 from .runtime import weights as W
-from .runtime.budget import check_weights_fit
+from .runtime.budget import check_weights_fit, release_free_memory
 from .runtime.model import CompiledModel
 
 Progress = Optional[Callable[[str], None]]
@@ -557,9 +557,12 @@ def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | P
     t = time.perf_counter()
     net = _instantiate(module, b.arrays("runtime"), b.program)
     _stage(progress, "weights bound", t)
-    return CompiledModel(module, net, b.program, spec=b.front.spec, tokenizer=b.front.tokenizer,
-                         source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path),
-                         lora_config=b.lora)
+    model = CompiledModel(module, net, b.program, spec=b.front.spec, tokenizer=b.front.tokenizer,
+                          source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path),
+                          lora_config=b.lora)
+    del b  # the tensors as read (the model holds what it runs on)
+    release_free_memory()
+    return model
 
 
 async def load_async(src, dtype: str | None = None, adapter=None, **kwargs) -> CompiledModel:
@@ -608,6 +611,8 @@ def load_artifact(path: Path, progress: Progress = None, dtype: str | None = Non
     module = import_module(module_path)
     params = W.stage_parameters(program, "stored")
     net = _instantiate(module, W.bind(program, W.from_storage(params, stored), "stored", "runtime"), program)
+    del stored  # the tensors as read (the model holds what it runs on)
+    release_free_memory()
     _stage(progress, f"loaded artifact {path}", t)
     try:
         spec = ModelSpec.model_validate(manifest.spec) if manifest.spec else None

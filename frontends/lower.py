@@ -227,6 +227,8 @@ class _Lowering:
         for i, c in enumerate(configs):
             positions = offset if _uses_offset(c) else None
             h = b.op("call", h, positions, callee=layer_fns[c], prefix=f"layers.{i}", name="h")
+        if s.head.kind == HeadKind.CAUSAL_LM:  # the head is per position: keep only the positions asked for
+            h = b.op("keep_last", h, b.input(Program.LOGITS_TO_KEEP, TensorType(DType.I32, ())), name="h_kept")
         if self._wide_residual():  # the float32 stream normalized in float32, its weight widened (exactly)
             w = b.derive("cast", b.param("norm.weight", self.t(s.hidden_size)), dtype=DType.F32, name="norm.weight_f32")
             h = b.op("rms_norm", h, w, eps=s.norm_eps, name="h_final_f32")

@@ -96,6 +96,9 @@ class Program:
     functions: list[Function] = field(default_factory=list)
 
     ENTRY = "main"
+    # An optional input of @main: how many final positions its language-model head computes (0: all of them).
+    # Generated code takes it as a keyword argument after the cache, defaulting to 0.
+    LOGITS_TO_KEEP = "logits_to_keep"
 
     def get(self, name: str) -> Function | None:
         for f in self.functions:

@@ -312,6 +312,16 @@ def _learned_positions(ids: TensorType, table: TensorType, offset: TensorType):
     return TensorType(table.dtype, (ids.shape[1], table.shape[1]))
 
 
+@op("keep_last", OpGroup.SHAPE, ("x", "n"))
+def _keep_last(x: TensorType, n: TensorType):
+    """The last n positions of x [B, T, ...] (all T when n is 0): what a language-model head needs when only the
+    next token's logits are wanted, as in generation's prompt step (transformers' `logits_to_keep`). The kept length
+    is a run-time value, so it gets its own symbol, L."""
+    require(x.rank >= 2, f"x must be [B, T, ...], got {x}")
+    require(n.rank == 0 and not n.dtype.is_float, f"n must be an integer scalar, got {n}")
+    return x.with_shape((x.shape[0], "L") + x.shape[2:])
+
+
 @op("sinusoidal_positions", OpGroup.POSITION, ("ids", "offset"),
     (AttrDef("dims", int), AttrDef("dtype", DType), AttrDef("base", float, 10000.0)))
 def _sinusoidal_positions(ids: TensorType, offset: TensorType, dims: int, dtype: DType, base: float):

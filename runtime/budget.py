@@ -26,6 +26,21 @@ def tensor_bytes(t: TensorType) -> int:
     return n * t.quant.bits // 8 + 2 * (n // t.quant.group_size) * _BYTES.get(scale_dtype, 4)
 
 
+def release_free_memory() -> None:
+    """Give memory freed during a load back to the system. MLX keeps freed buffers for reuse and glibc's malloc keeps
+    freed heap pages, so a load's temporaries (blocks read, converted and packed) would otherwise stay resident:
+    SmolLM2-135M Q4_1 (a 93 MB file) held 291 MB after loading, 184 MB after this."""
+    import ctypes
+
+    import mlx.core as mx
+
+    mx.clear_cache()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc only; elsewhere there is nothing to call
+    except (AttributeError, OSError):
+        pass
+
+
 def physical_memory() -> int | None:
     """This machine's memory in bytes, where the system says."""
     try:

@@ -215,14 +215,14 @@ class DistributedModel(CompiledModel):
     def __repr__(self) -> str:
         return f"DistributedModel(source={self.source!r}, rank={self.rank} of {self.ranks}, {self.parallel})"
 
-    def forward(self, ids, cache=None):
+    def forward(self, ids, cache=None, logits_to_keep: int = 0):
         """The logits, whose computation is queued now: ranks must meet in their collectives in the same order,
         and a pipeline stage's `recv` depends on nothing earlier, so two calls evaluated together could swap their
         transfers on one rank and not on another."""
         import mlx.core as mx
 
         self._state.steps += 1
-        logits = super().forward(ids, cache)
+        logits = super().forward(ids, cache, logits_to_keep)
         mx.async_eval(logits)
         return logits
 

@@ -1,6 +1,7 @@
 """A model-agnostic generation loop: prefill once, then decode one token per step.
 
-The model is just `step(ids [B, t], cache) -> logits [B, t, vocab]`, so the same loop drives any compiled model.
+The model is just `step(ids [B, t], cache) -> logits [B, t, vocab]` (or [B, 1, vocab], the last position's), so
+the same loop drives any compiled model.
 Like mlx-lm, step n+1 is queued with `mx.async_eval` before token n is handed to the caller, so the host-side work
 (detokenizing, printing, the stop check) overlaps the next forward pass.
 
@@ -149,9 +150,9 @@ def _check_ids(ids: mx.array, vocab_size: int) -> None:
 
 def _last_logits(step: StepFn, ids: mx.array, cache: list) -> mx.array:
     logits = step(ids, cache)
-    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+    if logits.ndim != 3 or logits.shape[0] != ids.shape[0] or logits.shape[1] not in (1, ids.shape[1]):
         raise MlxcError(f"step returned logits of shape {logits.shape} for input ids of shape {ids.shape}; "
-                        "expected [batch, tokens, vocab]")
+                        "expected [batch, tokens, vocab] (or [batch, 1, vocab]: the last position's)")
     return logits[:, -1, :]
 
 

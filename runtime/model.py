@@ -44,6 +44,8 @@ class CompiledModel:
         self.problem_type: str | None = head.problem_type.value if getattr(head, "problem_type", None) else None
         self.num_labels: int | None = None if self.head_kind == CAUSAL_LM else program.main.outputs[0].type.shape[-1]
         self.vocab_size = _vocabulary(program)
+        # whether @main takes `logits_to_keep` (an artifact compiled before it did computes every position)
+        self._keeps_logits = any(v.name == Program.LOGITS_TO_KEEP for v in program.main.inputs)
         pools = [o for o in program.main.ops if o.op == "pool"]
         self._pool = pools[0].attrs if pools else None  # mode and pad_token_id of a pooling head
 
@@ -91,16 +93,29 @@ class CompiledModel:
         loss = None if labels is None else self.loss(logits, labels, ids)
         return ModelOutput(logits=logits, loss=loss)
 
-    def forward(self, ids: mx.array, cache=None) -> mx.array:
+    def forward(self, ids: mx.array, cache=None, logits_to_keep: int = 0) -> mx.array:
         """The generated module on checked ids: tokens start at the position `cache` holds (0 without one), and the
-        cache then holds them too."""
+        cache then holds them too. `logits_to_keep=n` computes the head at the last n positions only (0: all), as
+        transformers' argument of that name: a prompt step in generation needs one."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise MlxcError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
+        keep = {}
+        if logits_to_keep:
+            if self._keeps_logits:
+                keep = {"logits_to_keep": logits_to_keep}
+            elif self.head_kind != CAUSAL_LM:
+                raise MlxcError(f"logits_to_keep applies to a language-model head; this model has a "
+                                f"{self.head_kind.replace('_', '-')} head")
         if cache is None:
-            return self.net(ids, 0)
-        offset = getattr(cache, "offset", None)
-        if offset is None:
-            raise MlxcError("cache= must be a cache from model.make_cache() (it counts the positions it holds)")
-        logits = self.net(ids, offset, cache)
-        cache.offset = offset + ids.shape[1]
+            logits = self.net(ids, 0, **keep)
+        else:
+            offset = getattr(cache, "offset", None)
+            if offset is None:
+                raise MlxcError("cache= must be a cache from model.make_cache() (it counts the positions it holds)")
+            logits = self.net(ids, offset, cache, **keep)
+            cache.offset = offset + ids.shape[1]
+        if logits_to_keep and not keep:  # a program compiled before @main had the input: the same numbers, later
+            logits = logits[:, -logits_to_keep:]
         return logits
 
     def _check_pooling(self, ids: mx.array, cache) -> None:
@@ -146,11 +161,16 @@ class CompiledModel:
                             f"{kind} head ({self.num_labels} labels): it scores text and cannot generate; call "
                             "model(ids) for its logits")
 
-    def step(self, ids: mx.array, cache) -> mx.array:
-        """One decoding step: next-token logits for `ids` after what `cache` holds."""
+    def step(self, ids: mx.array, cache, logits_to_keep: int = 0) -> mx.array:
+        """One decoding step: next-token logits for `ids` after what `cache` holds (at the last `logits_to_keep`
+        positions only, when given)."""
         if self.head_kind != CAUSAL_LM:
             self.require_causal_lm("decoding (model.step)")
-        return self.forward(ids, cache)
+        return self.forward(ids, cache, logits_to_keep)
+
+    def _step_last(self, ids: mx.array, cache) -> mx.array:
+        """`step` with the head at the last position only: all that generation samples from."""
+        return self.step(ids, cache, logits_to_keep=1)
 
     def _longrope_restart(self) -> int | None:
         """Where generation restarts the cache, for a model whose spec says transformers does (Phi-3's LongRoPE)."""
@@ -238,7 +258,7 @@ class CompiledModel:
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self._cache_for(cache, max_kv_size)
         max_new_tokens = self._room(ids, cache, max_new_tokens)
-        yield from generate_stream(self.step, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size,
+        yield from generate_stream(self._step_last, ids, cache, max_new_tokens, params, vocab_size=self.vocab_size,
                                    logprobs=logprobs, stats=stats, recompute_at=self._longrope_restart(),
                                    context=context)
 
@@ -255,7 +275,7 @@ class CompiledModel:
         ids = self.check_ids(input_ids)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_tokens)
         cache = self.make_cache(max_kv_size)
-        out = generate(self.step, ids, cache, self._room(ids, cache, max_new_tokens), params,
+        out = generate(self._step_last, ids, cache, self._room(ids, cache, max_new_tokens), params,
                        vocab_size=self.vocab_size, logprobs=logprobs, recompute_at=self._longrope_restart())
         return out.astype(ids.dtype) if logprobs is None else out
 

@@ -153,19 +153,20 @@ def profile_decode(model, prompt_len: int = 128, steps: int = 16, seed: int = 0,
 
     plain = decode(model.step, steps + 2)[2:]
 
-    def profiled(x, cache):
+    def profiled(x, cache, logits_to_keep=0):
         offset = cache.offset
-        logits = net(x, offset, cache)
+        keep = {"logits_to_keep": logits_to_keep} if logits_to_keep and model._keeps_logits else {}
+        logits = net(x, offset, cache, **keep)
         cache.offset = offset + x.shape[1]
         return logits
 
     decode(profiled, 2)  # warm-up
     overhead = clock.calibrate()
     if prefill:  # the prompt's one step instead: time it plainly, then profiled, `steps` times each
-        def prompt(run) -> float:
+        def prompt(run) -> float:  # generation's prompt step: the head at the last position only
             cache = model.make_cache()
             t0 = time.perf_counter()
-            mx.eval(run(ids, cache))
+            mx.eval(run(ids, cache, logits_to_keep=1))
             return time.perf_counter() - t0
 
         plain = [prompt(model.step) for _ in range(steps)]

@@ -151,10 +151,15 @@ class GGUFSlices:
             raw = _read_slice(self.path, offset, blocks, size, axis, start, stop)
             cut = None
         if name in self.native:
-            if cut is not None and (cut[0] or cut[1] != raw.shape[-2] * block):
-                raise MlxcError(f"{self.path}: {name} is stored in blocks of {block} values, and columns "
-                                f"{start}..{stop - 1} split a block")
-            return _affine_blocks(raw, kind, self.native[name])
+            whole = _affine_blocks(raw, kind, self.native[name])
+            if cut is None or (cut[0] == 0 and cut[1] == raw.shape[-2] * block):
+                return whole
+            # a K-quant super-block (256 values) holds several affine groups: a cut between groups stays exact
+            group = self.native[name].group_size
+            if cut[0] % group or cut[1] % group:
+                raise MlxcError(f"{self.path}: {name} is stored in groups of {group} values, and columns "
+                                f"{start}..{stop - 1} split a group")
+            return take(whole, last, cut[0], cut[1])
         from gguf.quants import dequantize
 
         values = dequantize(raw.reshape(raw.shape[:-2] + (-1,)), qtype)

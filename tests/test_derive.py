@@ -76,7 +76,7 @@ TESTED = {"concat", "split", "transpose", "reshape", "quantize", "dequantize", "
           "silu", "gelu", "gelu_tanh", "relu", "scale", "add", "mul", "cast", "embed",
           "sigmoid", "tanh", "shift", "softcap", "stack", "moe", "pool", "deinterleave_rows", "rope", "clip",
           "exp", "rms_norm_gated", "pack", "slice", "embed_range",
-          "learned_positions", "sinusoidal_positions", "glu"}
+          "learned_positions", "sinusoidal_positions", "glu", "keep_last"}
 
 
 def needs_op(name: str):
@@ -167,6 +167,16 @@ def test_learned_positions():
                   "offset": ("i32[]", np.array(6, np.int32))},
                  "%pos = learned_positions(%ids, %table, %offset) : f32[3, 4]")
     np.testing.assert_array_equal(out["pos"], table[6:9])
+
+
+@needs_op("keep_last")
+def test_keep_last():
+    """The last n positions along axis 1; n = 0 keeps them all."""
+    x = _rand(2, 5, 3)
+    for n, want in ((2, x[:, 3:]), (0, x), (7, x)):
+        out = derive({"x": ("f32[2, 5, 3]", x), "n": ("i32[]", np.array(n, np.int32))},
+                     "%kept = keep_last(%x, %n) : f32[2, L, 3]")
+        np.testing.assert_array_equal(out["kept"], want)
 
 
 @needs_op("sinusoidal_positions")

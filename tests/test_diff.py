@@ -84,10 +84,11 @@ def test_expose_hidden_only_adds_outputs():
     after = print_program(program).splitlines()
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(before) == len(after) and report.changes == {"exposed": 4}
-    h = "f32[B, T, 64]"
+    h, kept = "f32[B, T, 64]", "f32[B, L, 64]"  # the final norm's output: at the positions logits_to_keep keeps
+    inputs = "%input_ids: i32[B, T], %offset: i32[], %logits_to_keep: i32[]"
     assert changed == [
-        ("func @main(%input_ids: i32[B, T], %offset: i32[]) -> f32[B, T, 256] state(kv, kv) {",
-         f"func @main(%input_ids: i32[B, T], %offset: i32[]) -> (f32[B, T, 256], {h}, {h}, {h}, {h}) state(kv, kv) {{"),
+        (f"func @main({inputs}) -> f32[B, L, 256] state(kv, kv) {{",
+         f"func @main({inputs}) -> (f32[B, L, 256], {h}, {h}, {h}, {kept}) state(kv, kv) {{"),
         ("  return %logits", "  return %logits, %h, %h_1, %h_2, %h_final"),
     ]
 

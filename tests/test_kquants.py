@@ -379,8 +379,9 @@ def test_group_16_choices_and_types():
 
 
 def test_slices_read_k_blocks_by_rows_and_whole_super_blocks(kfile):
-    """Tensor-parallel loading (runtime/slices.py): a rank's rows, or its columns in whole 256-weight super-blocks,
-    of a K-quant tensor, kept quantized; a column range that splits a super-block is refused."""
+    """Tensor-parallel loading (runtime/slices.py): a rank's rows or columns of a K-quant tensor, kept quantized and
+    exact; columns may cut a 256-weight super-block between its affine groups (a 1536-wide projection over 4 ranks
+    is 384 columns each), not inside a group."""
     from mlxc.frontends.gguf import read_gguf
     from mlxc.runtime.slices import GGUFSlices
     from mlxc.runtime.weights import QuantizedTensor, gguf_native_types
@@ -398,5 +399,9 @@ def test_slices_read_k_blocks_by_rows_and_whole_super_blocks(kfile):
         assert isinstance(rows, QuantizedTensor) and rows.quant == kept[name]
         np.testing.assert_array_equal(np.array(rows.dequantize()), full[16:48])
         np.testing.assert_array_equal(np.array(cols.dequantize()), full[:, k - 256:])
-        with pytest.raises(MlxcError, match="split a block"):
-            slices.read(name, 1, 0, 128)
+        for a, b in ((0, 128), (96, k - 96)):  # cuts inside super-blocks, at group boundaries
+            part = slices.read(name, 1, a, b)
+            assert isinstance(part, QuantizedTensor) and part.quant == kept[name]
+            np.testing.assert_array_equal(np.array(part.dequantize()), full[:, a:b])
+        with pytest.raises(MlxcError, match="split a group"):
+            slices.read(name, 1, 0, 40)

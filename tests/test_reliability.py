@@ -146,7 +146,7 @@ def test_a_quantized_vector_in_a_gguf_dequantizes_as_gguf_does(tmp_path):
     import numpy as np
     from gguf.quants import dequantize, quantize
 
-    from mlxc.runtime.weights import GGUF_NATIVE, read_gguf_blocks
+    from mlxc.runtime.weights import GGUF_MLX as GGUF_NATIVE, read_gguf_blocks  # the types MLX's reader keeps
 
     a = np.random.default_rng(0).standard_normal(96).astype(np.float32)
     types = {name: gguf.GGMLQuantizationType[name] for name in GGUF_NATIVE}
