@@ -25,7 +25,7 @@ _RESERVED = {
 } | set(dir(builtins))
 _RESERVED_PATTERN = re.compile(r"ROPE_\d+")
 # position helpers (templates/positions.py.j2, attention.py.j2)
-_RESERVED |= {"learned_positions", "sinusoidal_positions", "alibi_bias"}
+_RESERVED |= {"learned_positions", "sinusoidal_positions", "alibi_bias", "queue_layer"}
 # the native-kernel helper's names (templates/native.py.j2)
 _RESERVED |= {"NATIVE", "qlinear", "qlinear_packed", "qembed", "qembed_packed", "pack_weight", "native_rms_norm",
               "native_rope", "native_attention"}
@@ -143,13 +143,17 @@ class _Emitter:
                     f"self.{attr}[{first}:{first + len(calls)}]"
                 if out != x_in:
                     body.append(f"{out} = {x_in}")
+                queue = fn.name == Program.ENTRY  # a decode step reaches MLX layer by layer (templates/queue)
+                if queue:
+                    self.parts.helpers.add("queue")
+                call = f"layer({out}{extra}, layer_cache)" if per else f"layer({out}{extra})"
+                call = f"queue_layer({call})" if queue else call
                 if per:
                     body.append(f"for layer, layer_cache in zip({layers}, cache[{slot}:{slot + len(calls)}]):")
-                    body.append(f"    {out} = layer({out}{extra}, layer_cache)")
                     slot += len(calls)
                 else:
                     body.append(f"for layer in {layers}:")
-                    body.append(f"    {out} = layer({out}{extra})")
+                body.append(f"    {out} = {call}")
                 i += len(calls)
                 continue
             args = [names[v] for v in o.operands]

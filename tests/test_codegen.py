@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+import mlxc
 from mlxc.codegen import generate_module, import_module, write_module
 from mlxc.ir import parse_program, verify
 from mlxc.runtime import weights as W
@@ -120,3 +121,21 @@ def test_causal_conv1d_state_carries_the_window_across_calls():
     parts = [net(mx.array(x[:, :5]), cache)] + [net(mx.array(x[:, t : t + 1]), cache) for t in range(5, 9)]
     np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), ref, rtol=1e-5, atol=1e-5)
     assert not cache.rewindable and cache[0].arrays[0].shape == (2, 3, 6)
+
+
+def test_decode_steps_queue_layer_by_layer_yet_run_under_transformations():
+    """@main hands a one-token step to MLX layer by layer (`queue_layer`, mx.async_eval); inside grad or compile no
+    evaluation is allowed, and there the same forward simply runs unqueued."""
+    model = mlxc.load("tiny")
+    with open(model.module_path) as f:
+        assert "= queue_layer(layer(" in f.read()
+    ids = mx.array([[3]])
+    want = np.array(model.net(ids, 0))
+
+    def loss(params):
+        model.net.update(params)
+        return model.net(ids, 0).sum()
+
+    grads = mx.grad(loss)(model.net.trainable_parameters())
+    assert np.isfinite(np.array(grads["embed_tokens"]["weight"])).all()
+    np.testing.assert_allclose(np.array(mx.compile(lambda x: model.net(x, 0))(ids)), want, atol=1e-6, rtol=0)
