@@ -23,6 +23,7 @@ from .passes.shard import MODES, Shard, loading_program, place
 from .runtime import distributed
 from .runtime import slices as S
 from .runtime import weights as W
+from .runtime.budget import release_free_memory
 
 _UNSUPPORTED = {"adapter": "--adapter", "lora": "lora=", "merge_lora": "--merge-lora"}
 
@@ -87,6 +88,8 @@ def load_parallel(src, parallel: str, dtype: str | None = None, *, passes=None, 
                        f"mlxc from {front.description}."), os.environ.get(distributed.JOB_DIR))
     module = api.import_module(module_path)
     net = api._instantiate(module, W.bind(loading, tensors), loading)
+    del tensors  # the shares as read (the model holds what it runs on)
+    release_free_memory()
     api._stage(progress, f"rank {state.rank}: weights bound", t)
     return distributed.DistributedModel(module, net, loading, spec=front.spec, tokenizer=front.tokenizer,
                                         source=str(src if not isinstance(src, ModelSpec) else src.name),

@@ -164,6 +164,9 @@ class _Emitter:
                     args.append(self._slot_expr(as_list, slot, n))
                     slot += n
                 expr = f"{self._call_target(o.attrs['prefix'])}({_expr_list(args)})"
+                if fn.name == Program.ENTRY and o.attrs["prefix"].startswith("layers."):  # a layer outside a loop
+                    self.parts.helpers.add("queue")
+                    expr = f"queue_layer({expr})"
             else:
                 impl = implementation(o.op, o.attrs)
                 if impl is None:

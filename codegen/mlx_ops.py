@@ -110,13 +110,8 @@ def _scales_as(scales: str, biases: str, w: TensorType, dtype: DType) -> tuple[s
 
 
 def _dequantized(codes: str, scales: str, biases: str, quant: Quant, kw: str) -> str:
-    """Dequantization: MLX's `dequantize`, or for layouts it lacks (group 16: GGUF Q6_K's 8-bit codes) the same
-    affine map in plain MLX ops, each group's bytes times its scale plus its bias."""
-    if quant.mlx_native:
-        return f"mx.dequantize({codes}, {scales}, {biases}, {kw})"
-    g = quant.group_size
-    return (f"({codes}.view(mx.uint8).reshape(*{codes}.shape[:-1], -1, {g}).astype({scales}.dtype) * "
-            f"{scales}[..., None] + {biases}[..., None]).reshape(*{codes}.shape[:-1], -1)")
+    """Dequantization: MLX's `dequantize` (it takes every layout mlxc holds, groups of 16 included)."""
+    return f"mx.dequantize({codes}, {scales}, {biases}, {kw})"
 
 
 @implements("embed")
@@ -138,7 +133,7 @@ def _linear(a, k, t):
         return f"{a[0]} @ {a[1]}.T{bias}"
     codes, scales, biases, kw = _qargs(a[1], q)
     scales, biases = _scales_as(scales, biases, t[1], t[0].dtype)
-    if not q.mlx_native:  # no MLX kernel for this layout: the weight dequantized on the fly
+    if not q.mlx_matmul:  # MLX's quantized matmul would get this layout wrong: the weight dequantized on the fly
         return f"{a[0]} @ {_dequantized(codes, scales, biases, q, kw)}.T{bias}"
     return f"mx.quantized_matmul({a[0]}, {codes}, {scales}, {biases}, transpose=True, {kw}){bias}"
 

@@ -561,6 +561,8 @@ def _moe(x: TensorType, router_logits: TensorType, gate: TensorType, up: TensorT
     require(gate.rank == up.rank == down.rank == 3, "expert weights must be [experts, out, in]")
     for w in (gate, up, down):
         _check_groups(w)
+        require(w.quant is None or w.quant.mlx_matmul,
+                f"{w}: experts run MLX's quantized matmul, which has no groups of {w.quant and w.quant.group_size}")
     e, i, h = gate.shape
     require(up.shape == gate.shape, f"up {up} and gate {gate} disagree")
     require(down.shape == (e, h, i), f"down {down} does not match gate {gate}")

@@ -36,7 +36,7 @@ class DType(str, enum.Enum):
 @dataclass(frozen=True)
 class Quant:
     """Affine group quantization of a weight, MLX's layout: `w = scale * q + bias` per group along the last axis
-(codes packed low bits first into uint32 words; groups of 32, 64 or 128, or 16 for GGUF Q6_K's 8-bit codes).
+    (codes packed low bits first into uint32 words; groups of 32, 64 or 128, or 16 for GGUF Q6_K's 8-bit codes).
 
     `scales`: the dtype scales and biases are stored in when it is not the tensor's own (GGUF's float16 scales
     under a float32 model: exact in float32, half the bytes). `packed`: the native CPU kernels' layout (16 rows side
@@ -51,13 +51,13 @@ class Quant:
     BITS = (2, 3, 4, 5, 6, 8)  # the widths MLX's affine quantization supports
     GROUP_SIZES = (32, 64, 128)  # and its group sizes
     # Group 16 with 8-bit codes and float32 scales is GGUF Q6_K as loaded (w = d*sc*(q - 32): scale d*sc, bias -32
-    # scale, per 16 weights): MLX cannot quantize or multiply it, so it is read by mlxc's packed native kernels, or
-    # dequantized with plain MLX ops on the reference path (codegen/mlx_ops.py `_dequantized`).
-    STORED_GROUP_SIZES = (16, 32, 64, 128)
+    # scale, per 16 weights). MLX dequantizes it exactly but neither quantizes nor multiplies it (its quantized
+    # matmul returns wrong numbers for it without an error), so mlxc's packed native kernels read it, or the
+    # reference path dequantizes it before the matmul.
 
     @property
-    def mlx_native(self) -> bool:
-        """Whether MLX's own quantized ops (`quantized_matmul`, `dequantize`) take this layout."""
+    def mlx_matmul(self) -> bool:
+        """Whether MLX's quantized matmul (`quantized_matmul`, `gather_qmm`) computes with this layout."""
         return self.group_size in self.GROUP_SIZES
 
     def __str__(self) -> str:

@@ -2,8 +2,8 @@
 
 The model is just `step(ids [B, t], cache) -> logits [B, t, vocab]` (or [B, 1, vocab], the last position's), so
 the same loop drives any compiled model.
-Like mlx-lm, step n+1 is queued with `mx.async_eval` before token n is handed to the caller, so the host-side work
-(detokenizing, printing, the stop check) overlaps the next forward pass.
+Like mlx-lm, step n+1 is queued with `mx.async_eval` before token n (n > 0) is handed to the caller, so the
+host-side work (detokenizing, printing, the stop check) overlaps the next forward pass; token 0 goes out first.
 
 Cache contract: when the stream ends (max tokens, all sequences stopped, or the consumer stops iterating), the cache
 holds the prompt plus every yielded token except the last one, i.e. the last yielded token is the one to feed next.
@@ -271,28 +271,38 @@ def generate_stream(
         check_stop_tokens(params.stop_tokens, logits.shape[-1])
         check_logprobs(top_n, logits.shape[-1])
     y, y_done = pick(logits)
-    mx.async_eval(*arrays(y), y_done)
+    mx.eval(*arrays(y), y_done)
+    first = time.perf_counter()  # when the first new token was ready
+    if stats is not None:
+        stats.prompt_seconds = first - start
     pending = False  # whether the cache already holds `y` (next step queued)
-    first = start  # when the first new token was ready
+
+    def queue_next():
+        nonlocal next_y, next_done, before, pending
+        tokens = y.tokens if isinstance(y, TokenLogprobs) else y
+        before = _snapshot(cache)  # to take the step back if the stream ends before it is wanted
+        next_y, next_done = pick(run(tokens[:, None]))
+        mx.async_eval(*arrays(next_y), next_done)
+        pending = True
+
+    next_y = next_done = before = None
     try:
         for n in range(max_new_tokens):
-            if n + 1 < max_new_tokens:
-                tokens = y.tokens if isinstance(y, TokenLogprobs) else y
-                before = _snapshot(cache)  # to take the step back if the stream ends before it is wanted
-                next_y, next_done = pick(run(tokens[:, None]))
-                mx.async_eval(*arrays(next_y), next_done)
-                pending = True
+            # Token 0 goes out before step 1 is built: a one-token step reaches MLX layer by layer as it is built,
+            # and MLX keeps the caller only ~10 tasks ahead of its stream, so building it takes about as long as
+            # running it. Later tokens wait for the next step to be queued, so that the stream never idles.
+            if 0 < n < max_new_tokens - 1:
+                queue_next()
             mx.eval(*arrays(y))
             if stats is not None:
-                now = time.perf_counter()
-                if n == 0:
-                    stats.prompt_seconds, first = now - start, now
                 stats.generation_tokens += stats.batch
-                stats.generation_seconds = now - first
+                stats.generation_seconds = time.perf_counter() - first
             stop_now = stops is not None and bool(mx.all(y_done).item())
             yield y
             if stop_now:
                 break
+            if n == 0 and max_new_tokens > 1:
+                queue_next()
             if pending:
                 y, y_done, pending = next_y, next_done, False
     finally:

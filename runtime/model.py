@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterator, Optional, Sequence
@@ -45,7 +46,7 @@ class CompiledModel:
         self.num_labels: int | None = None if self.head_kind == CAUSAL_LM else program.main.outputs[0].type.shape[-1]
         self.vocab_size = _vocabulary(program)
         # whether @main takes `logits_to_keep` (an artifact compiled before it did computes every position)
-        self._keeps_logits = any(v.name == Program.LOGITS_TO_KEEP for v in program.main.inputs)
+        self.keeps_logits = any(v.name == Program.LOGITS_TO_KEEP for v in program.main.inputs)
         pools = [o for o in program.main.ops if o.op == "pool"]
         self._pool = pools[0].attrs if pools else None  # mode and pad_token_id of a pooling head
 
@@ -97,11 +98,16 @@ class CompiledModel:
         """The generated module on checked ids: tokens start at the position `cache` holds (0 without one), and the
         cache then holds them too. `logits_to_keep=n` computes the head at the last n positions only (0: all), as
         transformers' argument of that name: a prompt step in generation needs one."""
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        try:
+            count = -1 if isinstance(logits_to_keep, bool) else operator.index(logits_to_keep)
+        except TypeError:
+            count = -1
+        if count < 0:
             raise MlxcError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
+        logits_to_keep = count
         keep = {}
         if logits_to_keep:
-            if self._keeps_logits:
+            if self.keeps_logits:
                 keep = {"logits_to_keep": logits_to_keep}
             elif self.head_kind != CAUSAL_LM:
                 raise MlxcError(f"logits_to_keep applies to a language-model head; this model has a "

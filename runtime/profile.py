@@ -155,7 +155,7 @@ def profile_decode(model, prompt_len: int = 128, steps: int = 16, seed: int = 0,
 
     def profiled(x, cache, logits_to_keep=0):
         offset = cache.offset
-        keep = {"logits_to_keep": logits_to_keep} if logits_to_keep and model._keeps_logits else {}
+        keep = {"logits_to_keep": logits_to_keep} if logits_to_keep and model.keeps_logits else {}
         logits = net(x, offset, cache, **keep)
         cache.offset = offset + x.shape[1]
         return logits

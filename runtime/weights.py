@@ -99,9 +99,6 @@ class QuantizedTensor:
             raise WeightError("packed weights are made at load time and never dequantized")
         q = self.quant
         codes, scales, biases = self.codes, self.scales.astype(mx.float32), self.biases.astype(mx.float32)
-        if not q.mlx_native:  # group 16 (GGUF Q6_K, 8-bit codes): MLX's dequantize lacks it; the same map by hand
-            groups = codes.view(mx.uint8).reshape(*codes.shape[:-1], -1, q.group_size).astype(mx.float32)
-            return (groups * scales[..., None] + biases[..., None]).reshape(*codes.shape[:-1], -1)
         if codes.ndim == 1:  # a vector in blocks (GGUF lets any tensor be quantized); mx.dequantize wants rows
             return mx.dequantize(codes[None], scales[None], biases[None], group_size=q.group_size, bits=q.bits)[0]
         return mx.dequantize(codes, scales, biases, group_size=q.group_size, bits=q.bits)
@@ -122,29 +119,11 @@ GGUF_MLX = {t: Quant(bits, 32, DType.F16) for t, bits in (("Q4_0", 4), ("Q4_1", 
 # Q4_K per 32 weights, Q6_K per 16 (8-bit codes 0..63, bias -32 scale). `slices._k_blocks` reads them.
 GGUF_K = {"Q4_K": Quant(4, 32, DType.F32), "Q6_K": Quant(8, 16, DType.F32)}
 GGUF_NATIVE = {**GGUF_MLX, **GGUF_K}
-# bytes of each K-quant super-block's float16 scales that must be finite for it to stay quantized (d, and Q4_K's dmin)
-_K_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (208, 210)}
-
-
 def gguf_native_types(ckpt) -> dict[str, Quant]:
-    """GGUF tensor name -> the Quant it is kept as (`GGUF_NATIVE`). A K-quant tensor with a non-finite super-block
-    scale is left out, so it is dequantized to float as before (NaN or inf in the float weights, where the file puts
-    them), not carried as scales the kernels would spread over other rows."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    out = {}
-    for name, info in ckpt.tensor_infos.items():
-        q = GGUF_NATIVE.get(info.ggml_type)
-        if q is None:
-            continue
-        if info.ggml_type in _K_SCALE_BYTES:
-            lo, hi = _K_SCALE_BYTES[info.ggml_type]
-            size = GGML_QUANT_SIZES[GGMLQuantizationType[info.ggml_type]][1]
-            raw = np.asarray(ckpt.raw(name)).reshape(-1, size)
-            if not np.isfinite(raw[:, lo:hi].copy().view(np.float16)).all():
-                continue
-        out[name] = q
-    return out
+    """GGUF tensor name -> the Quant it is kept as (`GGUF_NATIVE`), from the tensor table alone (no data is read: a
+    block with a non-finite scale stays quantized and gives NaN where gguf's dequantizer does, as Q4_0's always did)."""
+    return {name: GGUF_NATIVE[info.ggml_type] for name, info in ckpt.tensor_infos.items()
+            if info.ggml_type in GGUF_NATIVE}
 
 
 def read_gguf_blocks(path: Path, types: Mapping[str, Quant], ckpt=None) -> dict[str, QuantizedTensor]:

@@ -90,6 +90,33 @@ def test_program_declares_the_input_and_round_trips(llama_dir):
     assert print_program(parse_program(text)) == text
 
 
+def test_a_program_without_the_input_slices_after_the_head(llama_dir):
+    """An artifact compiled before @main took logits_to_keep: the runtime keeps the positions after the head (the
+    same numbers, without the saving). Its program is rebuilt here without the input and the keep_last op."""
+    import re
+
+    from mlx.utils import tree_flatten
+
+    from mlxc.codegen import generate_module, import_module, write_module
+    from mlxc.ir import verify
+
+    path, hf = llama_dir
+    model = mlxc.load(str(path))
+    text = print_program(model.program).replace(", %logits_to_keep: i32[]", "").replace("f32[B, L,", "f32[B, T,")
+    kept, before = re.search(r"\n  (%\w+) = keep_last\((%\w+), %logits_to_keep\)[^\n]*", text).groups()
+    text = re.sub(r"\n  %\w+ = keep_last\([^\n]*", "", text).replace(f"{kept},", f"{before},")
+    old = verify(parse_program(text))
+    module = import_module(write_module(generate_module(old)))
+    net = module.Model()
+    net.load_weights(tree_flatten(model.net.parameters()))
+    legacy = type(model)(module, net, old, spec=model.spec)
+    assert not legacy.keeps_logits and "keep_last" not in print_program(old)
+    with torch.no_grad():
+        want = hf(torch.tensor(IDS), logits_to_keep=2).logits.numpy()
+    got = np.array(legacy.step(mx.array(IDS), legacy.make_cache(), logits_to_keep=np.int64(2)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_bad_values_are_refused(llama_dir):
     path, _ = llama_dir
     model = mlxc.load(str(path))
