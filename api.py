@@ -555,7 +555,10 @@ def load(src: str | Path | ModelSpec, dtype: str | None = None, adapter: str | P
     path = write_module(b.code)
     module = import_module(path)
     t = time.perf_counter()
-    net = _instantiate(module, b.arrays("runtime"), b.program)
+    tensors, b.tensors, b.front.tensors = b.tensors, {}, None  # held only by what they feed, they go as it is made
+    weights = W.bind(b.program, tensors, "checkpoint", "runtime")
+    del tensors
+    net = _instantiate(module, weights, b.program)
     _stage(progress, "weights bound", t)
     model = CompiledModel(module, net, b.program, spec=b.front.spec, tokenizer=b.front.tokenizer,
                           source=str(src if not isinstance(src, ModelSpec) else src.name), module_path=str(path),

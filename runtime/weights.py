@@ -13,6 +13,7 @@ import numpy as np
 from ..ir import DType, Program, Quant, TensorType, Value
 from ..files import check_safetensors
 from ..ir.errors import MlxcError
+from .budget import release_free_memory
 
 MX_DTYPE = {DType.F32: mx.float32, DType.F16: mx.float16, DType.BF16: mx.bfloat16, DType.I32: mx.int32}
 
@@ -286,6 +287,7 @@ def in_huge_pages(arrays: list[tuple[str, mx.array]]) -> list[tuple[str, mx.arra
             nbytes = arrays[0][1].nbytes
             if group and size + nbytes > _ARENA_BYTES:
                 out += _huge_page_buffer(group)
+                release_free_memory()  # the originals just copied (glibc would keep their pages for reuse)
                 group, size = [], 0
             group.append(arrays.pop(0))
             size += nbytes
