@@ -267,14 +267,14 @@ _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux's madvise advice values
 
 
 def in_huge_pages(arrays: list[tuple[str, mx.array]]) -> list[tuple[str, mx.array]]:
-    """The arrays (evaluated here, one at a time) copied into one buffer that Linux backs with 2 MiB pages
-    (transparent huge pages) and returned as views of it; elsewhere, or where the kernel declines, as they are.
+    """The arrays (evaluated here, one at a time) copied into buffers that Linux backs with 2 MiB pages
+    (transparent huge pages) and returned as views of them; elsewhere, or where the kernel declines, as they are.
     The given list is emptied as it is copied, so that each original can go as soon as its copy is made: buffers of
     at most _ARENA_BYTES, filled one after another, and MLX's buffer cache off meanwhile, so that what a copy frees
     goes back to the system before the next buffer is taken (SmolLM2's peak resident memory at load: 318 -> 294 MB).
 
     A decode step streams every weight once per token. Spread over 4 KiB pages, SmolLM2-135M's 98 MB are ~24k TLB
-    misses per token, and the hardware prefetcher stops at every page boundary; one huge-page buffer avoids both
+    misses per token, and the hardware prefetcher stops at every page boundary; huge-page buffers avoid both
     (its tied 28 MB LM head alone went from 1.7 to 1.1 ms per token here)."""
     import sys
 
