@@ -143,11 +143,7 @@ class _Emitter:
                     f"self.{attr}[{first}:{first + len(calls)}]"
                 if out != x_in:
                     body.append(f"{out} = {x_in}")
-                queue = fn.name == Program.ENTRY  # a decode step reaches MLX layer by layer (templates/queue)
-                if queue:
-                    self.parts.helpers.add("queue")
-                call = f"layer({out}{extra}, layer_cache)" if per else f"layer({out}{extra})"
-                call = f"queue_layer({call})" if queue else call
+                call = self._queued(fn, f"layer({out}{extra}, layer_cache)" if per else f"layer({out}{extra})")
                 if per:
                     body.append(f"for layer, layer_cache in zip({layers}, cache[{slot}:{slot + len(calls)}]):")
                     slot += len(calls)
@@ -164,9 +160,8 @@ class _Emitter:
                     args.append(self._slot_expr(as_list, slot, n))
                     slot += n
                 expr = f"{self._call_target(o.attrs['prefix'])}({_expr_list(args)})"
-                if fn.name == Program.ENTRY and o.attrs["prefix"].startswith("layers."):  # a layer outside a loop
-                    self.parts.helpers.add("queue")
-                    expr = f"queue_layer({expr})"
+                if o.attrs["prefix"].startswith("layers."):  # a layer outside a loop
+                    expr = self._queued(fn, expr)
             else:
                 impl = implementation(o.op, o.attrs)
                 if impl is None:
@@ -201,6 +196,14 @@ class _Emitter:
         positional = [x for x in inputs if x not in keep]
         signature = _expr_list(positional) + cache_arg + "".join(f", {x}=0" for x in keep)
         return EmittedClass(class_name(fn.name), doc, init + children, signature, body, methods)
+
+    def _queued(self, fn: Function, layer_call: str) -> str:
+        """A layer's call in @main, through `queue_layer`: a decode step reaches MLX layer by layer
+        (templates/queue.py.j2); elsewhere the call as it is."""
+        if fn.name != Program.ENTRY:
+            return layer_call
+        self.parts.helpers.add("queue")
+        return f"queue_layer({layer_call})"
 
     @staticmethod
     def _plugin_names(fn: Function) -> set[str]:

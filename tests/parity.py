@@ -77,6 +77,16 @@ def check_logits(hf, model, vocab: int, seq: int = SEQ, tol: float = TOL) -> flo
     return err
 
 
+def greedy_ids(model, ids, n: int) -> list[int]:
+    """n greedy tokens after `ids` (a list of ints), one model call per token through mlxc's cache."""
+    cache, out = model.make_cache(), []
+    step = model(mx.array([ids]), cache=cache).logits[0, -1]
+    for _ in range(n):
+        out.append(int(mx.argmax(step)))
+        step = model(mx.array([[out[-1]]]), cache=cache).logits[0, -1]
+    return out
+
+
 def check_greedy(hf, model, vocab: int, prompt_len: int = 9, new: int = 16) -> None:
     import torch
 

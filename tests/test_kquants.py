@@ -18,6 +18,7 @@ from mlxc.ir.errors import MlxcError
 from mlxc.kernels import native
 from mlxc.runtime.slices import _affine_blocks
 from mlxc.runtime.weights import GGUF_K
+from parity import greedy_ids
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -250,15 +251,6 @@ def hf_logits(kfile):
     return out, gen[0, len(IDS):].tolist()
 
 
-def greedy(model, ids, n):
-    cache, out = model.make_cache(), []
-    step = model(mx.array([ids]), cache=cache).logits[0, -1]
-    for _ in range(n):
-        out.append(int(mx.argmax(step)))
-        step = model(mx.array([[out[-1]]]), cache=cache).logits[0, -1]
-    return out
-
-
 def test_reference_path_equals_transformers(kfile, hf_logits):
     model = mlxc.load(kfile, kernels="reference")
     program = str(model.program)
@@ -266,7 +258,7 @@ def test_reference_path_equals_transformers(kfile, hf_logits):
     assert "dequantize(" in program  # ... and dequantized at load on the CPU's reference path
     ours = np.array(model(mx.array([IDS])).logits[0])
     assert rel_rms(ours, hf_logits[0]) <= 1e-5
-    assert greedy(model, IDS, 8) == hf_logits[1]
+    assert greedy_ids(model, IDS, 8) == hf_logits[1]
 
 
 @needs_native
@@ -278,7 +270,7 @@ def test_native_path_keeps_k_quants_and_agrees_with_transformers(kfile, hf_logit
     assert "{kernel = native}" in program
     ours = np.array(model(mx.array([IDS])).logits[0])
     assert rel_rms(ours, hf_logits[0]) <= 2e-3  # two int8 activation passes per matmul (test_native_path.py)
-    assert greedy(model, IDS, 8) == hf_logits[1]
+    assert greedy_ids(model, IDS, 8) == hf_logits[1]
     # no float copy of any matrix: everything 2-D is codes, scales or biases
     from mlx.utils import tree_flatten
 

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlxc
 from mlxc.ir.errors import MlxcError
 from mlxc.kernels import native
+from parity import greedy_ids
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
 ACT_TOL = 2e-3  # relative RMS of logits, native vs reference (see the docstring)
@@ -324,15 +325,6 @@ def test_smollm2_native_perplexity_within_one_percent_of_fp32(smol_native, smol_
     assert abs(ours.perplexity - ref.perplexity) / ref.perplexity <= 0.01, (ours.perplexity, ref.perplexity)
 
 
-def _greedy(model, ids, n):
-    cache, out = model.make_cache(), []
-    step = model(mx.array([ids]), cache=cache).logits[0, -1]
-    for _ in range(n):
-        out.append(int(mx.argmax(step)))
-        step = model(mx.array([[out[-1]]]), cache=cache).logits[0, -1]
-    return out
-
-
 @needs_native
 @needs_smol
 @pytest.mark.parametrize("question", ["What is the capital of France?", CHAT[0]["content"]])
@@ -345,7 +337,7 @@ def test_smollm2_native_decodes_what_the_reference_decodes(smol_native, smol_ref
     tok = ref.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True),
                      add_special_tokens=False)
-    ours, want = _greedy(smol_native, ids, 32), _greedy(ref, ids, 32)
+    ours, want = greedy_ids(smol_native, ids, 32), greedy_ids(ref, ids, 32)
     assert ours == want, (tok.decode(ours), tok.decode(want))
     assert "Paris" in tok.decode(ours)
 
