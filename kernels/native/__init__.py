@@ -16,7 +16,8 @@ memory either way). `qembed_packed` reads rows of the same packed table. Every I
 The layout is MLX's `mx.quantize` output, which is exactly GGUF Q4_0 / Q4_1 / Q8_0 after mlxc's load (group 32);
 groups of 64 and 128 work too. `qmatmul` quantizes activations to int8 per 32-element block (llama.cpp's scheme) for
 integer dot products; `int8_activations=False` keeps them in float (exact up to float rounding). Kernels exist for
-AVX-512 VNNI, AVX-512, AVX2 and portable C++; the best the CPU supports is chosen at run time (`isa()`), and
+AVX-512 VNNI, AVX-512 and AVX2 (x86-64), NEON with and without the ARMv8.2 dot product (arm64, verified under qemu:
+tests/test_native_arm.py) and portable C++; the best the CPU supports is chosen at run time (`isa()`), and
 `MLXC_NATIVE_ISA` or `set_isa` pick another for testing. Calls use `threads()` threads, MLX's CPU stream thread
 included (`MLXC_NATIVE_THREADS`, `set_threads`).
 
@@ -227,7 +228,8 @@ def selective_scan(u: mx.array, delta: mx.array, A: mx.array, B: mx.array, C: mx
 
 
 def isa() -> Optional[str]:
-    """The instruction set whose kernels run ('avx512vnni', 'avx512', 'avx2' or 'scalar'); None if unavailable."""
+    """The instruction set whose kernels run ('avx512vnni', 'avx512', 'avx2', 'neon_dotprod', 'neon' or 'scalar');
+    None if unavailable."""
     return _ext.isa() if _ext is not None else None
 
 

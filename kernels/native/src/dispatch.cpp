@@ -3,12 +3,22 @@
 #include <atomic>
 #include <cstdlib>
 
+#if MLXC_HAVE_ARM && defined(__linux__)
+#include <sys/auxv.h>
+#elif MLXC_HAVE_ARM && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+
 namespace mlxc_native {
 
 #if !MLXC_HAVE_X86
 const KernelSet* kernels_avx2() { return nullptr; }
 const KernelSet* kernels_avx512() { return nullptr; }
 const KernelSet* kernels_avx512vnni() { return nullptr; }
+#endif
+#if !MLXC_HAVE_ARM
+const KernelSet* kernels_neon() { return nullptr; }
+const KernelSet* kernels_neon_dotprod() { return nullptr; }
 #endif
 
 namespace {
@@ -34,12 +44,33 @@ bool has_avx2() { return false; }
 bool has_avx512() { return false; }
 bool has_avx512vnni() { return false; }
 #endif
+
+#if MLXC_HAVE_ARM
+bool has_neon() { return true; }  // Advanced SIMD is part of the arm64 baseline
+bool has_neon_dotprod() {
+#if defined(__linux__)
+  constexpr unsigned long kAsimdDp = 1ul << 20;  // HWCAP_ASIMDDP in the kernel's asm/hwcap.h
+  return (getauxval(AT_HWCAP) & kAsimdDp) != 0;
+#elif defined(__APPLE__)
+  int v = 0;
+  size_t len = sizeof v;
+  return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, nullptr, 0) == 0 && v != 0;
+#else
+  return false;
+#endif
+}
+#else
+bool has_neon() { return false; }
+bool has_neon_dotprod() { return false; }
+#endif
 bool always() { return true; }
 
 const Candidate kCandidates[] = {
     {"avx512vnni", kernels_avx512vnni, has_avx512vnni},
     {"avx512", kernels_avx512, has_avx512},
     {"avx2", kernels_avx2, has_avx2},
+    {"neon_dotprod", kernels_neon_dotprod, has_neon_dotprod},
+    {"neon", kernels_neon, has_neon},
     {"scalar", kernels_scalar, always},
 };
 

@@ -1,5 +1,6 @@
-// Which kernel set runs: the best the CPU supports (checked at run time with __builtin_cpu_supports), or one chosen
-// by name (MLXC_NATIVE_ISA or set_isa, for tests and benchmarks).
+// Which kernel set runs: the best the CPU supports (checked at run time: __builtin_cpu_supports on x86-64, the
+// kernel's hardware capabilities on arm64), or one chosen by name (MLXC_NATIVE_ISA or set_isa, for tests and
+// benchmarks).
 #pragma once
 
 #include <string>

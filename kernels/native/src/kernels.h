@@ -1,6 +1,7 @@
 // Quantized matmul kernels on MLX's affine layout, free of MLX headers so that each instruction set's translation
-// unit can be compiled with its own flags (kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512vnni.cpp) while the
-// code that touches MLX (ops.cpp) is compiled for the baseline.
+// unit can be compiled with its own flags (kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512vnni.cpp on x86-64,
+// kernels_neon.cpp and kernels_neon_dotprod.cpp on arm64) while the code that touches MLX (ops.cpp) is compiled for
+// the baseline.
 //
 // Layout (MLX affine, bits in {4, 8}, group_size in {32, 64, 128}): W is N x K; row n is K*bits/8 bytes of codes,
 // element k in byte k*bits/8, 4-bit codes low nibble first; w[n, k] = scales[n, g] * code + biases[n, g] with
@@ -62,10 +63,13 @@ struct KernelSet {
 };
 
 const KernelSet* kernels_scalar();
-// nullptr where not compiled in (non-x86 builds); the caller checks the CPU before using one.
+// nullptr where not compiled in (x86 kernels on arm64 builds and the other way round); the caller checks the CPU
+// before using one.
 const KernelSet* kernels_avx2();
 const KernelSet* kernels_avx512();
 const KernelSet* kernels_avx512vnni();
+const KernelSet* kernels_neon();          // kernels_arm.inc, ARMv8.0 Advanced SIMD
+const KernelSet* kernels_neon_dotprod();  // the same with ARMv8.2's sdot
 
 // Shared helpers (common.cpp, baseline flags).
 // One row at a time of a packed weight (kernels_x86.inc's layout: row n is lane n % 16 of tile n / 16), for the
