@@ -21,6 +21,7 @@ and nanobind; .ci/run prepares all of it, elsewhere these tests skip and say why
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from affine_ref import affine_quantize, unpack_codes
 from mlxc.kernels import native
 
 CXX = shutil.which("aarch64-linux-gnu-g++")
+OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
 QEMU = shutil.which("qemu-aarch64")
 pytestmark = pytest.mark.skipif(
     not (CXX and QEMU),
@@ -43,8 +45,15 @@ pytestmark = pytest.mark.skipif(
 
 SRC = Path(native.__file__).parent / "src"
 HARNESS = Path(__file__).parent / "native_harness" / "kernel_harness.cpp"
-# (flags, file) per kernel unit, as CMakeLists.txt compiles them for arm64
-UNITS = [([], "kernels_neon.cpp"), (["-march=armv8.2-a+dotprod"], "kernels_neon_dotprod.cpp")]
+ARM_ISAS = ["neon", "neon_dotprod"]
+
+
+def isa_flags(isa: str) -> list[str]:
+    """The flags CMakeLists.txt compiles an arm64 kernel unit with (`set(MLXC_ISA_FLAGS_<isa> ...)`)."""
+    found = re.search(rf"set\(MLXC_ISA_FLAGS_{isa}\s+([^)]*)\)", (SRC.parent / "CMakeLists.txt").read_text())
+    assert found, f"CMakeLists.txt sets no MLXC_ISA_FLAGS_{isa}"
+    return found.group(1).split()
+
 
 BITS_GROUPS = [(4, 32), (8, 32), (4, 64), (8, 64), (4, 128), (8, 128)]
 # (M, N, K): batch 1 (decode) and more (prefill: full and partial pairs of activation rows), N not a multiple of 4
@@ -55,11 +64,12 @@ SHAPES = [(1, 37, 32 * 7), (7, 61, 32 * 9), (1, 5, 32), (4, 13, 32 * 3), (5, 19,
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("arm64")
-    common = ["-std=c++20", "-O2", "-Wall", "-DMLXC_HAVE_ARM=1", "-DMLXC_HAVE_X86=0", f"-I{SRC}"]
+    common = ["-std=c++20", "-O3", "-Wall", "-DMLXC_HAVE_ARM=1", "-DMLXC_HAVE_X86=0", f"-I{SRC}"]
     objs = []
-    for flags, unit in UNITS:
-        obj = out / unit.replace(".cpp", ".o")
-        subprocess.run([CXX, *common, *flags, "-c", str(SRC / unit), "-o", str(obj)], check=True)
+    for isa in ARM_ISAS:
+        obj = out / f"kernels_{isa}.o"
+        subprocess.run([CXX, *common, *isa_flags(isa), "-c", str(SRC / f"kernels_{isa}.cpp"), "-o", str(obj)],
+                       check=True)
         objs.append(str(obj))
     exe = out / "kernel_harness"
     subprocess.run([CXX, *common, "-static", str(HARNESS), str(SRC / "common.cpp"), str(SRC / "dispatch.cpp"), *objs,
@@ -71,6 +81,23 @@ def run(harness: Path, *args: str, cpu: str = "max") -> str:
     proc = subprocess.run([QEMU, "-cpu", cpu, str(harness), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def sdot_count(obj: Path) -> int:
+    proc = subprocess.run([OBJDUMP, "-d", str(obj)], capture_output=True, text=True, check=True)
+    return len(re.findall(r"\tsdot\t", proc.stdout))
+
+
+def check_sdot_only_in_dotprod_units(objects: dict[str, Path]) -> None:
+    """The ARMv8.0 set must not hold an instruction an ARMv8.0 CPU lacks (it would stop with SIGILL there), and the
+    dot-product set must really use it (with the same numbers either way, no result would tell)."""
+    counts = {isa: sdot_count(obj) for isa, obj in objects.items()}
+    assert counts["neon"] == 0 and counts["neon_dotprod"] > 0, counts
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="needs aarch64-linux-gnu-objdump (Debian: binutils-aarch64-linux-gnu)")
+def test_sdot_only_in_the_dotprod_set(harness):
+    check_sdot_only_in_dotprod_units({isa: harness.parent / f"kernels_{isa}.o" for isa in ARM_ISAS})
 
 
 def test_dispatch_follows_the_cpu(harness):
@@ -123,16 +150,19 @@ def int8_activations(tmp: Path, m: int, k: int, bits: int, mode: str) -> np.ndar
 def check(harness: Path, tmp: Path, m, n, k, bits, group_size, mode, scale_dtype="float32", chunk_rows=None):
     chunk_rows = chunk_rows or n
     x, w = make_case(tmp, m, n, k, bits, group_size, mode, scale_dtype, chunk_rows)
-    run(harness, str(tmp))
-    xa = x if mode == "float" else int8_activations(tmp, m, k, bits, mode)
-    ref = xa @ w.T
-    slack = 1e-5 * (np.abs(xa) @ np.abs(w).T) + 1e-6
-    isas = run(harness, "--isas").split()
-    assert isas[:2] == ["neon_dotprod", "neon"]
-    for isa in isas:
-        y = np.fromfile(tmp / f"y_{isa}.bin", np.float32).reshape(m, n).astype(np.float64)
-        err = np.abs(y - ref)
-        assert (err <= slack).all(), f"{isa}: max error {err.max():.3g} (slack {slack.min():.3g})"
+    # an ARMv8.0 CPU (the neon set as it runs there), then one with the dot product (every set)
+    for cpu, isas in (("cortex-a72", ["neon", "scalar"]), ("max", ["neon_dotprod", "neon", "scalar"])):
+        for old in tmp.glob("y_*.bin"):
+            old.unlink()
+        run(harness, str(tmp), cpu=cpu)
+        xa = x if mode == "float" else int8_activations(tmp, m, k, bits, mode)
+        ref = xa @ w.T
+        slack = 1e-5 * (np.abs(xa) @ np.abs(w).T) + 1e-6
+        assert sorted(p.name for p in tmp.glob("y_*.bin")) == sorted(f"y_{isa}.bin" for isa in isas), cpu
+        for isa in isas:
+            y = np.fromfile(tmp / f"y_{isa}.bin", np.float32).reshape(m, n).astype(np.float64)
+            err = np.abs(y - ref)
+            assert (err <= slack).all(), f"{isa} on {cpu}: max error {err.max():.3g} (slack {slack.min():.3g})"
     if mode != "float":  # and the activations are the int8 scheme's: within its bound of x itself
         xb = np.abs(x).reshape(m, -1, 32).max(axis=2) / 127.0 / 2.0
         bound = xb @ np.abs(w).reshape(n, -1, 32).sum(2).T + slack
@@ -184,6 +214,10 @@ def _arm64_python() -> Path | None:
 def _missing() -> str | None:
     if _arm64_python() is None:
         return f"no arm64 environment in {ENV} (run `bash .ci/arm64-env`, or set MLXC_ARM64_ENV)"
+    built_for = (ENV / "python-version").read_text().strip()
+    if built_for != f"{sys.version_info.major}.{sys.version_info.minor}":
+        return (f"the arm64 environment's Python is {built_for} and this one {sys.version_info.major}."
+                f"{sys.version_info.minor}: the extension is built with this Python's headers")
     if shutil.which("cmake") is None:
         return "cmake is not installed"
     try:
@@ -235,6 +269,12 @@ def run_arm64_python(tree: Path, tmp: Path, *args: str, timeout: int = 1500) -> 
            "HOME": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run([QEMU, "-L", str(ENV / "root"), str(_arm64_python()), *args], cwd=tree / "mlxc", env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="needs aarch64-linux-gnu-objdump (Debian: binutils-aarch64-linux-gnu)")
+def test_the_extension_build_keeps_sdot_in_the_dotprod_set(arm64_tree):
+    build = arm64_tree.parent / "build"
+    check_sdot_only_in_dotprod_units({isa: next(build.rglob(f"kernels_{isa}.cpp.o")) for isa in ARM_ISAS})
 
 
 def test_the_extension_runs_on_arm64(arm64_tree, tmp_path):

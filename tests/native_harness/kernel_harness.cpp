@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
   int64_t M, N;
   int K, bits, group_size, scale_type, chunk_rows;
   std::string mode;
-  if (!(meta >> M >> N >> K >> bits >> group_size >> scale_type >> mode >> chunk_rows)) {
+  if (!(meta >> M >> N >> K >> bits >> group_size >> scale_type >> mode >> chunk_rows) || chunk_rows <= 0) {
     std::cerr << "malformed " << arg << "/case.txt\n";
     return 2;
   }
@@ -90,7 +90,9 @@ int main(int argc, char** argv) {
     const KernelSet& ks = active_kernels();
     const QmmFn fn = packed ? ks.qmm_int8_packed : int8 ? ks.qmm_int8 : ks.qmm_float;
     std::vector<float> y(M * N, -12345.f);  // a value no kernel writes: rows left out show
-    for (int64_t n0 = 0; n0 < N; n0 += chunk_rows) fn(w, a, y.data(), N, n0, n0 + chunk_rows < N ? n0 + chunk_rows : N);
+    // last chunk first: a kernel writing past its chunk's end would be overwritten by the next chunk in order
+    for (int64_t n0 = (N - 1) / chunk_rows * chunk_rows; n0 >= 0; n0 -= chunk_rows)
+      fn(w, a, y.data(), N, n0, n0 + chunk_rows < N ? n0 + chunk_rows : N);
     write_file(arg + "/y_" + name + ".bin", y.data(), y.size() * sizeof(float));
   }
   return 0;

@@ -5,8 +5,6 @@
 
 #if MLXC_HAVE_ARM && defined(__linux__)
 #include <sys/auxv.h>
-#elif MLXC_HAVE_ARM && defined(__APPLE__)
-#include <sys/sysctl.h>
 #endif
 
 namespace mlxc_native {
@@ -52,9 +50,7 @@ bool has_neon_dotprod() {
   constexpr unsigned long kAsimdDp = 1ul << 20;  // HWCAP_ASIMDDP in the kernel's asm/hwcap.h
   return (getauxval(AT_HWCAP) & kAsimdDp) != 0;
 #elif defined(__APPLE__)
-  int v = 0;
-  size_t len = sizeof v;
-  return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, nullptr, 0) == 0 && v != 0;
+  return true;  // every arm64 Mac (M1 on) has it, and macOS 11 has no sysctl key that says so
 #else
   return false;
 #endif

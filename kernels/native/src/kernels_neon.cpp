@@ -1,5 +1,6 @@
 // Compiled for ARMv8.0 Advanced SIMD (every arm64 CPU; see CMakeLists.txt); chosen at run time by dispatch.cpp.
 #define MLXC_ISA_NS neon
+#define MLXC_ARM_SDOT 0
 #include "kernels_arm.inc"
 
 namespace mlxc_native {

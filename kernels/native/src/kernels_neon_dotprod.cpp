@@ -1,6 +1,7 @@
 // Compiled with ARMv8.2's dot product instructions (see CMakeLists.txt); chosen at run time by dispatch.cpp when the
 // CPU has them.
 #define MLXC_ISA_NS neon_dotprod
+#define MLXC_ARM_SDOT 1
 #include "kernels_arm.inc"
 
 namespace mlxc_native {
