@@ -433,8 +433,9 @@ def test_a_runaway_template_is_stopped(tokenizer, monkeypatch, name):
 # --------------------------------------------------------------------------------------------- interrupted writes
 
 WRITER = """
-import os, sys
+import faulthandler, os, signal, sys
 from pathlib import Path
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if the writer does not stop
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 import mlxc
@@ -515,7 +516,14 @@ def test_interrupted_writes_leave_old_or_new(tmp_path):
             else:
                 time.sleep(rng.uniform(0.05, 1.5))
             proc.send_signal(sig)
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                proc.kill()
+                pytest.fail(f"round {round_}: the writer did not stop within 60 s of {sig.name}; its threads:\n"
+                            f"{proc.communicate()[1][-6000:]}")
         finally:
             if proc.poll() is None:
                 proc.kill()
