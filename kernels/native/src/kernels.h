@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace mlxc_native {
@@ -123,5 +124,60 @@ Tuning& tuning();
 
 // Largest K the kernels take (their per-row buffers live on the stack).
 constexpr int kMaxK = 65536;
+
+// What every instruction set's packed kernel (qmm_int8_packed) shares: the walk over a packed weight's tiles and the
+// choice of instantiation by layout. In an unnamed namespace, like round_even: each unit compiles its own copy with
+// its own flags, so the linker cannot hand one unit another's instructions.
+namespace {
+
+constexpr int kPackedTileRows = 16;  // the packed layout: 16 weight rows side by side (kernels_x86.inc)
+
+// One tile of a packed weight: its codes and its scales and biases (per group, the tile's rows side by side), and
+// how many of its rows the call computes (the last tile of [n0, n1) may be partial).
+struct PackedTile {
+  const uint8_t* codes;
+  const void* scales;
+  const void* biases;
+  int rows;
+};
+
+// visit(tile, n) for the tiles of rows [n0, n1), n0 a multiple of kPackedTileRows; SF: scales stored as float32 (0)
+// or float16 (1).
+template <int BITS, int SF, class Visit>
+inline void for_each_packed_tile(const QWeight& w, int64_t n0, int64_t n1, Visit&& visit) {
+  const size_t tile_bytes = static_cast<size_t>(w.K / 32) * (BITS == 4 ? 256 : 512);
+  const size_t tile_scales = static_cast<size_t>(w.K / w.group_size) * kPackedTileRows * (SF == 0 ? 4 : 2);
+  for (int64_t n = n0; n < n1; n += kPackedTileRows) {
+    const int64_t t = n / kPackedTileRows;
+    visit(PackedTile{w.codes + t * tile_bytes, static_cast<const char*>(w.scales) + t * tile_scales,
+                     static_cast<const char*>(w.biases) + t * tile_scales,
+                     static_cast<int>(n1 - n < kPackedTileRows ? n1 - n : kPackedTileRows)},
+          n);
+  }
+}
+
+// 32-blocks per scale group as a shift (block index >> shift = group index), for group sizes 32, 64 and 128.
+inline int packed_group_shift(const QWeight& w) { return w.group_size <= 32 ? 0 : w.group_size == 64 ? 1 : 2; }
+
+// run(bits, sf, g16) with the packed weight's layout as compile-time constants (std::integral_constant): 4- or 8-bit
+// codes, float32 or float16 scales, and group 16 (GGUF Q6_K: 8-bit codes, two scale groups per 32-block).
+template <class Run>
+inline void with_packed_layout(const QWeight& w, Run&& run) {
+  using Four = std::integral_constant<int, 4>;
+  using Eight = std::integral_constant<int, 8>;
+  using F32 = std::integral_constant<int, 0>;
+  using F16 = std::integral_constant<int, 1>;
+  using G16 = std::true_type;
+  using G32Up = std::false_type;  // groups of 32, 64 or 128
+  const bool f16 = w.scale_type == FloatType::f16;
+  if (w.group_size == 16)
+    f16 ? run(Eight{}, F16{}, G16{}) : run(Eight{}, F32{}, G16{});
+  else if (w.bits == 4)
+    f16 ? run(Four{}, F16{}, G32Up{}) : run(Four{}, F32{}, G32Up{});
+  else
+    f16 ? run(Eight{}, F16{}, G32Up{}) : run(Eight{}, F32{}, G32Up{});
+}
+
+}  // namespace
 
 }  // namespace mlxc_native
