@@ -207,4 +207,3 @@ def test_errors():
             continue
         with pytest.raises(ValueError, match=match):
             native.attention(*args, scale=1.0, **kw)
-

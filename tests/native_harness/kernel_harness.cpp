@@ -10,7 +10,6 @@
 // little-endian arrays x.bin (M x K float32), codes.bin, scales.bin and biases.bin in the kernels' layout (packed:
 // kernels/native's `pack`). It writes y_<isa>.bin (M x N float32) per kernel set, and q.bin / d.bin, the int8
 // activations the integer paths used, so the test's reference can use exactly the activations they saw.
-#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
